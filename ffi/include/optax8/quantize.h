@@ -1,0 +1,176 @@
+// Block-wise 8-bit quantization: the per-element rules, shared by the CPU
+// and CUDA kernels (host and device code) and mirrored by the pure-JAX path
+// in optax8/kernels/jax_backend.py.
+//
+// For a block B with float32 values x:
+//   absmax = max |x| over the finite x with |x| >= FLT_MIN (else 0)
+//   s      = absmax > 2**126 ? 1/4 : 1      (keeps inv a normal float)
+//   inv    = absmax > 0 ? 1 / (absmax * s) : 0
+//   v      = (clean(x) * s) * inv           (x / absmax, within one rounding)
+//   code   = #{j : mid[j] < v}              (round to nearest map value)
+//   x'     = flush(map[code] * absmax)      (dequantize)
+// where clean(x) is 0 for NaN and subnormals and clamps +-inf to +-FLT_MAX,
+// so NaN never reaches absmax or another element, and +-inf saturates to the
+// block's extreme codes; flush(y) is 0 for subnormal y. These are the exact
+// float32 operations XLA performs for the pure-JAX path (XLA turns a division
+// by a broadcast into a multiplication by its reciprocal), so both give
+// bit-identical codes, and no result depends on the flush-to-zero mode.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "optax8/maps.h"
+
+#if defined(__CUDACC__)
+#define OPTAX8_HD __host__ __device__ __forceinline__
+#else
+#define OPTAX8_HD inline
+#endif
+
+namespace optax8 {
+
+enum MapKind : int64_t { kSignedMap = 0, kUnsignedMap = 1 };
+
+OPTAX8_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+OPTAX8_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// ---- 16-bit float conversions (exact, round to nearest even) -------------
+
+OPTAX8_HD float bf16_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+
+OPTAX8_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+OPTAX8_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float32
+    const float v = float(man) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+OPTAX8_HD uint16_t f32_to_f16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
+  if (a >= 0x38800000u) {                       // normal half
+    const uint32_t r = a - (112u << 23);
+    return sign | uint16_t((r + 0xfffu + ((r >> 13) & 1u)) >> 13);
+  }
+  const uint32_t e = a >> 23;                   // subnormal half or zero
+  if (e < 102) return sign;
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - e;
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return sign | uint16_t(q);
+}
+
+// Element access by dtype: each reads and writes float32.
+struct F32 {
+  using T = float;
+  static OPTAX8_HD float load(T v) { return v; }
+  static OPTAX8_HD T store(float v) { return v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static OPTAX8_HD float load(T v) { return bf16_to_f32(v); }
+  static OPTAX8_HD T store(float v) { return f32_to_bf16(v); }
+};
+struct F16 {
+  using T = uint16_t;
+  static OPTAX8_HD float load(T v) { return f16_to_f32(v); }
+  static OPTAX8_HD T store(float v) { return f32_to_f16(v); }
+};
+
+// ---- the quantization rules -------------------------------------------------
+
+// |x| where x counts toward a block's absmax, else 0 (NaN, inf, subnormal).
+OPTAX8_HD float absmax_term(float x) {
+  const float a = fabsf(x);
+  return (a >= FLT_MIN && a <= FLT_MAX) ? a : 0.0f;
+}
+
+// The factors that normalize a block: v = (x * scale) * inv.
+struct Normalizer {
+  float scale, inv;
+  OPTAX8_HD explicit Normalizer(float absmax)
+      : scale(absmax > 0x1p126f ? 0.25f : 1.0f),
+        inv(absmax > 0.0f ? 1.0f / (absmax * scale) : 0.0f) {}
+  // x / absmax with NaN and subnormals as 0 and +-inf as +-FLT_MAX.
+  OPTAX8_HD float operator()(float x) const {
+    if (!(fabsf(x) >= FLT_MIN)) return 0.0f;
+    const float c = x > FLT_MAX ? FLT_MAX : (x < -FLT_MAX ? -FLT_MAX : x);
+    return (c * scale) * inv;
+  }
+};
+
+// map value times absmax, with a subnormal result flushed to +0.
+OPTAX8_HD float scale_value(float value, float absmax) {
+  const float y = value * absmax;
+  return fabsf(y) >= FLT_MIN ? y : 0.0f;
+}
+
+// #{j : mids[j] < v} over 256 sorted decision points (mids[255] = +inf):
+// an 8-step branch-free binary search.
+OPTAX8_HD int search_code(float v, const float* mids) {
+  int c = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int step = 128; step > 0; step >>= 1) c += (mids[c + step - 1] < v) ? step : 0;
+  return c;
+}
+
+// The same count from a 16-bit bucket table (see optax8/maps.py) and one
+// comparison.
+OPTAX8_HD int table_code(float v, const uint8_t* table, const float* mids) {
+  const int c = table[float_bits(v) >> 16];
+  return c + (mids[c] < v ? 1 : 0);
+}
+
+// Number of blocks along an axis of n elements.
+OPTAX8_HD int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// An array seen as rows x cols, cut into blocks of `block` along each row
+// (the last block of a row may be short).
+struct BlockLayout {
+  int64_t rows = 0;        // product of the leading dimensions
+  int64_t cols = 0;        // last dimension
+  int64_t row_blocks = 0;  // blocks per row
+  int64_t block = 0;
+  OPTAX8_HD int64_t elements() const { return rows * cols; }
+  OPTAX8_HD int64_t blocks() const { return rows * row_blocks; }
+};
+
+}  // namespace optax8

@@ -1,0 +1,175 @@
+// CPU FFI handlers: block-wise quantize and dequantize.
+#include <algorithm>
+#include <cstdint>
+
+#include "optax8/cpu_avx2.h"
+#include "optax8/cpu_parallel.h"
+#include "optax8/ffi_layout.h"
+#include "optax8/quantize.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+namespace {
+
+// A map with its decision points and 16-bit bucket table.
+struct HostMap {
+  float values[256];
+  float mids[256];
+  uint8_t table[65536 + 4];  // padded for 4-byte gathers
+
+  HostMap(const float (&v)[256], const float (&m)[256]) {
+    std::copy(v, v + 256, values);
+    std::copy(m, m + 256, mids);
+    for (uint32_t b = 0; b < 65536; ++b) {
+      const bool negative = b & 0x8000u;
+      float lowest = bits_float(negative ? (b << 16) | 0xffffu : b << 16);
+      if (std::isnan(lowest)) lowest = negative ? -INFINITY : INFINITY;
+      table[b] = uint8_t(search_code(lowest, mids));
+    }
+    std::fill(table + 65536, table + 65536 + 4, uint8_t{0});
+  }
+};
+
+const float kSignedValues[256] = {OPTAX8_SIGNED_MAP};
+const float kSignedMids[256] = {OPTAX8_SIGNED_MIDS};
+const float kUnsignedValues[256] = {OPTAX8_UNSIGNED_MAP};
+const float kUnsignedMids[256] = {OPTAX8_UNSIGNED_MIDS};
+
+const HostMap& host_map(int64_t kind) {
+  static const HostMap signed_map(kSignedValues, kSignedMids);
+  static const HostMap unsigned_map(kUnsignedValues, kUnsignedMids);
+  return kind == kUnsignedMap ? unsigned_map : signed_map;
+}
+
+constexpr int64_t kGrainElements = 1 << 16;
+
+// Elements [0, simd) of a block go through the AVX2 loops where the CPU
+// has them; the rest through the portable ones.
+inline int64_t simd_prefix(int64_t len) {
+#if OPTAX8_HAVE_AVX2_PATH
+  if (avx2::supported()) return len - len % 8;
+#endif
+  return 0;
+}
+
+template <typename In>
+void quantize_blocks(const typename In::T* x, uint8_t* codes, float* absmax,
+                     const BlockLayout& l, const HostMap& map, int64_t first, int64_t last) {
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t row = b / l.row_blocks, start = (b % l.row_blocks) * l.block;
+    const int64_t len = std::min(l.block, l.cols - start), simd = simd_prefix(len);
+    const typename In::T* xb = x + row * l.cols + start;
+    uint8_t* cb = codes + row * l.cols + start;
+    float m = 0.0f;
+#if OPTAX8_HAVE_AVX2_PATH
+    if (simd) m = avx2::block_absmax<In>(xb, simd);
+#endif
+    for (int64_t k = simd; k < len; ++k) m = std::max(m, absmax_term(In::load(xb[k])));
+    const Normalizer normalize(m);
+#if OPTAX8_HAVE_AVX2_PATH
+    if (simd) avx2::block_codes<In>(xb, cb, simd, normalize, map.table, map.mids);
+#endif
+    for (int64_t k = simd; k < len; ++k)
+      cb[k] = uint8_t(table_code(normalize(In::load(xb[k])), map.table, map.mids));
+    absmax[b] = m;
+  }
+}
+
+template <typename Out>
+void dequantize_blocks(const uint8_t* codes, const float* absmax, typename Out::T* out,
+                       const BlockLayout& l, const HostMap& map, int64_t first, int64_t last) {
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t row = b / l.row_blocks, start = (b % l.row_blocks) * l.block;
+    const int64_t len = std::min(l.block, l.cols - start), offset = row * l.cols + start;
+    const int64_t simd = simd_prefix(len);
+    const float a = absmax[b];
+#if OPTAX8_HAVE_AVX2_PATH
+    if (simd) avx2::block_values<Out>(codes + offset, out + offset, simd, a, map.values);
+#endif
+    for (int64_t k = simd; k < len; ++k) out[offset + k] = Out::store(scale_value(map.values[codes[offset + k]], a));
+  }
+}
+
+// Splits the blocks of `l` over the pool so that each task gets at least
+// kGrainElements elements.
+template <typename Fn>
+void for_blocks(ffi::ThreadPool& pool, const BlockLayout& l, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(l.block, 1));
+  parallel_for(pool, l.blocks(), grain, fn);
+}
+
+ffi::Error Quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind) {
+  BlockLayout l;
+  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, map_kind, &l);
+      e.failure())
+    return e;
+  const HostMap& map = host_map(map_kind);
+  uint8_t* c = codes->typed_data();
+  float* a = absmax->typed_data();
+  auto run = [&](auto tag) {
+    using In = decltype(tag);
+    const auto* xs = reinterpret_cast<const typename In::T*>(x.untyped_data());
+    for_blocks(pool, l, [&](int64_t first, int64_t last) {
+      quantize_blocks<In>(xs, c, a, l, map, first, last);
+    });
+    return ffi::Error::Success();
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: return run(F32{});
+    case ffi::DataType::BF16: return run(BF16{});
+    case ffi::DataType::F16: return run(F16{});
+    default: return ffi::Error::InvalidArgument(dtype_error());
+  }
+}
+
+ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
+                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind) {
+  BlockLayout l;
+  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, map_kind, &l);
+      e.failure())
+    return e;
+  const HostMap& map = host_map(map_kind);
+  auto run = [&](auto tag) {
+    using Out = decltype(tag);
+    auto* o = reinterpret_cast<typename Out::T*>(out->untyped_data());
+    for_blocks(pool, l, [&](int64_t first, int64_t last) {
+      dequantize_blocks<Out>(codes.typed_data(), absmax.typed_data(), o, l, map, first, last);
+    });
+    return ffi::Error::Success();
+  };
+  switch (out->element_type()) {
+    case ffi::DataType::F32: return run(F32{});
+    case ffi::DataType::BF16: return run(BF16{});
+    case ffi::DataType::F16: return run(F16{});
+    default: return ffi::Error::InvalidArgument(dtype_error());
+  }
+}
+
+}  // namespace
+}  // namespace optax8
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cpu, optax8::Quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("map_kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cpu, optax8::Dequantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("map_kind"));
+
+// The XLA FFI API version these handlers were compiled against.
+extern "C" int64_t optax8_cpu_ffi_api_version() {
+  return int64_t{XLA_FFI_API_MAJOR} * 1000 + XLA_FFI_API_MINOR;
+}

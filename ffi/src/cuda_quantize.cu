@@ -1,0 +1,153 @@
+// CUDA FFI handlers: block-wise quantize and dequantize.
+//
+// Quantize: a group of min(block, 256) threads owns one quantization block;
+// a 256-thread CTA holds 256 / group blocks. Each thread strides over its
+// block with coalesced loads, the group reduces absmax in registers (warp
+// shuffles) and shared memory, then requantizes by binary search over the
+// 256 decision points held in shared memory.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "optax8/ffi_layout.h"
+#include "optax8/quantize.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+namespace {
+
+__constant__ float kMapValues[2][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGNED_MAP}};
+__constant__ float kMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}};
+
+constexpr int kThreads = 256;
+
+// Max over the `group` consecutive threads (a power of two) that share a block.
+__device__ float group_max(float v, int group, float* scratch) {
+  for (int offset = min(group, 32) / 2; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (group <= 32) return v;
+  const int warp = threadIdx.x / 32, warps = group / 32;
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  const int first = (warp / warps) * warps;
+  v = scratch[first];
+  for (int w = 1; w < warps; ++w) v = fmaxf(v, scratch[first + w]);
+  return v;
+}
+
+template <typename In>
+__global__ void quantize_kernel(const typename In::T* __restrict__ x, uint8_t* __restrict__ codes,
+                                float* __restrict__ absmax, BlockLayout l, int group, int kind) {
+  __shared__ float mids[256];
+  __shared__ float scratch[kThreads / 32];
+  mids[threadIdx.x] = kMapMids[kind][threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x % group;
+  const int64_t b = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = b < l.blocks();
+  const int64_t row = active ? b / l.row_blocks : 0, start = active ? (b % l.row_blocks) * l.block : 0;
+  const int64_t len = active ? min(l.block, l.cols - start) : 0;
+  const int64_t offset = row * l.cols + start;
+  float m = 0.0f;
+  for (int64_t k = lane; k < len; k += group) m = fmaxf(m, absmax_term(In::load(x[offset + k])));
+  m = group_max(m, group, scratch);
+  const Normalizer normalize(m);
+  for (int64_t k = lane; k < len; k += group)
+    codes[offset + k] = uint8_t(search_code(normalize(In::load(x[offset + k])), mids));
+  if (active && lane == 0) absmax[b] = m;
+}
+
+template <typename Out>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
+                                  typename Out::T* __restrict__ out, BlockLayout l, int kind) {
+  __shared__ float values[256];
+  values[threadIdx.x] = kMapValues[kind][threadIdx.x];
+  __syncthreads();
+  const int64_t n = l.elements();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / l.cols, col = i % l.cols;
+    out[i] = Out::store(scale_value(values[codes[i]], absmax[row * l.row_blocks + col / l.block]));
+  }
+}
+
+ffi::Error launch_status() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("optax8 CUDA: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind) {
+  BlockLayout l;
+  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, map_kind, &l);
+      e.failure())
+    return e;
+  if (l.elements() == 0) return ffi::Error::Success();
+  const int group = int(std::min<int64_t>(l.block, kThreads));
+  const int64_t grid = (l.blocks() + kThreads / group - 1) / (kThreads / group);
+  auto run = [&](auto tag) {
+    using In = decltype(tag);
+    quantize_kernel<In><<<unsigned(grid), kThreads, 0, stream>>>(
+        reinterpret_cast<const typename In::T*>(x.untyped_data()), codes->typed_data(), absmax->typed_data(), l,
+        group, int(map_kind));
+    return launch_status();
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: return run(F32{});
+    case ffi::DataType::BF16: return run(BF16{});
+    case ffi::DataType::F16: return run(F16{});
+    default: return ffi::Error::InvalidArgument(dtype_error());
+  }
+}
+
+ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
+                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind) {
+  BlockLayout l;
+  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, map_kind, &l);
+      e.failure())
+    return e;
+  if (l.elements() == 0) return ffi::Error::Success();
+  const int64_t grid = std::min<int64_t>((l.elements() + kThreads - 1) / kThreads, 65536);
+  auto run = [&](auto tag) {
+    using Out = decltype(tag);
+    dequantize_kernel<Out><<<unsigned(grid), kThreads, 0, stream>>>(
+        codes.typed_data(), absmax.typed_data(), reinterpret_cast<typename Out::T*>(out->untyped_data()), l,
+        int(map_kind));
+    return launch_status();
+  };
+  switch (out->element_type()) {
+    case ffi::DataType::F32: return run(F32{});
+    case ffi::DataType::BF16: return run(BF16{});
+    case ffi::DataType::F16: return run(F16{});
+    default: return ffi::Error::InvalidArgument(dtype_error());
+  }
+}
+
+}  // namespace
+}  // namespace optax8
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cuda, optax8::Quantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("map_kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cuda, optax8::Dequantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("map_kind"));
+
+extern "C" int64_t optax8_cuda_ffi_api_version() {
+  return int64_t{XLA_FFI_API_MAJOR} * 1000 + XLA_FFI_API_MINOR;
+}

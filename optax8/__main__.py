@@ -1,0 +1,5 @@
+import sys
+
+from optax8.diagnostics import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kernel backends: the native FFI handlers and the pure-JAX reference."""

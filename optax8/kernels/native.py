@@ -1,0 +1,148 @@
+"""The native FFI libraries: loading, version check, registration, calls.
+
+``pip install .`` builds ``optax8/_lib/liboptax8_cpu.so`` (always) and
+``liboptax8_cuda.so`` (where a CUDA compiler was found), with
+``build_info.json`` recording the XLA FFI API version of the headers they
+were compiled against. A handler compiled against a newer FFI API than the
+running jaxlib fails at its first call and takes the backend down, so a
+library is used only when its API major version equals the runtime's and
+its minor version is not newer; otherwise optax8 warns once and the pure-JAX
+backend runs. Set ``OPTAX8_DISABLE_NATIVE=1`` to never load the libraries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import threading
+import warnings
+
+import jax
+import numpy as np
+
+LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
+PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
+TARGETS = ("optax8_quantize", "optax8_dequantize")
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+  """What optax8 knows about one platform's native library."""
+
+  platform: str
+  available: bool
+  reason: str = ""
+  path: str | None = None
+  ffi_api: tuple[int, int] | None = None
+
+
+def build_info() -> dict | None:
+  """The build record written by CMake, or None for a build without it."""
+  try:
+    return json.loads((LIB_DIR / "build_info.json").read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def runtime_ffi_api() -> tuple[int, int] | None:
+  """The XLA FFI API version of the running jaxlib, read from its headers."""
+  try:
+    text = (pathlib.Path(jax.ffi.include_dir()) / "xla/ffi/api/c_api.h").read_text()
+  except OSError:
+    return None
+  major = re.search(r"^#define XLA_FFI_API_MAJOR (\d+)", text, re.M)
+  minor = re.search(r"^#define XLA_FFI_API_MINOR (\d+)", text, re.M)
+  if not (major and minor):
+    return None
+  return int(major.group(1)), int(minor.group(1))
+
+
+def compatible(built: tuple[int, int], runtime: tuple[int, int] | None) -> bool:
+  """A handler built against API ``built`` runs on a jaxlib with ``runtime``."""
+  return runtime is not None and built[0] == runtime[0] and built[1] <= runtime[1]
+
+
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def library(platform: str) -> Library:
+  """Loads and registers the native handlers for ``platform`` once."""
+  with _lock:
+    lib = _load(platform)
+  if not lib.available and lib.path is not None:
+    warnings.warn(f"optax8: the native {platform} library cannot be used ({lib.reason}); "
+                  "falling back to the pure-JAX backend.", RuntimeWarning, stacklevel=3)
+  return lib
+
+
+def _load(platform: str) -> Library:
+  filename, xla_platform, suffix = PLATFORMS[platform]
+  if os.environ.get("OPTAX8_DISABLE_NATIVE", "") not in ("", "0"):
+    return Library(platform, False, "disabled by OPTAX8_DISABLE_NATIVE")
+  info = build_info()
+  path = LIB_DIR / filename
+  if info is None or not path.exists():
+    why = "not built"
+    if platform == "cuda" and info is not None:
+      why = f"not built: {info['cuda'].get('reason') or 'no CUDA compiler'}"
+    return Library(platform, False, why)
+  built = tuple(info["ffi_api"])
+  runtime = runtime_ffi_api()
+  if not compatible(built, runtime):
+    return Library(platform, False,
+                   f"built against XLA FFI API {built[0]}.{built[1]}, but jaxlib {_jaxlib_version()} "
+                   f"provides {'an unknown version' if runtime is None else '%d.%d' % runtime}; "
+                   "reinstall optax8 against this jaxlib", str(path), built)
+  try:
+    handle = ctypes.CDLL(str(path))
+    version_fn = getattr(handle, f"optax8{suffix}_ffi_api_version")
+    version_fn.restype = ctypes.c_int64
+    compiled = divmod(version_fn(), 1000)
+    if compiled != built:
+      raise OSError(f"library reports FFI API {compiled}, build_info.json says {built}")
+    for target in TARGETS:
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target + suffix)),
+                                  platform=xla_platform)
+  except (OSError, AttributeError, ValueError, RuntimeError) as e:
+    return Library(platform, False, f"failed to load: {e}", str(path), built)
+  return Library(platform, True, "", str(path), built)
+
+
+def available(platform: str) -> bool:
+  return library(platform).available
+
+
+def _ensure_registered():
+  for platform in PLATFORMS:
+    library(platform)
+
+
+def quantize(x, block_size: int, map_id: int):
+  """FFI call: (codes, absmax) of ``x`` (rank >= 1)."""
+  _ensure_registered()
+  out = (jax.ShapeDtypeStruct(x.shape, np.uint8),
+         jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32))
+  call = jax.ffi.ffi_call("optax8_quantize", out, vmap_method="broadcast_all")
+  return call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id))
+
+
+def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
+  """FFI call: ``map[codes] * absmax`` as ``dtype``."""
+  _ensure_registered()
+  call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype),
+                          vmap_method="broadcast_all")
+  return call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))

@@ -1,0 +1,103 @@
+"""Block-wise 8-bit quantization of arrays.
+
+For each block of ``block_size`` elements along the last axis::
+
+    absmax = max |x|                      (finite, normal x only)
+    code   = argmin_j |map[j] - x / absmax|
+    x'     = map[code] * absmax
+
+with the signed dynamic map (first moments) or the unsigned one (second
+moments), see :mod:`optax8.maps`. The round trip error of an element is at
+most half the gap between the two map values around ``x / absmax``, times
+``absmax``.
+
+Special values: NaN and float32 subnormals quantize to the code of 0 and do
+not count toward ``absmax``; ``+-inf`` does not count toward ``absmax`` and
+saturates to the map's extreme codes (``+absmax`` and ``-0.99296875 *
+absmax`` for the signed map). An all-zero block has ``absmax = 0`` and
+dequantizes to zeros. The unsigned map sends negative values to 0.
+
+Example::
+
+    q = optax8.quantize(x, block_size=256)          # QuantizedArray
+    x2 = optax8.dequantize(q, dtype=jnp.bfloat16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax8 import dispatch, maps
+from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape, check_block_size, check_value_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """An array in block-wise 8-bit form: a pytree of ``codes`` and ``absmax``.
+
+  ``block_size`` and ``kind`` are static pytree metadata, so two states of
+  different block size or map have different tree structures.
+  """
+
+  codes: jax.Array   # uint8, the array's shape
+  absmax: jax.Array  # float32, shape[:-1] + (ceil(shape[-1] / block_size),)
+  block_size: int = DEFAULT_BLOCK_SIZE
+  kind: str = maps.SIGNED
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.codes.shape)) * 1 + int(np.prod(self.absmax.shape)) * 4
+
+
+jax.tree_util.register_dataclass(QuantizedArray, data_fields=["codes", "absmax"],
+                                 meta_fields=["block_size", "kind"])
+
+
+def quantize(x, block_size: int = DEFAULT_BLOCK_SIZE, kind: str = maps.SIGNED) -> QuantizedArray:
+  """Quantizes ``x`` (float32, bfloat16 or float16, any shape) block-wise.
+
+  Args:
+    x: the values.
+    block_size: elements per block along the last axis, a power of two.
+    kind: ``'signed'`` (dynamic map) or ``'unsigned'`` (for non-negative x).
+  """
+  block_size = check_block_size(block_size)
+  map_id = maps.map_id(kind)
+  x = jnp.asarray(x)
+  check_value_dtype(x.dtype, "quantize: x")
+  if x.size == 0:
+    return QuantizedArray(jnp.zeros(x.shape, jnp.uint8), jnp.zeros(absmax_shape(x.shape, block_size), jnp.float32),
+                          block_size, kind)
+  codes, absmax = dispatch.quantize(x.reshape(x.shape or (1,)), block_size, kind, map_id)
+  return QuantizedArray(codes.reshape(x.shape), absmax, block_size, kind)
+
+
+def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
+  """Returns ``map[codes] * absmax`` as ``dtype`` (float32, bfloat16 or float16)."""
+  if not isinstance(q, QuantizedArray):
+    raise TypeError(f"dequantize: expected a QuantizedArray, got {type(q).__name__}")
+  dtype = check_value_dtype(dtype, "dequantize: dtype")
+  block_size = check_block_size(q.block_size)
+  map_id = maps.map_id(q.kind)
+  codes, absmax = jnp.asarray(q.codes), jnp.asarray(q.absmax)
+  if codes.dtype != jnp.uint8:
+    raise TypeError(f"dequantize: codes must be uint8, got {codes.dtype}")
+  if absmax.dtype != jnp.float32:
+    raise TypeError(f"dequantize: absmax must be float32, got {absmax.dtype}")
+  expected = absmax_shape(codes.shape, block_size)
+  if tuple(absmax.shape) != expected:
+    raise ValueError(f"dequantize: absmax shape {tuple(absmax.shape)} does not fit codes shape "
+                     f"{tuple(codes.shape)} with block_size {block_size} (expected {expected}); "
+                     "was the state made with another block size?")
+  if codes.size == 0:
+    return jnp.zeros(codes.shape, dtype)
+  out = dispatch.dequantize(codes.reshape(codes.shape or (1,)), absmax, block_size, q.kind, map_id, dtype)
+  return out.reshape(codes.shape)

@@ -1,0 +1,93 @@
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax8
+from optax8.kernels import native
+from helpers import needs_native_cpu
+
+
+@pytest.mark.parametrize("built,runtime,ok", [
+    ((0, 3), (0, 3), True),
+    ((0, 3), (0, 5), True),    # older headers on a newer jaxlib
+    ((0, 5), (0, 3), False),   # newer headers would crash the backend
+    ((0, 3), (1, 0), False),
+    ((1, 0), (0, 9), False),
+    ((0, 3), None, False),
+])
+def test_compatible(built, runtime, ok):
+  assert native.compatible(built, runtime) is ok
+
+
+def test_runtime_ffi_api_is_read_from_jaxlib_headers():
+  api = native.runtime_ffi_api()
+  assert api is not None and api[0] == 0 and api[1] >= 3
+
+
+def _run(code, cwd, **env):
+  """Runs code in a fresh interpreter, outside the source tree (so the installed optax8 is imported)."""
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                        env={**os.environ, **env}, timeout=300, cwd=cwd)
+
+
+@needs_native_cpu
+def test_incompatible_library_warns_and_falls_back_to_jax(tmp_path):
+  r = _run("""
+      import warnings
+      import numpy as np
+      from optax8.kernels import native, jax_backend
+      native.runtime_ffi_api = lambda: (0, 2)   # a jaxlib older than the build
+      import optax8
+      with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        b = optax8.backends()
+      assert b["cpu"] == "jax", b
+      assert any("cannot be used" in str(x.message) and "FFI API" in str(x.message) for x in w), w
+      x = np.linspace(-3, 3, 1000, dtype=np.float32).reshape(4, 250)
+      q = optax8.quantize(x, 64)
+      c, a = jax_backend.quantize(x, 64, "signed")
+      assert (np.asarray(q.codes) == np.asarray(c)).all()
+      print("fallback ok")
+      """, tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert "fallback ok" in r.stdout
+
+
+def test_disable_native_runs_pure_jax(tmp_path):
+  r = _run("""
+      import numpy as np, optax8
+      assert optax8.backends() == {"cpu": "jax", "cuda": "jax", "rocm": "jax", "tpu": "jax"}, optax8.backends()
+      x = np.ones((3, 300), np.float32)
+      assert np.allclose(optax8.dequantize(optax8.quantize(x)), x)
+      print("jax ok")
+      """, tmp_path, OPTAX8_DISABLE_NATIVE="1")
+  assert r.returncode == 0, r.stderr
+  assert "jax ok" in r.stdout
+
+
+@needs_native_cpu
+def test_handler_rejects_inconsistent_shapes_with_an_error():
+  codes = jnp.zeros((4, 1024), jnp.uint8)
+  absmax = jnp.ones((4, 2), jnp.float32)  # a block size of 512, called with 256
+  with pytest.raises(Exception, match=r"absmax shape \(4, 2\) does not fit values shape \(4, 1024\)"):
+    jax.block_until_ready(native.dequantize(codes, absmax, 256, 0, jnp.float32))
+  with pytest.raises(Exception, match="map_kind"):
+    jax.block_until_ready(native.dequantize(codes, jnp.ones((4, 4)), 256, 7, jnp.float32))
+  # the backend is still alive
+  np.testing.assert_array_equal(optax8.quantize(jnp.ones((2, 8)), 8).codes, 255)
+
+
+@pytest.mark.skipif(os.environ.get("OPTAX8_EXPECT_NATIVE") != "1", reason="set OPTAX8_EXPECT_NATIVE=1 to require native libraries")
+def test_expected_native_libraries_are_built_and_used():
+  assert optax8.backends()["cpu"] == "native", native.library("cpu").reason
+  if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+    info = native.build_info()
+    assert info["cuda"]["built"], info
+    assert native.library("cuda").path is not None

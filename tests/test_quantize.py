@@ -1,0 +1,209 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import optax8
+from optax8 import maps
+from helpers import DTYPES, FMAX, TINY, needs_native_cpu, quantize_with, dequantize_with, reference_quantize
+
+BACKENDS = ["jax", pytest.param("native", marks=needs_native_cpu)]
+BLOCKS = [2**k for k in range(0, 13)]
+
+
+@st.composite
+def arrays(draw, signed=True):
+  rank = draw(st.integers(1, 3))
+  shape = tuple(draw(st.lists(st.integers(1, 9), min_size=rank - 1, max_size=rank - 1)))
+  shape += (draw(st.integers(1, 3000)),)
+  dtype = draw(st.sampled_from(DTYPES))
+  scales = [1e-6, 1.0, 1e3] if dtype == jnp.float16 else [1e-30, 1e-6, 1.0, 1e3, 1e30]
+  scale = draw(st.sampled_from(scales))
+  seed = draw(st.integers(0, 2**31))
+  x = np.random.default_rng(seed).standard_normal(shape) * scale
+  if not signed:
+    x = np.abs(x)
+  return np.asarray(jnp.asarray(x, dtype))
+
+
+def _round_trip_bound(x32, absmax_per_elem, kind):
+  """Half the gap between the two map values around x / absmax, times absmax.
+
+  The signed map has no -1: below its minimum -0.99296875 the bound is the
+  distance to that minimum (4e-8 * absmax more than the half gap).
+  """
+  m = maps.dynamic_map(kind).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    v = np.where(absmax_per_elem > 0, x32 / absmax_per_elem, 0)
+  hi = np.clip(np.searchsorted(m, v), 1, 255)
+  half_gap = 0.5 * (m[hi] - m[hi - 1])
+  return np.maximum(half_gap, m[0] - v) * absmax_per_elem
+
+
+def _per_element(absmax, shape, block_size):
+  return np.repeat(np.asarray(absmax, np.float64), block_size, axis=-1)[..., :shape[-1]]
+
+
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@given(data=st.data())
+def test_round_trip_error_within_half_gap(kind, data):
+  x = data.draw(arrays(signed=kind == maps.SIGNED))
+  block = data.draw(st.sampled_from(BLOCKS))
+  q = optax8.quantize(x, block_size=block, kind=kind)
+  assert q.codes.shape == x.shape and q.codes.dtype == jnp.uint8
+  assert q.absmax.shape == optax8.absmax_shape(x.shape, block) and q.absmax.dtype == jnp.float32
+  x32 = np.asarray(x, np.float32).astype(np.float64)
+  x32 = np.where(np.abs(x32) < TINY, 0, x32)
+  amax = _per_element(q.absmax, x.shape, block)
+  err = np.abs(np.asarray(optax8.dequantize(q), np.float64) - x32)
+  bound = _round_trip_bound(x32, amax, kind)
+  # float32 rounding of x / absmax and of map * absmax: 2**-23 * absmax
+  assert np.all(err <= bound + 2.0**-23 * amax), float(np.max(err - bound))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@given(data=st.data())
+def test_backend_matches_numpy_reference(backend, kind, data):
+  x = data.draw(arrays())
+  block = data.draw(st.sampled_from(BLOCKS))
+  codes, absmax = quantize_with(backend, x, block, kind)
+  ref_codes, ref_absmax = reference_quantize(x, block, kind)
+  np.testing.assert_array_equal(np.asarray(absmax), ref_absmax)
+  np.testing.assert_array_equal(np.asarray(codes), ref_codes)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@given(data=st.data())
+def test_native_cpu_and_jax_are_bit_identical(kind, data):
+  x = data.draw(arrays())
+  block = data.draw(st.sampled_from(BLOCKS))
+  out_dtype = data.draw(st.sampled_from(DTYPES))
+  c_jax, a_jax = quantize_with("jax", x, block, kind)
+  c_nat, a_nat = quantize_with("native", x, block, kind)
+  np.testing.assert_array_equal(np.asarray(c_nat), np.asarray(c_jax))
+  np.testing.assert_array_equal(np.asarray(a_nat).view(np.uint32), np.asarray(a_jax).view(np.uint32))
+  d_jax = dequantize_with("jax", c_jax, a_jax, block, kind, out_dtype)
+  d_nat = dequantize_with("native", c_jax, a_jax, block, kind, out_dtype)
+  assert d_nat.dtype == d_jax.dtype == out_dtype
+  np.testing.assert_array_equal(np.asarray(d_nat).view(np.uint8), np.asarray(d_jax).view(np.uint8))
+
+
+SPECIAL = np.array([0.0, -0.0, 1e-45, -1e-40, TINY, -TINY, 1.0, -2.5, FMAX, -FMAX, np.inf, -np.inf, np.nan],
+                   np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_do_not_spread(backend, dtype):
+  rng = np.random.default_rng(3)
+  block = 64
+  base = rng.standard_normal((len(SPECIAL), block)).astype(np.float32)
+  x = base.copy()
+  x[:, 5] = SPECIAL  # one special value per block
+  with np.errstate(over="ignore"):  # FMAX is inf in float16
+    x = np.asarray(x.astype(dtype))
+  clean = x.copy()
+  clean[:, 5] = 0
+  codes, absmax = quantize_with(backend, x, block, maps.SIGNED)
+  codes_clean, absmax_clean = quantize_with(backend, clean, block, maps.SIGNED)
+  codes, absmax = np.asarray(codes), np.asarray(absmax)[:, 0]
+  assert np.all(np.isfinite(absmax))
+  others = np.arange(block) != 5
+  with np.errstate(over="ignore"):
+    special32 = SPECIAL.astype(dtype).astype(np.float32)
+  ignored = ~np.isfinite(special32) | (np.abs(special32) < TINY)
+  # NaN, +-inf and subnormals leave absmax and every other element alone
+  np.testing.assert_array_equal(absmax[ignored], np.asarray(absmax_clean)[ignored, 0])
+  np.testing.assert_array_equal(codes[ignored][:, others], np.asarray(codes_clean)[ignored][:, others])
+  zero_code = 127
+  for row, s in enumerate(special32):
+    if np.isnan(s) or (np.isfinite(s) and abs(s) < TINY):
+      assert codes[row, 5] == zero_code
+    elif s == np.inf:
+      assert codes[row, 5] == 255
+    elif s == -np.inf:
+      assert codes[row, 5] == 0
+  deq = np.asarray(optax8.dequantize(optax8.QuantizedArray(jnp.asarray(codes), jnp.asarray(absmax[:, None]), block)))
+  assert np.all(np.isfinite(deq))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_blocks(backend):
+  x = np.zeros((6, 32), np.float32)
+  x[1, :3] = [FMAX, -FMAX, 1e38]           # near the float32 limit
+  x[2, :2] = [1e-37, -5e-38]               # tiny but normal absmax
+  x[3, :2] = [1e-37, np.inf]               # inf with a tiny absmax: v overflows
+  x[4, :2] = [1e-37, -np.inf]
+  x[5, :2] = [np.inf, np.nan]              # nothing finite: absmax 0
+  codes, absmax = map(np.asarray, quantize_with(backend, x, 32, maps.SIGNED))
+  assert absmax[0, 0] == 0 and np.all(codes[0] == 127)
+  assert absmax[1, 0] == FMAX and codes[1, 0] == 255 and codes[1, 1] == 0
+  assert absmax[2, 0] == np.float32(1e-37) and codes[2, 0] == 255
+  assert codes[3, 1] == 255 and codes[4, 1] == 0
+  assert absmax[5, 0] == 0 and np.all(codes[5] == 127)
+  deq = np.asarray(optax8.dequantize(optax8.QuantizedArray(jnp.asarray(codes), jnp.asarray(absmax), 32)))
+  assert np.all(np.isfinite(deq)) and np.all(deq[0] == 0) and np.all(deq[5] == 0)
+  np.testing.assert_allclose(deq[1, :3], [FMAX, -0.99296875 * FMAX, 1e38], rtol=0, atol=0.00704 * FMAX)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (5,), (3, 0), (0,), (2, 3, 300)])
+def test_shapes_including_scalars_and_empty(shape):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+  q = optax8.quantize(x, block_size=128)
+  assert q.codes.shape == shape and q.absmax.shape == optax8.absmax_shape(shape, 128)
+  d = optax8.dequantize(q)
+  assert d.shape == shape
+  np.testing.assert_allclose(d, x, atol=0.01 * float(jnp.max(jnp.abs(x), initial=0.0)) + 1e-30)
+
+
+def test_dequantize_dtypes_round_like_astype():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 1000)) * 1e3, jnp.float32)
+  q = optax8.quantize(x)
+  d32 = optax8.dequantize(q)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    d = optax8.dequantize(q, dtype)
+    assert d.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(d).view(np.uint16), np.asarray(d32.astype(dtype)).view(np.uint16))
+
+
+def test_jit_and_vmap():
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 700)), jnp.float32)
+  q = optax8.quantize(x, 256)
+  qj = jax.jit(optax8.quantize, static_argnums=(1, 2))(x, 256, "signed")
+  qv = jax.vmap(lambda r: optax8.quantize(r, 256))(x)
+  for other in (qj, qv):
+    np.testing.assert_array_equal(other.codes, q.codes)
+    np.testing.assert_array_equal(other.absmax, q.absmax)
+  dv = jax.vmap(optax8.dequantize)(qv)
+  np.testing.assert_array_equal(dv, optax8.dequantize(q))
+
+
+def test_quantized_array_is_a_pytree_with_static_layout():
+  x = jnp.ones((4, 512))
+  q256, q512 = optax8.quantize(x, 256), optax8.quantize(x, 512)
+  assert jax.tree.structure(q256) != jax.tree.structure(q512)
+  assert len(jax.tree.leaves(q256)) == 2
+  assert q256.nbytes == 4 * 512 + 4 * 2 * 4
+  doubled = jax.tree.map(lambda a: a, q256)
+  assert isinstance(doubled, optax8.QuantizedArray) and doubled.block_size == 256
+  abstract = jax.eval_shape(lambda x: optax8.quantize(x, 256), x)
+  assert abstract.codes.shape == (4, 512) and abstract.absmax.shape == (4, 2)
+
+
+def test_clear_errors():
+  with pytest.raises(TypeError, match="float32, bfloat16 or float16, got int32"):
+    optax8.quantize(jnp.ones(4, jnp.int32))
+  with pytest.raises(ValueError, match="power of two"):
+    optax8.quantize(jnp.ones(4), block_size=100)
+  with pytest.raises(ValueError, match="map kind"):
+    optax8.quantize(jnp.ones(4), kind="dynamic")
+  q = optax8.quantize(jnp.ones((4, 1024)), 256)
+  with pytest.raises(ValueError, match=r"absmax shape \(4, 4\) .* block_size 512 \(expected \(4, 2\)\)"):
+    optax8.dequantize(optax8.QuantizedArray(q.codes, q.absmax, 512))
+  with pytest.raises(TypeError, match="codes must be uint8"):
+    optax8.dequantize(optax8.QuantizedArray(q.codes.astype(jnp.int32), q.absmax, 256))
+  with pytest.raises(TypeError, match="dtype must be float32"):
+    optax8.dequantize(q, jnp.int8)
