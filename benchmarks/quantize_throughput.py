@@ -4,7 +4,9 @@ Prints, for every available device platform, GB/s and ns per element of
 quantize (reads float32, writes uint8 codes and float32 absmax) and
 dequantize (the reverse), for the native FFI handler and the pure-JAX path,
 next to two plain-jnp baselines moving the same bytes in the same run: a
-per-tensor int8 round trip (``round(x / s)`` and ``codes * s``) and a copy.
+per-tensor int8 round trip (``round(x / s)`` and ``codes * s``) and a copy
+(``x + 1``). Where torch and bitsandbytes are installed, their
+``quantize_blockwise`` / ``dequantize_blockwise`` run on the same data.
 
     python benchmarks/quantize_throughput.py [--elements 16777216] [--block-size 256]
 """
@@ -37,6 +39,32 @@ def bench(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
+def bitsandbytes_times(x: np.ndarray, block: int, repeats: int, device: str):
+  """(quantize, dequantize) seconds of bitsandbytes on ``device``, or None."""
+  try:
+    import bitsandbytes.functional as bnbf
+    import torch
+  except ImportError:
+    return None
+  t = torch.from_numpy(np.array(x)).to(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def timed(fn):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      sync()
+      times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+  codes, state = bnbf.quantize_blockwise(t, blocksize=block)
+  return (timed(lambda: bnbf.quantize_blockwise(t, blocksize=block)),
+          timed(lambda: bnbf.dequantize_blockwise(codes, state)))
+
+
 def candidates(block: int, platform_name: str):
   kind, map_id = maps.SIGNED, 0
   out = {}
@@ -63,7 +91,12 @@ def main():
   n = shape[0] * shape[1]
   print(f"optax8 {optax8.__version__}, jax {jax.__version__}, {platform.machine()}, "
         f"{datetime.date.today().isoformat()}; {n} elements, block {block}")
-  platforms = sorted({d.platform for d in jax.devices()} | {"cpu"})
+  platforms = ["cpu"]
+  try:
+    jax.devices("cuda")
+    platforms.append("cuda")
+  except RuntimeError:
+    pass
   for plat in platforms:
     device = jax.devices(plat)[0]
     x = jax.device_put(np.random.default_rng(0).standard_normal(shape).astype(np.float32), device)
@@ -78,6 +111,9 @@ def main():
       tq = bench(q, x, repeats=args.repeats)
       tdq = bench(dq, codes, absmax, repeats=args.repeats)
       rows[name] = (tq, tdq)
+    bnb = bitsandbytes_times(np.asarray(x), block, args.repeats, plat)
+    if bnb is not None:
+      rows["bitsandbytes"] = bnb
     base = sum(rows["jnp int8 (per tensor)"])
     for name, (tq, tdq) in rows.items():
       print(f"{name:24s} {bytes_q / tq / 1e9:14.2f} {tq / n * 1e9:8.3f} {bytes_q / tdq / 1e9:13.2f} "

@@ -94,6 +94,18 @@ def bucket_table(kind: str = SIGNED) -> np.ndarray:
   return lo_code
 
 
+@functools.cache
+def bucket_midpoints(kind: str = SIGNED) -> np.ndarray:
+  """float32[65536]: ``midpoints(kind)[bucket_table(kind)]``, the one midpoint to compare with.
+
+  Indexed by the same bucket as :func:`bucket_table`, so the two lookups are
+  independent (the pure-JAX path gathers both at once).
+  """
+  out = midpoints(kind)[bucket_table(kind)]
+  out.setflags(write=False)
+  return out
+
+
 def cxx_header() -> str:
   """C++ source of ``ffi/include/optax8/maps.h`` (maps and midpoints as hex floats)."""
 

@@ -207,3 +207,23 @@ def test_clear_errors():
     optax8.dequantize(optax8.QuantizedArray(q.codes.astype(jnp.int32), q.absmax, 256))
   with pytest.raises(TypeError, match="dtype must be float32"):
     optax8.dequantize(q, jnp.int8)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_conversions_match_xla_exhaustively(dtype):
+  # every 16-bit pattern as input (NaN and inf included) ...
+  x = np.arange(65536, dtype=np.uint16).view(dtype).reshape(256, 256)
+  for block in (1, 256):
+    c_jax, a_jax = quantize_with("jax", x, block, maps.SIGNED)
+    c_nat, a_nat = quantize_with("native", x, block, maps.SIGNED)
+    np.testing.assert_array_equal(np.asarray(c_nat), np.asarray(c_jax))
+    np.testing.assert_array_equal(np.asarray(a_nat), np.asarray(a_jax))
+  # ... and outputs across the whole range, overflow and subnormals included
+  rng = np.random.default_rng(0)
+  absmax = (2.0 ** rng.uniform(-40, 20, (512, 1))).astype(np.float32)
+  codes = np.tile(np.arange(256, dtype=np.uint8), (512, 1))
+  d_jax = dequantize_with("jax", codes, absmax, 256, maps.SIGNED, dtype)
+  d_nat = dequantize_with("native", codes, absmax, 256, maps.SIGNED, dtype)
+  np.testing.assert_array_equal(np.asarray(d_nat).view(np.uint16), np.asarray(d_jax).view(np.uint16))
+  assert np.isinf(np.asarray(d_jax, np.float32)).any() or dtype == jnp.bfloat16

@@ -4,7 +4,7 @@
 
 #include "optax8/cpu_avx2.h"
 #include "optax8/cpu_parallel.h"
-#include "optax8/ffi_layout.h"
+#include "optax8/ffi_common.h"
 #include "optax8/quantize.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -117,12 +117,7 @@ ffi::Error Quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buf
     });
     return ffi::Error::Success();
   };
-  switch (x.element_type()) {
-    case ffi::DataType::F32: return run(F32{});
-    case ffi::DataType::BF16: return run(BF16{});
-    case ffi::DataType::F16: return run(F16{});
-    default: return ffi::Error::InvalidArgument(dtype_error());
-  }
+  return by_float_dtype(x.element_type(), run);
 }
 
 ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
@@ -140,12 +135,7 @@ ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes, ffi::Buf
     });
     return ffi::Error::Success();
   };
-  switch (out->element_type()) {
-    case ffi::DataType::F32: return run(F32{});
-    case ffi::DataType::BF16: return run(BF16{});
-    case ffi::DataType::F16: return run(F16{});
-    default: return ffi::Error::InvalidArgument(dtype_error());
-  }
+  return by_float_dtype(out->element_type(), run);
 }
 
 }  // namespace

@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "optax8/ffi_layout.h"
+#include "optax8/ffi_common.h"
 #include "optax8/quantize.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -96,12 +96,7 @@ ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buff
         group, int(map_kind));
     return launch_status();
   };
-  switch (x.element_type()) {
-    case ffi::DataType::F32: return run(F32{});
-    case ffi::DataType::BF16: return run(BF16{});
-    case ffi::DataType::F16: return run(F16{});
-    default: return ffi::Error::InvalidArgument(dtype_error());
-  }
+  return by_float_dtype(x.element_type(), run);
 }
 
 ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
@@ -119,12 +114,7 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buff
         int(map_kind));
     return launch_status();
   };
-  switch (out->element_type()) {
-    case ffi::DataType::F32: return run(F32{});
-    case ffi::DataType::BF16: return run(BF16{});
-    case ffi::DataType::F16: return run(F16{});
-    default: return ffi::Error::InvalidArgument(dtype_error());
-  }
+  return by_float_dtype(out->element_type(), run);
 }
 
 }  // namespace

@@ -34,13 +34,15 @@ def _unblocked(x, n):
 
 
 def table_code(v, kind):
-  """Codes of normalized float32 values: bucket table plus one comparison."""
-  table = jnp.asarray(maps.bucket_table(kind))
-  mids = jnp.asarray(maps.midpoints(kind))
-  bucket = lax.shift_right_logical(lax.bitcast_convert_type(v, jnp.uint32), jnp.uint32(16))
-  lo = table.at[bucket.astype(jnp.int32)].get(mode="promise_in_bounds")
-  above = mids.at[lo.astype(jnp.int32)].get(mode="promise_in_bounds") < v
-  return lo + above.astype(jnp.uint8)
+  """Codes of normalized float32 values: bucket table plus one comparison.
+
+  ``lo = table[bucket]``, ``code = lo + (mid[lo] < v)``, with ``mid[lo]``
+  read from a second table indexed by the same bucket.
+  """
+  bucket = lax.shift_right_logical(lax.bitcast_convert_type(v, jnp.uint32), jnp.uint32(16)).astype(jnp.int32)
+  lo = jnp.asarray(maps.bucket_table(kind)).at[bucket].get(mode="promise_in_bounds")
+  mid = jnp.asarray(maps.bucket_midpoints(kind)).at[bucket].get(mode="promise_in_bounds")
+  return lo + (mid < v).astype(jnp.uint8)
 
 
 def quantize(x, block_size, kind):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import os
@@ -76,17 +75,18 @@ def _jaxlib_version() -> str:
 
 
 _lock = threading.Lock()
+_libraries: dict[str, Library] = {}
 
 
-@functools.cache
 def library(platform: str) -> Library:
   """Loads and registers the native handlers for ``platform`` once."""
   with _lock:
-    lib = _load(platform)
-  if not lib.available and lib.path is not None:
-    warnings.warn(f"optax8: the native {platform} library cannot be used ({lib.reason}); "
-                  "falling back to the pure-JAX backend.", RuntimeWarning, stacklevel=3)
-  return lib
+    if platform not in _libraries:
+      lib = _libraries[platform] = _load(platform)
+      if not lib.available and lib.path is not None:
+        warnings.warn(f"optax8: the native {platform} library cannot be used ({lib.reason}); "
+                      "falling back to the pure-JAX backend.", RuntimeWarning, stacklevel=3)
+    return _libraries[platform]
 
 
 def _load(platform: str) -> Library:

@@ -1,5 +1,6 @@
-// Checks FFI buffer shapes against the block layout of optax8 state:
-// codes have the array's shape, absmax has shape[:-1] + (ceil(n / block),).
+// What the CPU and CUDA handlers share: checks of FFI buffer shapes against
+// the block layout (codes have the array's shape, absmax has shape[:-1] +
+// (ceil(n / block),)) and of attributes, and dispatch on the float dtype.
 #pragma once
 
 #include <cstdint>
@@ -61,8 +62,15 @@ inline xla::ffi::Error make_layout(xla::ffi::Span<const int64_t> values,
   return xla::ffi::Error::Success();
 }
 
-inline const char* dtype_error() {
-  return "optax8: values must be float32, bfloat16 or float16";
+// Returns fn(F32{}), fn(BF16{}) or fn(F16{}) for the buffer's dtype.
+template <typename Fn>
+xla::ffi::Error by_float_dtype(xla::ffi::DataType dtype, const Fn& fn) {
+  switch (dtype) {
+    case xla::ffi::DataType::F32: return fn(F32{});
+    case xla::ffi::DataType::BF16: return fn(BF16{});
+    case xla::ffi::DataType::F16: return fn(F16{});
+    default: return xla::ffi::Error::InvalidArgument("optax8: values must be float32, bfloat16 or float16");
+  }
 }
 
 }  // namespace optax8
