@@ -43,7 +43,7 @@ def report() -> dict:
       "backends": backends(),
       "cpu_library": libs["cpu"].path if libs["cpu"].available else None,
       "cpu_reason": libs["cpu"].reason or None,
-      "cuda_library": libs["cuda"].path if libs["cuda"].available else None,
+      "cuda_library": libs["cuda"].path,
       "cuda_architectures": cuda_info.get("architectures") or None,
       "cuda_compiler": cuda_info.get("compiler_version") or None,
       "cuda_reason": libs["cuda"].reason or None,
@@ -67,8 +67,8 @@ def format_report(r: dict) -> str:
   if r["cuda_library"]:
     lines.append(f"CUDA library: {r['cuda_library']} (architectures {r['cuda_architectures']}, "
                  f"nvcc {r['cuda_compiler']})")
-  else:
-    lines.append(f"CUDA library: unavailable: {r['cuda_reason']}")
+  if r["cuda_reason"]:
+    lines.append(f"CUDA backend: pure JAX ({r['cuda_reason']})")
   return "\n".join(lines)
 
 

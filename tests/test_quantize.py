@@ -227,3 +227,16 @@ def test_16_bit_conversions_match_xla_exhaustively(dtype):
   d_nat = dequantize_with("native", codes, absmax, 256, maps.SIGNED, dtype)
   np.testing.assert_array_equal(np.asarray(d_nat).view(np.uint16), np.asarray(d_jax).view(np.uint16))
   assert np.isinf(np.asarray(d_jax, np.float32)).any() or dtype == jnp.bfloat16
+
+
+def test_large_block_size_on_short_rows_needs_no_padding():
+  from optax8.kernels import jax_backend
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((64, 10)), jnp.float32)
+  f = jax.jit(lambda x: jax_backend.quantize(x, 2**20, maps.SIGNED))
+  assert f.lower(x).compile().memory_analysis().temp_size_in_bytes < 2**20
+  codes, absmax = f(x)
+  small_codes, small_absmax = jax_backend.quantize(x, 16, maps.SIGNED)
+  np.testing.assert_array_equal(codes, small_codes)
+  np.testing.assert_array_equal(absmax, small_absmax)
+  q = optax8.quantize(x, 2**20)
+  np.testing.assert_array_equal(optax8.dequantize(q), jax_backend.dequantize(codes, absmax, 2**20, maps.SIGNED, jnp.float32))

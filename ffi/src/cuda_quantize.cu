@@ -89,6 +89,7 @@ ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buff
   if (l.elements() == 0) return ffi::Error::Success();
   const int group = int(std::min<int64_t>(l.block, kThreads));
   const int64_t grid = (l.blocks() + kThreads / group - 1) / (kThreads / group);
+  if (grid > 0x7fffffff) return ffi::Error::InvalidArgument("optax8 CUDA: too many blocks for one launch");
   auto run = [&](auto tag) {
     using In = decltype(tag);
     quantize_kernel<In><<<unsigned(grid), kThreads, 0, stream>>>(
@@ -137,6 +138,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cuda, optax8::Dequantize,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size")
                                   .Attr<int64_t>("map_kind"));
+
+// 0 when the kernels can run on the current device, else the CUDA error
+// (no device, a driver older than this library's CUDA runtime, or no kernel
+// image for the GPU's architecture).
+extern "C" int optax8_cuda_probe() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err == cudaSuccess && count == 0) err = cudaErrorNoDevice;
+  if (err == cudaSuccess) {
+    cudaFuncAttributes attributes;
+    err = cudaFuncGetAttributes(&attributes, optax8::quantize_kernel<optax8::F32>);
+  }
+  cudaGetLastError();  // do not leave the error for the next caller
+  return int(err);
+}
+
+extern "C" const char* optax8_cuda_error_string(int err) { return cudaGetErrorString(cudaError_t(err)); }
 
 extern "C" int64_t optax8_cuda_ffi_api_version() {
   return int64_t{XLA_FFI_API_MAJOR} * 1000 + XLA_FFI_API_MINOR;

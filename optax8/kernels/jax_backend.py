@@ -7,6 +7,7 @@ and absmax. Inputs have rank >= 1 (the dispatcher reshapes scalars).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -20,17 +21,27 @@ _HUGE = np.float32(2.0**126)  # above it, 1 / absmax would be subnormal
 
 
 def _blocked(x, block_size, fill):
-  """(..., n) -> (..., nb, block_size), padding the last block with `fill`."""
+  """(..., n) -> (..., nb, width), padding the last block with `fill`.
+
+  width is block_size, or n when one block holds the whole row (no padding
+  up to a large block size).
+  """
   n = x.shape[-1]
   nb = num_blocks(n, block_size)
-  pad = nb * block_size - n
+  width = block_size if nb > 1 else n
+  pad = nb * width - n
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
-  return x.reshape(x.shape[:-1] + (nb, block_size))
+  return x.reshape(x.shape[:-1] + (nb, width))
 
 
 def _unblocked(x, n):
   return x.reshape(x.shape[:-2] + (-1,))[..., :n]
+
+
+def _lookup(table, index):
+  """table[index] for a constant table, sharded like ``index`` (also on explicit meshes)."""
+  return jnp.asarray(table).at[index].get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding)
 
 
 def table_code(v, kind):
@@ -40,8 +51,8 @@ def table_code(v, kind):
   read from a second table indexed by the same bucket.
   """
   bucket = lax.shift_right_logical(lax.bitcast_convert_type(v, jnp.uint32), jnp.uint32(16)).astype(jnp.int32)
-  lo = jnp.asarray(maps.bucket_table(kind)).at[bucket].get(mode="promise_in_bounds")
-  mid = jnp.asarray(maps.bucket_midpoints(kind)).at[bucket].get(mode="promise_in_bounds")
+  lo = _lookup(maps.bucket_table(kind), bucket)
+  mid = _lookup(maps.bucket_midpoints(kind), bucket)
   return lo + (mid < v).astype(jnp.uint8)
 
 
@@ -61,8 +72,7 @@ def quantize(x, block_size, kind):
 def dequantize(codes, absmax, block_size, kind, dtype):
   """Returns map[codes] * absmax of each element's block, as dtype."""
   n = codes.shape[-1]
-  values = jnp.asarray(maps.dynamic_map(kind))
   cb = _blocked(codes, block_size, 0)
-  out = values.at[cb.astype(jnp.int32)].get(mode="promise_in_bounds") * absmax[..., None]
+  out = _lookup(maps.dynamic_map(kind), cb.astype(jnp.int32)) * absmax[..., None]
   out = jnp.where(jnp.abs(out) >= _TINY, out, 0)
   return _unblocked(out, n).astype(dtype)

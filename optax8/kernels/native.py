@@ -74,6 +74,13 @@ def _jaxlib_version() -> str:
     return "unknown"
 
 
+def _jax_has_cuda() -> bool:
+  try:
+    return bool(jax.devices("cuda"))
+  except RuntimeError:
+    return False
+
+
 _lock = threading.Lock()
 _libraries: dict[str, Library] = {}
 
@@ -83,7 +90,7 @@ def library(platform: str) -> Library:
   with _lock:
     if platform not in _libraries:
       lib = _libraries[platform] = _load(platform)
-      if not lib.available and lib.path is not None:
+      if not lib.available and lib.path is not None and (platform == "cpu" or _jax_has_cuda()):
         warnings.warn(f"optax8: the native {platform} library cannot be used ({lib.reason}); "
                       "falling back to the pure-JAX backend.", RuntimeWarning, stacklevel=3)
     return _libraries[platform]
@@ -95,11 +102,10 @@ def _load(platform: str) -> Library:
     return Library(platform, False, "disabled by OPTAX8_DISABLE_NATIVE")
   info = build_info()
   path = LIB_DIR / filename
+  if platform == "cuda" and info is not None and not info["cuda"].get("built"):
+    return Library(platform, False, f"not built: {info['cuda'].get('reason') or 'no CUDA compiler'}")
   if info is None or not path.exists():
-    why = "not built"
-    if platform == "cuda" and info is not None:
-      why = f"not built: {info['cuda'].get('reason') or 'no CUDA compiler'}"
-    return Library(platform, False, why)
+    return Library(platform, False, "not built")
   built = tuple(info["ffi_api"])
   runtime = runtime_ffi_api()
   if not compatible(built, runtime):
@@ -114,6 +120,12 @@ def _load(platform: str) -> Library:
     compiled = divmod(version_fn(), 1000)
     if compiled != built:
       raise OSError(f"library reports FFI API {compiled}, build_info.json says {built}")
+    if platform == "cuda":
+      handle.optax8_cuda_error_string.restype = ctypes.c_char_p
+      err = handle.optax8_cuda_probe()
+      if err:
+        reason = handle.optax8_cuda_error_string(err).decode()
+        return Library(platform, False, f"built, but its kernels cannot run here: {reason}", str(path), built)
     for target in TARGETS:
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target + suffix)),
                                   platform=xla_platform)
@@ -131,11 +143,21 @@ def _ensure_registered():
     library(platform)
 
 
+def _sharding_of(x):
+  """The sharding in x's type on an explicit mesh (so results keep it), else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = mesh is not None and not mesh.empty and any(
+      str(t).endswith("Explicit") for t in getattr(mesh, "axis_types", ()))
+  return sharding if explicit else None
+
+
 def quantize(x, block_size: int, map_id: int):
   """FFI call: (codes, absmax) of ``x`` (rank >= 1)."""
   _ensure_registered()
-  out = (jax.ShapeDtypeStruct(x.shape, np.uint8),
-         jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32))
+  sharding = _sharding_of(x)
+  out = (jax.ShapeDtypeStruct(x.shape, np.uint8, sharding=sharding),
+         jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32, sharding=sharding))
   call = jax.ffi.ffi_call("optax8_quantize", out, vmap_method="broadcast_all")
   return call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id))
 
@@ -143,6 +165,6 @@ def quantize(x, block_size: int, map_id: int):
 def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
   """FFI call: ``map[codes] * absmax`` as ``dtype``."""
   _ensure_registered()
-  call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype),
+  call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
                           vmap_method="broadcast_all")
   return call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))

@@ -1,0 +1,15 @@
+import json
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
+
+def test_quickstart_prints_its_result(tmp_path):
+  r = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")], capture_output=True, text=True,
+                     timeout=600, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  assert result["state_bytes_8bit"] <= 0.26 * result["state_bytes_32bit"]
+  assert result["rel_error_m"] < 0.02 and result["rel_error_v"] < 0.02
