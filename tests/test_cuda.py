@@ -1,7 +1,6 @@
 """The CUDA handlers against the CPU results (needs a GPU)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
