@@ -41,7 +41,7 @@ def report() -> dict:
       "ffi_api_runtime": list(runtime_api) if runtime_api else None,
       "devices": devices,
       "backends": backends(),
-      "cpu_library": libs["cpu"].path if libs["cpu"].available else None,
+      "cpu_library": libs["cpu"].path,
       "cpu_reason": libs["cpu"].reason or None,
       "cuda_library": libs["cuda"].path,
       "cuda_architectures": cuda_info.get("architectures") or None,
@@ -63,12 +63,13 @@ def format_report(r: dict) -> str:
   ]
   for p, b in r["backends"].items():
     lines.append(f"  {p:5s} {b}")
-  lines.append(f"CPU library: {r['cpu_library'] or 'unavailable: ' + str(r['cpu_reason'])}")
-  if r["cuda_library"]:
-    lines.append(f"CUDA library: {r['cuda_library']} (architectures {r['cuda_architectures']}, "
-                 f"nvcc {r['cuda_compiler']})")
-  if r["cuda_reason"]:
-    lines.append(f"CUDA backend: pure JAX ({r['cuda_reason']})")
+  for platform, name in (("cpu", "CPU"), ("cuda", "CUDA")):
+    if r[f"{platform}_library"]:
+      extra = (f" (architectures {r['cuda_architectures']}, nvcc {r['cuda_compiler']})"
+               if platform == "cuda" else "")
+      lines.append(f"{name} library: {r[f'{platform}_library']}{extra}")
+    if r[f"{platform}_reason"]:
+      lines.append(f"{name} backend: pure JAX ({r[f'{platform}_reason']})")
   return "\n".join(lines)
 
 

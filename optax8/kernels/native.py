@@ -147,8 +147,7 @@ def _sharding_of(x):
   """The sharding in x's type on an explicit mesh (so results keep it), else None."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  explicit = mesh is not None and not mesh.empty and any(
-      str(t).endswith("Explicit") for t in getattr(mesh, "axis_types", ()))
+  explicit = mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ())
   return sharding if explicit else None
 
 
