@@ -5,15 +5,42 @@ native CPU and CUDA kernels registered through the XLA FFI and a pure-JAX
 reference backend.
 """
 
+from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
+                          rmsprop8bit, sgd8bit)
 from optax8.dispatch import backends
+from optax8.fused import (ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
+                          ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
 from optax8.quantize import QuantizedArray, dequantize, quantize
+from optax8.transforms import (scale_by_adam8bit, scale_by_ademamix8bit, scale_by_lion8bit, scale_by_rms8bit,
+                               scale_by_rss8bit, trace8bit)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "ScaleByAdam8bitState",
+    "ScaleByAdemamix8bitState",
+    "ScaleByLion8bitState",
+    "ScaleByRms8bitState",
+    "ScaleByRss8bitState",
+    "Trace8bitState",
+    "adagrad8bit",
+    "adam8bit",
+    "adamw8bit",
+    "ademamix8bit",
+    "lamb8bit",
+    "lars8bit",
+    "lion8bit",
+    "rmsprop8bit",
+    "scale_by_adam8bit",
+    "scale_by_ademamix8bit",
+    "scale_by_lion8bit",
+    "scale_by_rms8bit",
+    "scale_by_rss8bit",
+    "sgd8bit",
+    "trace8bit",
     "QuantizedArray",
     "SIGNED",
     "UNSIGNED",

@@ -12,9 +12,10 @@ import functools
 
 from jax import lax
 
-from optax8.kernels import jax_backend, native
+from optax8.kernels import jax_backend, jax_step, native
 
 NATIVE_PLATFORMS = tuple(native.PLATFORMS)
+CUDA_MAX_STEP_BLOCK = 4096  # larger blocks take the pure-JAX step on GPUs
 
 
 def backends() -> dict[str, str]:
@@ -43,3 +44,26 @@ def dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
       default=functools.partial(jax_backend.dequantize, block_size=block_size, kind=kind, dtype=dtype),
       **_native_branches(functools.partial(native.dequantize, block_size=block_size, map_id=map_id,
                                            dtype=dtype)))
+
+
+def step(algo: int, hyper, g, p, states, block_size: int):
+  """The fused optimizer step of one leaf on the platform's backend.
+
+  ``g`` (rank >= 1) is the gradient, ``p`` the parameter or None,
+  ``states`` a tuple of ``(codes, absmax)``; returns ``(update, new states)``.
+  """
+  flat = [x for pair in states for x in pair]
+  n = len(flat)
+
+  def unflatten(fn):
+    def run(hyper, g, *rest):
+      p = rest[n] if len(rest) > n else None
+      pairs = tuple(zip(rest[:n:2], rest[1:n:2]))
+      return fn(algo, hyper, g, p, pairs, block_size)
+    return run
+
+  args = (hyper, g, *flat) + (() if p is None else (p,))
+  branches = _native_branches(unflatten(native.step))
+  if block_size > CUDA_MAX_STEP_BLOCK:
+    branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
+  return lax.platform_dependent(*args, default=unflatten(jax_step.step), **branches)

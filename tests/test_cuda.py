@@ -32,3 +32,208 @@ def test_cuda_matches_cpu(kind, dtype, shape, block):
     d_gpu = optax8.dequantize(q_gpu, out)
     d_cpu = optax8.dequantize(q_cpu, out)
     np.testing.assert_array_equal(np.asarray(d_gpu, np.float32), np.asarray(d_cpu, np.float32))
+
+
+# ---- the fused optimizer step ------------------------------------------------
+
+import jax.numpy as jnp  # noqa: E402
+
+from optax8.kernels import jax_step, native  # noqa: E402
+
+Algo = jax_step.Algo
+
+# Hyperparameters of each algorithm (a few steps in, with weight decay), with
+# learning rates small enough that atol 1e-7 bounds a rounding difference.
+STEP_HYPER = {
+    Algo.ADAM: dict(scale=-1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, inv_bias1=1 / (1 - 0.9**3),
+                    inv_bias2=1 / (1 - 0.999**3), inv_bias1_next=1 / (1 - 0.9**4)),
+    Algo.LION: dict(scale=-1e-3, b1=0.9, b2=0.99, weight_decay=0.1),
+    Algo.MOMENTUM: dict(b1=0.9, pre_scale=-1e-2, nesterov=1, coupled_decay=1e-4),
+    Algo.RMS: dict(scale=-1e-2, b2=0.9, eps=1e-8, coupled_decay=1e-4),
+    Algo.RSS: dict(scale=-1e-1, eps_root=1e-7),
+    Algo.ADEMAMIX: dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=0.01,
+                        inv_bias1=1 / (1 - 0.9**5), inv_bias2=1 / (1 - 0.999**5)),
+}
+STEP_CASES = [((64, 1000), 64), ((64, 1000), 256), ((64, 1000), 2048), ((3, 5, 513), 64), ((3, 5, 513), 256),
+              ((3, 5, 513), 2048), ((7, 33), 16), ((5, 8200), 4096), ((10, 3), 1)]
+
+
+def _cpu():
+  return jax.devices("cpu")[0]
+
+
+def _gpu():
+  return jax.devices("cuda")[0]
+
+
+def _hyper(algo, **extra):
+  return np.asarray(jax_step.hyper_vector(**{**STEP_HYPER[algo], **extra}), np.float32)
+
+
+def _step_inputs(algo, dtype, shape, block, seed=0, with_params=True):
+  """Host arrays: hyper, g, p (or None) and the quantized states (codes, absmax) made on CPU."""
+  rng = np.random.default_rng(seed)
+  g = np.asarray((rng.standard_normal(shape) * 0.5).astype(np.float32).astype(dtype))
+  p = np.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype)) if with_params else None
+  states = []
+  for kind in jax_step.STATE_KINDS[algo]:
+    x = rng.standard_normal(shape).astype(np.float32)
+    x = x * 0.1 if kind == maps.SIGNED else (x * x) * 1e-2
+    x.flat[:7] = 0  # a few zeros (and, for tiny blocks, all-zero blocks)
+    q = optax8.quantize(jax.device_put(x, _cpu()), block, kind)
+    states.append((np.asarray(q.codes), np.asarray(q.absmax)))
+  return _hyper(algo), g, p, tuple(states)
+
+
+def _put(tree, device):
+  return jax.tree.map(lambda x: jax.device_put(x, device), tree)
+
+
+def _run_native(algo, block, hyper, g, p, states, donate=False):
+  """The CUDA handler on the GPU."""
+  fn = lambda h, g, p, s: native.step(algo, h, g, p, s, block)
+  args = _put((hyper, g, p, states), _gpu())
+  out = jax.jit(fn, donate_argnums=(1, 3) if donate else ())(*args)
+  return jax.tree.map(np.asarray, out)
+
+
+def _run_oracle(algo, block, hyper, g, p, states):
+  """The pure-JAX step on CPU."""
+  fn = lambda h, g, p, s: jax_step.step(algo, h, g, p, s, block)
+  return jax.tree.map(np.asarray, jax.jit(fn)(*_put((hyper, g, p, states), _cpu())))
+
+
+def _run_native_cpu(algo, block, hyper, g, p, states):
+  fn = lambda h, g, p, s: native.step(algo, h, g, p, s, block)
+  return jax.tree.map(np.asarray, jax.jit(fn)(*_put((hyper, g, p, states), _cpu())))
+
+
+def _assert_u_close(u, ref, dtype):
+  assert u.dtype == ref.dtype
+  # float32: a few ulps; 16-bit: one rounding of the float32 result apart.
+  rtol = 1e-6 if np.dtype(dtype) == np.float32 else float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(ref, np.float32), rtol=rtol, atol=1e-7)
+
+
+def _assert_states_close(states, ref):
+  assert len(states) == len(ref)
+  for (codes, absmax), (ref_codes, ref_absmax) in zip(states, ref):
+    assert codes.dtype == np.uint8 and codes.shape == ref_codes.shape
+    assert absmax.dtype == np.float32 and absmax.shape == ref_absmax.shape
+    np.testing.assert_allclose(absmax, ref_absmax, rtol=1e-6, atol=1e-7)
+    diff = np.abs(codes.astype(np.int32) - ref_codes.astype(np.int32))
+    assert diff.max(initial=0) <= 1, f"codes differ by up to {diff.max()}"
+    assert np.count_nonzero(diff) <= max(2, 1e-3 * diff.size), f"{np.count_nonzero(diff)} codes differ"
+
+
+def _assert_same(out, ref):
+  (u, states), (ref_u, ref_states) = out, ref
+  np.testing.assert_array_equal(u.view(np.uint8), ref_u.view(np.uint8))
+  for (codes, absmax), (ref_codes, ref_absmax) in zip(states, ref_states):
+    np.testing.assert_array_equal(codes, ref_codes)
+    np.testing.assert_array_equal(absmax.view(np.uint32), ref_absmax.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape,block", STEP_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algo", list(Algo))
+def test_cuda_step_matches_oracle(algo, dtype, shape, block):
+  assert native.available("cuda")
+  inputs = _step_inputs(algo, dtype, shape, block, seed=int(algo))
+  u, states = _run_native(algo, block, *inputs)
+  ref_u, ref_states = _run_oracle(algo, block, *inputs)
+  assert u.shape == shape
+  _assert_u_close(u, ref_u, dtype)
+  _assert_states_close(states, ref_states)
+  if native.available("cpu"):  # the CPU handler does the same float32 operations: bit-identical
+    _assert_same((u, states), _run_native_cpu(algo, block, *inputs))
+
+
+@pytest.mark.parametrize("algo", list(Algo))
+def test_cuda_step_without_params(algo):
+  inputs = _step_inputs(algo, np.float32, (64, 1000), 256, seed=10 + int(algo), with_params=False)
+  u, states = _run_native(algo, 256, *inputs)
+  ref_u, ref_states = _run_oracle(algo, 256, *inputs)
+  _assert_u_close(u, ref_u, np.float32)
+  _assert_states_close(states, ref_states)
+
+
+@pytest.mark.parametrize("variant", [dict(nesterov=0), dict(nesterov=1)])
+@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.MOMENTUM])
+def test_cuda_step_nesterov_variants(algo, variant):
+  hyper, g, p, states = _step_inputs(algo, np.float32, (64, 1000), 256, seed=20)
+  hyper = _hyper(algo, **variant)
+  u, new = _run_native(algo, 256, hyper, g, p, states)
+  ref_u, ref_new = _run_oracle(algo, 256, hyper, g, p, states)
+  _assert_u_close(u, ref_u, np.float32)
+  _assert_states_close(new, ref_new)
+
+
+@pytest.mark.parametrize("eps", [dict(eps=1e-8, eps_root=0.0), dict(eps=0.0, eps_root=1e-8)])
+def test_cuda_step_rmsprop_eps_placement(eps):
+  hyper, g, p, states = _step_inputs(Algo.RMS, np.float32, (64, 1000), 256, seed=30)
+  hyper = _hyper(Algo.RMS, **eps)
+  u, new = _run_native(Algo.RMS, 256, hyper, g, p, states)
+  ref_u, ref_new = _run_oracle(Algo.RMS, 256, hyper, g, p, states)
+  _assert_u_close(u, ref_u, np.float32)
+  _assert_states_close(new, ref_new)
+
+
+@pytest.mark.parametrize("block", [16, 256, 2048, 4096])
+@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.ADEMAMIX, Algo.LION])
+def test_cuda_step_in_place(algo, block):
+  """Donated inputs: the update overwrites the gradient and the states their old codes and absmax."""
+  inputs = _step_inputs(algo, np.float32, (16, 3 * block + 5), block, seed=40)
+  _assert_same(_run_native(algo, block, *inputs, donate=True), _run_native(algo, block, *inputs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algo", list(Algo))
+def test_cuda_step_nonfinite_gradients(algo, dtype):
+  """A NaN or +-inf gradient zeroes its element's update and states, and no other element's."""
+  shape, block = (8, 700), 256
+  hyper, g, p, states = _step_inputs(algo, dtype, shape, block, seed=50)
+  bad = np.zeros(shape, bool)
+  bad.flat[3::97] = True
+  g_bad = np.array(g, np.float32)
+  g_bad.flat[3::97 * 3] = np.nan
+  g_bad.flat[3 + 97::97 * 3] = np.inf
+  g_bad.flat[3 + 2 * 97::97 * 3] = -np.inf
+  g_bad = np.asarray(g_bad.astype(dtype))
+  u, new = _run_native(algo, block, hyper, g_bad, p, states)
+  u32 = np.asarray(u, np.float32)
+  assert np.all(u32[bad] == 0)
+  assert np.all(np.isfinite(u32))
+  ref_u, ref_new = _run_oracle(algo, block, hyper, g_bad, p, states)
+  _assert_u_close(u, ref_u, dtype)
+  _assert_states_close(new, ref_new)
+  # The update of the other elements depends only on their own inputs.
+  g_zero = np.array(g_bad, np.float32)
+  g_zero[bad] = 0
+  u_zero, _ = _run_native(algo, block, hyper, np.asarray(g_zero.astype(dtype)), p, states)
+  np.testing.assert_array_equal(u32[~bad], np.asarray(u_zero, np.float32)[~bad])
+  for (codes, absmax), kind in zip(new, jax_step.STATE_KINDS[algo]):
+    assert np.all(np.isfinite(absmax))
+    values = np.asarray(optax8.dequantize(optax8.QuantizedArray(jax.device_put(codes, _cpu()),
+                                                                 jax.device_put(absmax, _cpu()), block, kind)))
+    assert np.all(values[bad] == 0)
+
+
+def test_cuda_step_vmapped_hyperparameters():
+  """A batch of hyperparameter rows (vmap): each applies to its own slice of the rows."""
+  algo, block, shape = Algo.ADAM, 256, (3, 8, 600)
+  _, g, p, states = _step_inputs(algo, np.float32, shape, block, seed=60)
+  hyper = np.stack([_hyper(algo, scale=-1e-2 * (i + 1), b1=0.8 + 0.05 * i) for i in range(shape[0])])
+  fn = jax.vmap(lambda h, g, p, s: native.step(algo, h, g, p, s, block))
+  u, new = jax.tree.map(np.asarray, jax.jit(fn)(*_put((hyper, g, p, states), _gpu())))
+  for i in range(shape[0]):
+    sl = jax.tree.map(lambda x: x[i], (g, p, states))
+    ref_u, ref_new = _run_oracle(algo, block, hyper[i], *sl)
+    _assert_u_close(u[i], ref_u, np.float32)
+    _assert_states_close(jax.tree.map(lambda x: x[i], new), ref_new)
+
+
+def test_cuda_step_rejects_blocks_above_4096():
+  inputs = _step_inputs(Algo.LION, np.float32, (2, 9000), 8192)
+  with pytest.raises(Exception, match="above 4096"):
+    _run_native(Algo.LION, 8192, *inputs)

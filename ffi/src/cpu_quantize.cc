@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "optax8/cpu_avx2.h"
+#include "optax8/cpu_map.h"
 #include "optax8/cpu_parallel.h"
 #include "optax8/ffi_common.h"
 #include "optax8/quantize.h"
@@ -12,36 +13,6 @@ namespace ffi = xla::ffi;
 
 namespace optax8 {
 namespace {
-
-// A map with its decision points and 16-bit bucket table.
-struct HostMap {
-  float values[256];
-  float mids[256];
-  uint8_t table[65536 + 4];  // padded for 4-byte gathers
-
-  HostMap(const float (&v)[256], const float (&m)[256]) {
-    std::copy(v, v + 256, values);
-    std::copy(m, m + 256, mids);
-    for (uint32_t b = 0; b < 65536; ++b) {
-      const bool negative = b & 0x8000u;
-      float lowest = bits_float(negative ? (b << 16) | 0xffffu : b << 16);
-      if (std::isnan(lowest)) lowest = negative ? -INFINITY : INFINITY;
-      table[b] = uint8_t(search_code(lowest, mids));
-    }
-    std::fill(table + 65536, table + 65536 + 4, uint8_t{0});
-  }
-};
-
-const float kSignedValues[256] = {OPTAX8_SIGNED_MAP};
-const float kSignedMids[256] = {OPTAX8_SIGNED_MIDS};
-const float kUnsignedValues[256] = {OPTAX8_UNSIGNED_MAP};
-const float kUnsignedMids[256] = {OPTAX8_UNSIGNED_MIDS};
-
-const HostMap& host_map(int64_t kind) {
-  static const HostMap signed_map(kSignedValues, kSignedMids);
-  static const HostMap unsigned_map(kUnsignedValues, kUnsignedMids);
-  return kind == kUnsignedMap ? unsigned_map : signed_map;
-}
 
 constexpr int64_t kGrainElements = 1 << 16;
 
@@ -69,10 +40,10 @@ void quantize_blocks(const typename In::T* x, uint8_t* codes, float* absmax,
     for (int64_t k = simd; k < len; ++k) m = std::max(m, absmax_term(In::load(xb[k])));
     const Normalizer normalize(m);
 #if OPTAX8_HAVE_AVX2_PATH
-    if (simd) avx2::block_codes<In>(xb, cb, simd, normalize, map.table, map.mids);
+    if (simd) avx2::block_codes<In>(xb, cb, simd, normalize, map.table);
 #endif
     for (int64_t k = simd; k < len; ++k)
-      cb[k] = uint8_t(table_code(normalize(In::load(xb[k])), map.table, map.mids));
+      cb[k] = uint8_t(bucket_code(normalize(In::load(xb[k])), map.table));
     absmax[b] = m;
   }
 }

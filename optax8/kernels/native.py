@@ -27,7 +27,7 @@ import numpy as np
 
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
-TARGETS = ("optax8_quantize", "optax8_dequantize")
+TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +167,27 @@ def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
   call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
                           vmap_method="broadcast_all")
   return call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))
+
+
+def step(algo: int, hyper, g, p, states, block_size: int):
+  """FFI call of the fused step: returns (update, new states).
+
+  The gradient is aliased to the update and each state's codes and absmax
+  to their new values, so a donated jitted step updates them in place.
+  """
+  _ensure_registered()
+  sharding = _sharding_of(g)
+  with_params = p is not None
+  if p is None:
+    p = np.zeros((1,), g.dtype)
+  elif p.dtype != g.dtype:
+    p = p.astype(g.dtype)
+  flat = [x for pair in states for x in pair]
+  out = [jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=sharding)]
+  out += [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)) for x in flat]
+  aliases = {1: 0}
+  aliases.update({3 + i: 1 + i for i in range(len(flat))})
+  call = jax.ffi.ffi_call("optax8_step", out, vmap_method="broadcast_all", input_output_aliases=aliases)
+  u, *new = call(hyper, g, p, *flat, algo=np.int64(algo), block_size=np.int64(block_size),
+                 with_params=np.int64(with_params))
+  return u, tuple(zip(new[::2], new[1::2]))

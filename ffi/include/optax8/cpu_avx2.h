@@ -80,13 +80,13 @@ OPTAX8_AVX2 __m256 normalize8(__m256 x, const Normalizer& n) {
   return _mm256_and_ps(ok, v);
 }
 
-// table_code for 8 values (the table must have 3 readable bytes past its end).
-OPTAX8_AVX2 __m256i table_code8(__m256 v, const uint8_t* table, const float* mids) {
-  const __m256i bucket = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-  const __m256i lo = _mm256_and_si256(
-      _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), bucket, 1), _mm256_set1_epi32(0xff));
-  const __m256 mid = _mm256_i32gather_ps(mids, lo, 4);
-  return _mm256_sub_epi32(lo, _mm256_castps_si256(_mm256_cmp_ps(mid, v, _CMP_LT_OQ)));
+// bucket_code (cpu_map.h) for 8 values.
+OPTAX8_AVX2 __m256i bucket_code8(__m256 v, const uint32_t* table) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(table), _mm256_srli_epi32(bits, 16), 4);
+  const __m256i lo = _mm256_and_si256(entry, _mm256_set1_epi32(0xff));
+  const __m256i key = _mm256_and_si256(_mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31)), _mm256_set1_epi32(0xffff));
+  return _mm256_sub_epi32(lo, _mm256_cmpgt_epi32(key, _mm256_srli_epi32(entry, 16)));
 }
 
 OPTAX8_AVX2 void store_codes8(uint8_t* p, __m256i codes) {
@@ -114,9 +114,8 @@ OPTAX8_AVX2 float block_absmax(const typename In::T* x, int64_t len) {
 
 template <typename In>
 OPTAX8_AVX2 void block_codes(const typename In::T* x, uint8_t* codes, int64_t len, const Normalizer& n,
-                             const uint8_t* table, const float* mids) {
-  for (int64_t k = 0; k + 8 <= len; k += 8)
-    store_codes8(codes + k, table_code8(normalize8(load<In>(x + k), n), table, mids));
+                             const uint32_t* table) {
+  for (int64_t k = 0; k + 8 <= len; k += 8) store_codes8(codes + k, bucket_code8(normalize8(load<In>(x + k), n), table));
 }
 
 template <typename Out>

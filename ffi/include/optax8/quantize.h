@@ -152,13 +152,6 @@ OPTAX8_HD int search_code(float v, const float* mids) {
   return c;
 }
 
-// The same count from a 16-bit bucket table (see optax8/maps.py) and one
-// comparison.
-OPTAX8_HD int table_code(float v, const uint8_t* table, const float* mids) {
-  const int c = table[float_bits(v) >> 16];
-  return c + (mids[c] < v ? 1 : 0);
-}
-
 // Number of blocks along an axis of n elements.
 OPTAX8_HD int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 

@@ -1,0 +1,138 @@
+"""Optimizer step time per parameter: optax8 against optax (and bitsandbytes).
+
+Times a jitted step ``(params, state, grads) -> (params, state)`` that
+applies the optimizer's update, with params, state and grads donated (grads
+are refreshed outside the timed region), for optax's float32 optimizer and
+optax8's 8-bit one in the same run, and prints ns per parameter and the
+ratio. ``--leaves`` splits the same total into many leaves (the cost should
+depend on the total, not on the number of leaves).
+
+    python benchmarks/step_time.py --params 16777216 --leaves 16
+    python benchmarks/step_time.py --params 16384000 --leaves 500 --optimizers adamw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import contrib
+
+import optax8
+
+PAIRS = {
+    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), lambda: optax8.adamw8bit(1e-3, weight_decay=1e-2)),
+    "adam": (lambda: optax.adam(1e-3), lambda: optax8.adam8bit(1e-3)),
+    "lion": (lambda: optax.lion(1e-4), lambda: optax8.lion8bit(1e-4)),
+    "sgd": (lambda: optax.sgd(1e-2, momentum=0.9), lambda: optax8.sgd8bit(1e-2, momentum=0.9)),
+    "rmsprop": (lambda: optax.rmsprop(1e-3), lambda: optax8.rmsprop8bit(1e-3)),
+    "adagrad": (lambda: optax.adagrad(1e-2), lambda: optax8.adagrad8bit(1e-2)),
+    "lamb": (lambda: optax.lamb(1e-3), lambda: optax8.lamb8bit(1e-3)),
+    "lars": (lambda: optax.lars(1e-2), lambda: optax8.lars8bit(1e-2)),
+    "ademamix": (lambda: contrib.ademamix(1e-3), lambda: optax8.ademamix8bit(1e-3)),
+}
+
+
+def make_tree(total: int, leaves: int, dtype, seed=0):
+  per = total // leaves
+  rng = np.random.default_rng(seed)
+  cols = 1024 if per % 1024 == 0 else per
+  return {f"p{i:04d}": jnp.asarray(rng.standard_normal((per // cols, cols)) * 0.1, dtype) for i in range(leaves)}
+
+
+def time_step(tx, params, grads, repeats: int) -> float:
+  """Median seconds of one donated jitted step."""
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  fn = jax.jit(step, donate_argnums=(0, 1, 2))
+  params = jax.tree.map(jnp.copy, params)
+  state = tx.init(params)
+  times = []
+  for i in range(repeats + 2):
+    g = jax.tree.map(jnp.copy, grads)
+    jax.block_until_ready((g, params, state))
+    t0 = time.perf_counter()
+    params, state = fn(params, state, g)
+    jax.block_until_ready((params, state))
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def time_copy(params, repeats: int) -> float:
+  fn = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
+  x = jax.tree.map(jnp.copy, params)
+  times = []
+  for i in range(repeats + 2):
+    jax.block_until_ready(x)
+    t0 = time.perf_counter()
+    x = fn(x)
+    jax.block_until_ready(x)
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def bnb_adamw8bit(total: int, repeats: int):
+  """bitsandbytes' AdamW8bit step on the CPU with torch, or None if not installed."""
+  try:
+    import bitsandbytes as bnb
+    import torch
+  except ImportError:
+    return None
+  p = torch.nn.Parameter(torch.randn(total) * 0.1)
+  p.grad = torch.randn(total) * 0.01
+  opt = bnb.optim.AdamW8bit([p], lr=1e-3, weight_decay=1e-2)
+  times = []
+  for i in range(repeats + 2):
+    t0 = time.perf_counter()
+    opt.step()
+    if i >= 2:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--params", type=int, default=1 << 24)
+  ap.add_argument("--leaves", type=int, default=16)
+  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--optimizers", default="adamw", help="comma list of " + ",".join(PAIRS) + " or all")
+  ap.add_argument("--bnb", action="store_true", help="also time bitsandbytes' CPU AdamW8bit")
+  args = ap.parse_args()
+  names = list(PAIRS) if args.optimizers == "all" else args.optimizers.split(",")
+  params = make_tree(args.params, args.leaves, jnp.dtype(args.dtype))
+  grads = make_tree(args.params, args.leaves, jnp.dtype(args.dtype), seed=1)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
+        f"{n} params in {args.leaves} leaves, {args.dtype}")
+  copy = time_copy(params, args.repeats)
+  print(f"copy (x + 1): {copy / n * 1e9:.3f} ns/param, {2 * n * jnp.dtype(args.dtype).itemsize / copy / 1e9:.1f} GB/s")
+  rows = []
+  for name in names:
+    ref, ours = PAIRS[name]
+    t_ref = time_step(ref(), params, grads, args.repeats)
+    t_ours = time_step(ours(), params, grads, args.repeats)
+    row = dict(optimizer=name, ns_optax=t_ref / n * 1e9, ns_optax8=t_ours / n * 1e9, ratio=t_ours / t_ref)
+    rows.append(row)
+    print(f"{name:9s} optax {row['ns_optax']:7.3f} ns/param   optax8 {row['ns_optax8']:7.3f} ns/param   "
+          f"optax8/optax {row['ratio']:.2f}")
+  if args.bnb:
+    t = bnb_adamw8bit(n, max(3, args.repeats // 3))
+    if t is None:
+      print("bitsandbytes: not installed")
+    else:
+      print(f"bitsandbytes AdamW8bit (torch CPU): {t / n * 1e9:.3f} ns/param")
+  print("JSON " + json.dumps(rows))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,64 @@
+// The two maps on the host: values, decision points and the 16-bit bucket
+// table of the CPU code lookup (see optax8/maps.py).
+//
+// The code of a normalized value v is #{j : mids[j] < v}. All floats with
+// the same top 16 bits (a bucket) lie between two consecutive map values or
+// straddle at most one decision point, so with lo = the count for the
+// bucket's lowest value, code = lo + (mids[lo] < v), and mids[lo] matters
+// only when it lies in v's bucket, where it shares v's top 16 bits. One
+// 32-bit table entry per bucket holds lo (bits 0-7) and the low 16 bits of
+// that decision point as an order key (bits 16-31; 0xffff when no decision
+// point lies in the bucket), so one lookup and one integer comparison give
+// the code.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "optax8/quantize.h"
+
+namespace optax8 {
+
+// Order key of the low 16 bits of a float among floats of its bucket.
+inline uint32_t bucket_key(uint32_t bits) {
+  return (bits & 0xffffu) ^ ((bits & 0x80000000u) ? 0xffffu : 0u);
+}
+
+// The code of a normalized value v from the bucket table.
+inline int bucket_code(float v, const uint32_t* table) {
+  const uint32_t bits = float_bits(v), entry = table[bits >> 16];
+  return int(entry & 0xffu) + ((entry >> 16) < bucket_key(bits) ? 1 : 0);
+}
+
+struct HostMap {
+  float values[256];
+  float mids[256];
+  uint32_t table[65536];
+
+  HostMap(const float (&v)[256], const float (&m)[256]) {
+    std::copy(v, v + 256, values);
+    std::copy(m, m + 256, mids);
+    for (uint32_t b = 0; b < 65536; ++b) {
+      const bool negative = b & 0x8000u;
+      float lowest = bits_float(negative ? (b << 16) | 0xffffu : b << 16);
+      if (std::isnan(lowest)) lowest = negative ? -INFINITY : INFINITY;
+      const int lo = search_code(lowest, mids);
+      const uint32_t mid_bits = float_bits(mids[lo]);
+      const uint32_t key = (mid_bits >> 16) == b ? bucket_key(mid_bits) : 0xffffu;
+      table[b] = uint32_t(lo) | (key << 16);
+    }
+  }
+};
+
+inline const HostMap& host_map(int64_t kind) {
+  static const float signed_values[256] = {OPTAX8_SIGNED_MAP};
+  static const float signed_mids[256] = {OPTAX8_SIGNED_MIDS};
+  static const float unsigned_values[256] = {OPTAX8_UNSIGNED_MAP};
+  static const float unsigned_mids[256] = {OPTAX8_UNSIGNED_MIDS};
+  static const HostMap signed_map(signed_values, signed_mids);
+  static const HostMap unsigned_map(unsigned_values, unsigned_mids);
+  return kind == kUnsignedMap ? unsigned_map : signed_map;
+}
+
+}  // namespace optax8

@@ -1,0 +1,172 @@
+// CPU FFI handler of the fused optimizer step (see optax8/step.h).
+//
+// The block loop (cpu_step_loop.inc) and the rule (step_rule.inc) are
+// compiled twice: for scalar floats (any x86-64 or other CPU) and, where the
+// compiler supports it, for AVX2 vectors of 8 floats, chosen at run time.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "optax8/cpu_avx2.h"
+#include "optax8/cpu_map.h"
+#include "optax8/cpu_parallel.h"
+#include "optax8/ffi_common.h"
+#include "optax8/quantize.h"
+#include "optax8/step.h"
+#include "optax8/step_ffi.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+
+template <typename F>
+struct HyperF {
+  F v[kNumHyper];
+  F one;
+};
+
+namespace cpu_scalar {
+
+inline float vsqrt(float x) { return std::sqrt(x); }
+inline float vsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+inline float vselect(bool m, float a, float b) { return m ? a : b; }
+inline bool vfinite(float x) { return std::fabs(x) <= FLT_MAX; }
+inline bool vpositive(float x) { return x > 0.0f; }
+
+#define OPTAX8_RULE inline
+#include "optax8/step_rule.inc"
+#undef OPTAX8_RULE
+
+using V = float;
+constexpr int kLanes = 1;
+template <typename G>
+inline float lanes_load(const typename G::T* p, G) { return G::load(*p); }
+template <typename G>
+inline void lanes_store(typename G::T* p, float v, G) { *p = G::store(v); }
+inline float lanes_zero() { return 0.0f; }
+inline float lanes_broadcast(float x) { return x; }
+inline float lanes_max(float a, float b) { return std::max(a, b); }
+inline float lanes_dequantize(const uint8_t* codes, const float* values, float absmax) {
+  return scale_value(values[*codes], absmax);
+}
+inline float lanes_absmax_term(float x) { return absmax_term(x); }
+inline float lanes_hmax(float x) { return x; }
+inline void lanes_store_f32(float* p, float v) { *p = v; }
+inline void lanes_codes(const float*, uint8_t*, int64_t, const Normalizer&, const HostMap&) {}
+
+#include "cpu_step_loop.inc"
+
+}  // namespace cpu_scalar
+
+#if OPTAX8_HAVE_AVX2_PATH && defined(__GNUC__) && !defined(__clang__)
+#define OPTAX8_HAVE_AVX2_STEP 1
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // HyperF<__m256>: may_alias dropped, harmless
+namespace cpu_avx2 {
+
+using V = __m256;
+constexpr int kLanes = 8;
+
+inline V vsqrt(V x) { return _mm256_sqrt_ps(x); }
+inline V vsign(V x) {
+  const V one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), one),
+                       _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_LT_OQ), one));
+}
+inline V vselect(V m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+inline V vfinite(V x) { return _mm256_cmp_ps(avx2::abs8(x), _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ); }
+inline V vpositive(V x) { return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ); }
+
+#define OPTAX8_RULE inline
+#include "optax8/step_rule.inc"
+#undef OPTAX8_RULE
+
+template <typename G>
+inline V lanes_load(const typename G::T* p, G) { return avx2::load<G>(p); }
+template <typename G>
+inline void lanes_store(typename G::T* p, V v, G) { avx2::store8(p, v, G{}); }
+inline V lanes_zero() { return _mm256_setzero_ps(); }
+inline V lanes_broadcast(float x) { return _mm256_set1_ps(x); }
+inline V lanes_max(V a, V b) { return _mm256_max_ps(a, b); }
+inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax) {
+  return avx2::scale_value8(avx2::load_codes8(codes), values, absmax);
+}
+inline V lanes_absmax_term(V x) { return avx2::absmax_term8(x); }
+inline float lanes_hmax(V x) { return avx2::hmax8(x); }
+inline void lanes_store_f32(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                        const HostMap& map) {
+  for (int64_t k = 0; k < n; k += 8)
+    avx2::store_codes8(codes + k, avx2::bucket_code8(avx2::normalize8(_mm256_loadu_ps(x + k), normalize), map.table));
+}
+
+#include "cpu_step_loop.inc"
+
+}  // namespace cpu_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+using BlockFn = void (*)(const StepBuffers&, int64_t, int64_t, float*);
+
+template <typename G, int A>
+BlockFn pick_variant() {
+#if OPTAX8_HAVE_AVX2_STEP
+  if (avx2::supported()) return &cpu_avx2::step_blocks<A, G>;
+#endif
+  return &cpu_scalar::step_blocks<A, G>;
+}
+
+template <typename G>
+BlockFn pick(int64_t algo) {
+  switch (algo) {
+    case kAdam: return pick_variant<G, kAdam>();
+    case kLion: return pick_variant<G, kLion>();
+    case kMomentum: return pick_variant<G, kMomentum>();
+    case kRms: return pick_variant<G, kRms>();
+    case kRss: return pick_variant<G, kRss>();
+    default: return pick_variant<G, kAdemamix>();
+  }
+}
+
+constexpr int64_t kGrainElements = 1 << 14;
+
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer g, ffi::AnyBuffer p,
+                ffi::RemainingArgs states, ffi::Result<ffi::AnyBuffer> u, ffi::RemainingRets new_states,
+                int64_t algo, int64_t block_size, int64_t with_params) {
+  StepBuffers s;
+  if (auto e = parse_step(hyper, g, p, states, u, new_states, algo, block_size, with_params, &s); e.failure())
+    return e;
+  if (s.l.elements() == 0) return ffi::Error::Success();
+  const BlockFn fn = s.dtype == ffi::DataType::F32    ? pick<F32>(algo)
+                     : s.dtype == ffi::DataType::BF16 ? pick<BF16>(algo)
+                                                      : pick<F16>(algo);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / s.l.block);
+  const int64_t tmp_size = int64_t(s.n_states) * s.l.block;
+  parallel_for(pool, s.l.blocks(), grain, [&](int64_t first, int64_t last) {
+    std::vector<float> tmp(tmp_size);
+    fn(s, first, last, tmp.data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace optax8
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cpu, optax8::Step,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+                                  .Arg<ffi::AnyBuffer>()         // gradient
+                                  .Arg<ffi::AnyBuffer>()         // parameter (or placeholder)
+                                  .RemainingArgs()               // (codes, absmax) per state
+                                  .Ret<ffi::AnyBuffer>()         // update
+                                  .RemainingRets()               // new (codes, absmax) per state
+                                  .Attr<int64_t>("algo")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("with_params"));

@@ -1,0 +1,279 @@
+// CUDA FFI handler of the fused optimizer step (see optax8/step.h).
+//
+// Like the quantize kernel (cuda_quantize.cu), a group of min(block, 256)
+// threads owns one quantization block and a 256-thread CTA holds 256 / group
+// blocks. Thread `lane` of a group owns the elements lane, lane + group, ...
+// (E = block / group <= 16 of them) of its block: it loads all their inputs
+// at once (coalesced across the group), applies the rule, writes the update
+// and keeps the new float32 states in registers while the group reduces each
+// state's absmax (warp shuffles, then shared memory for groups of more than
+// one warp); then it requantizes its own elements by binary search over the
+// decision points held in shared memory.
+//
+// Aliasing: XLA aliases the old codes and absmax to the new ones and the
+// gradient to the update. Every element is read and written by the same
+// thread, its reads first; a block's old absmax is read by all its threads
+// before the reduction whose result lane 0 writes. No pointer is __restrict__
+// and nothing aliased is read through the non-coherent cache.
+//
+// Exactness: the rule (step_rule.inc) runs with IEEE division and square root
+// and this file is compiled with -fmad=false (CMakeLists.txt), so no
+// multiply-add is contracted and results match the CPU handler to the bit.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <string>
+
+#include "optax8/ffi_common.h"
+#include "optax8/quantize.h"
+#include "optax8/step.h"
+#include "optax8/step_ffi.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+
+template <typename F>
+struct HyperF {
+  F v[kNumHyper];
+  F one;
+};
+
+namespace cuda_rule {
+
+__device__ __forceinline__ float vsqrt(float x) { return __fsqrt_rn(x); }
+__device__ __forceinline__ float vsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+__device__ __forceinline__ float vselect(bool m, float a, float b) { return m ? a : b; }
+__device__ __forceinline__ bool vfinite(float x) { return fabsf(x) <= FLT_MAX; }
+__device__ __forceinline__ bool vpositive(float x) { return x > 0.0f; }
+
+#define OPTAX8_RULE __device__ __forceinline__
+#include "optax8/step_rule.inc"
+#undef OPTAX8_RULE
+
+}  // namespace cuda_rule
+
+namespace {
+
+__constant__ float kStepMapValues[2][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGNED_MAP}};
+__constant__ float kStepMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}};
+
+constexpr int kThreads = 256;
+constexpr int kMaxPerThread = 16;  // elements of a block per thread: block <= 16 * 256
+constexpr int64_t kMaxBlock = int64_t{kMaxPerThread} * kThreads;
+
+// What the kernel reads of StepBuffers (a plain struct, passed by value).
+struct StepArgs {
+  BlockLayout l;
+  const float* hyper;
+  int64_t rows_per_hyper;
+  const void* g;
+  const void* p;
+  void* u;
+  const uint8_t* codes_in[kMaxStates];
+  const float* absmax_in[kMaxStates];
+  uint8_t* codes_out[kMaxStates];
+  float* absmax_out[kMaxStates];
+  int group;
+  bool with_params;
+};
+
+constexpr int num_states(int algo) { return algo == kAdam ? 2 : algo == kAdemamix ? 3 : 1; }
+
+// Max of each v[i] over the `group` consecutive threads (a power of two)
+// that share a block. Every thread of the CTA must call it.
+template <int N>
+__device__ __forceinline__ void group_max(float (&v)[N], int group, float (*scratch)[kThreads / 32]) {
+  for (int offset = min(group, 32) / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = fmaxf(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset));
+  }
+  if (group <= 32) return;
+  const int warp = threadIdx.x / 32, warps = group / 32;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) scratch[i][warp] = v[i];
+  }
+  __syncthreads();
+  const int first = (warp / warps) * warps;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float m = scratch[i][first];
+    for (int w = 1; w < warps; ++w) m = fmaxf(m, scratch[i][first + w]);
+    v[i] = m;
+  }
+}
+
+// E: elements per thread (block / group), a power of two <= kMaxPerThread.
+template <int A, typename G, int E>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
+  using T = typename G::T;
+  constexpr int n = num_states(A);
+  __shared__ float values[2][256];
+  __shared__ float mids[2][256];
+  __shared__ float scratch[kMaxStates][kThreads / 32];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    values[k][threadIdx.x] = kStepMapValues[k][threadIdx.x];
+    mids[k][threadIdx.x] = kStepMapMids[k][threadIdx.x];
+  }
+  __syncthreads();
+
+  const BlockLayout& l = a.l;
+  const int group = a.group;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t b = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = b < l.blocks();
+  const int64_t row = active ? b / l.row_blocks : 0, start = active ? (b % l.row_blocks) * l.block : 0;
+  const int len = active ? int(min(l.block, l.cols - start)) : 0;
+  const int64_t off = row * l.cols + start;
+  const T* g = static_cast<const T*>(a.g) + off;
+  const T* p = static_cast<const T*>(a.p) + off;
+  T* u = static_cast<T*>(a.u) + off;
+
+  // Loads first, all of them: nothing aliased is written before.
+  float old_absmax[n];
+#pragma unroll
+  for (int i = 0; i < n; ++i) old_absmax[i] = active ? a.absmax_in[i][b] : 0.0f;
+  float gv[E], pv[E];
+  uint8_t code[n][E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    const int k = lane + j * group;
+    const bool in = k < len;
+    gv[j] = in ? G::load(g[k]) : 0.0f;
+    pv[j] = in && a.with_params ? G::load(p[k]) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < n; ++i) code[i][j] = in ? a.codes_in[i][off + k] : uint8_t(0);
+  }
+
+  HyperF<float> h;
+  const float* hr = a.hyper + (row / a.rows_per_hyper) * kNumHyper;
+#pragma unroll
+  for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
+  h.one = 1.0f;
+
+  // The rule; the new states stay in registers.
+  float st[n][E], m[n];
+#pragma unroll
+  for (int i = 0; i < n; ++i) m[i] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    float s[n];
+#pragma unroll
+    for (int i = 0; i < n; ++i) s[i] = scale_value(values[state_map(A, i)][code[i][j]], old_absmax[i]);
+    const float uj = cuda_rule::step_rule<A>(h, gv[j], pv[j], s);
+    const int k = lane + j * group;
+    if (k < len) u[k] = G::store(uj);
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      st[i][j] = s[i];
+      m[i] = fmaxf(m[i], k < len ? absmax_term(s[i]) : 0.0f);
+    }
+  }
+
+  group_max<n>(m, group, scratch);
+
+#pragma unroll
+  for (int i = 0; i < n; ++i) {
+    const Normalizer normalize(m[i]);
+    const float* mi = mids[state_map(A, i)];
+    uint8_t* codes = a.codes_out[i] + off;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const int k = lane + j * group;
+      if (k < len) codes[k] = uint8_t(search_code(normalize(st[i][j]), mi));
+    }
+    if (active && lane == 0) a.absmax_out[i][b] = m[i];
+  }
+}
+
+ffi::Error launch_status() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("optax8 CUDA step: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+template <int A, typename G, int E>
+ffi::Error launch(cudaStream_t stream, const StepArgs& a, unsigned grid) {
+  step_kernel<A, G, E><<<grid, kThreads, 0, stream>>>(a);
+  return launch_status();
+}
+
+template <int A, typename G>
+ffi::Error launch_per_thread(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread) {
+  switch (per_thread) {
+    case 1: return launch<A, G, 1>(stream, a, grid);
+    case 2: return launch<A, G, 2>(stream, a, grid);
+    case 4: return launch<A, G, 4>(stream, a, grid);
+    case 8: return launch<A, G, 8>(stream, a, grid);
+    default: return launch<A, G, 16>(stream, a, grid);
+  }
+}
+
+template <typename G>
+ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread, int64_t algo) {
+  switch (algo) {
+    case kAdam: return launch_per_thread<kAdam, G>(stream, a, grid, per_thread);
+    case kLion: return launch_per_thread<kLion, G>(stream, a, grid, per_thread);
+    case kMomentum: return launch_per_thread<kMomentum, G>(stream, a, grid, per_thread);
+    case kRms: return launch_per_thread<kRms, G>(stream, a, grid, per_thread);
+    case kRss: return launch_per_thread<kRss, G>(stream, a, grid, per_thread);
+    default: return launch_per_thread<kAdemamix, G>(stream, a, grid, per_thread);
+  }
+}
+
+ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer g, ffi::AnyBuffer p,
+                ffi::RemainingArgs states, ffi::Result<ffi::AnyBuffer> u, ffi::RemainingRets new_states,
+                int64_t algo, int64_t block_size, int64_t with_params) {
+  StepBuffers s;
+  if (auto e = parse_step(hyper, g, p, states, u, new_states, algo, block_size, with_params, &s); e.failure())
+    return e;
+  if (s.l.block > kMaxBlock)
+    return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
+                                       " is not supported");
+  if (s.l.elements() == 0) return ffi::Error::Success();
+  StepArgs a;
+  a.l = s.l;
+  a.hyper = s.hyper;
+  a.rows_per_hyper = s.rows_per_hyper;
+  a.g = s.g;
+  a.p = s.p;
+  a.u = s.u;
+  for (int i = 0; i < kMaxStates; ++i) {
+    a.codes_in[i] = s.codes_in[i];
+    a.absmax_in[i] = s.absmax_in[i];
+    a.codes_out[i] = s.codes_out[i];
+    a.absmax_out[i] = s.absmax_out[i];
+  }
+  a.group = int(std::min<int64_t>(s.l.block, kThreads));
+  a.with_params = s.with_params;
+  const int64_t per_group = kThreads / a.group;
+  const int64_t grid = (s.l.blocks() + per_group - 1) / per_group;
+  if (grid > 0x7fffffff) return ffi::Error::InvalidArgument("optax8 CUDA step: too many blocks for one launch");
+  const int64_t per_thread = s.l.block / a.group;
+  switch (s.dtype) {
+    case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, algo);
+    case ffi::DataType::BF16: return launch_algo<BF16>(stream, a, unsigned(grid), per_thread, algo);
+    default: return launch_algo<F16>(stream, a, unsigned(grid), per_thread, algo);
+  }
+}
+
+}  // namespace
+}  // namespace optax8
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::Step,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters (device memory)
+                                  .Arg<ffi::AnyBuffer>()         // gradient
+                                  .Arg<ffi::AnyBuffer>()         // parameter (or placeholder)
+                                  .RemainingArgs()               // (codes, absmax) per state
+                                  .Ret<ffi::AnyBuffer>()         // update
+                                  .RemainingRets()               // new (codes, absmax) per state
+                                  .Attr<int64_t>("algo")
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("with_params"));

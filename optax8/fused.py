@@ -1,0 +1,404 @@
+"""The fused optimizer engine: one GradientTransformation per algorithm.
+
+Every optax8 optimizer is a :func:`fused` transformation: per parameter
+leaf, one kernel call (:func:`optax8.dispatch.step`) dequantizes the leaf's
+8-bit states, applies the optimizer's rule, requantizes the new states and
+writes the update in the gradient's dtype::
+
+    u = scale * (d(g + wd_c * p, states) + wd * p)
+
+where ``d`` is the algorithm's direction (Adam's ``m_hat / (sqrt(v_hat) +
+eps)``, Lion's ``sign(...)``, ...), ``scale`` is ``-learning_rate`` for the
+optimizers of :mod:`optax8.alias` and 1 for the ``scale_by_*`` building
+blocks, ``wd`` the decoupled and ``wd_c`` the coupled weight decay. Leaves
+smaller than ``min_8bit_size`` elements (or all leaves with ``bits=32``)
+keep float32 state and run the same rule in JAX.
+
+Hyperparameters reach the kernels as a float32 device vector, so a new
+learning rate (a schedule, :func:`optax.inject_hyperparams`) never
+recompiles. A gradient element that is NaN or infinite gives a zero update
+and zero states for that element only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax8 import dispatch, maps
+from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
+from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, absmax_shape, check_block_size
+from optax8.quantize import QuantizedArray
+
+DEFAULT_MIN_8BIT_SIZE = 4096
+
+# ---- states -----------------------------------------------------------------
+# Each moment field is a pytree like the params whose leaves are
+# QuantizedArray (8-bit leaves) or float32 arrays (32-bit leaves).
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  count: jax.Array  # int32 scalar: steps taken
+  mu: Any           # first moment (signed map)
+  nu: Any           # second moment (unsigned map)
+
+
+class ScaleByLion8bitState(NamedTuple):
+  count: jax.Array
+  mu: Any
+
+
+class Trace8bitState(NamedTuple):
+  count: jax.Array
+  trace: Any
+
+
+class ScaleByRms8bitState(NamedTuple):
+  count: jax.Array
+  nu: Any
+
+
+class ScaleByRss8bitState(NamedTuple):
+  count: jax.Array
+  sum_of_squares: Any
+
+
+class ScaleByAdemamix8bitState(NamedTuple):
+  count: jax.Array
+  m1: Any  # fast EMA (signed)
+  m2: Any  # slow EMA (signed)
+  nu: Any  # second moment (unsigned)
+
+
+STATE_CLASSES = {
+    Algo.ADAM: ScaleByAdam8bitState,
+    Algo.LION: ScaleByLion8bitState,
+    Algo.MOMENTUM: Trace8bitState,
+    Algo.RMS: ScaleByRms8bitState,
+    Algo.RSS: ScaleByRss8bitState,
+    Algo.ADEMAMIX: ScaleByAdemamix8bitState,
+}
+
+
+# ---- options ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The 8-bit options every optimizer takes (``None``: the default).
+
+  Attributes:
+    bits: 8 (quantized state) or 32 (float32 state). Default 8.
+    block_size: elements per quantization block, a power of two. Default 256.
+    min_8bit_size: leaves with fewer elements keep float32 state. Default 4096.
+    max_unorm: if > 0, scale each leaf's update direction down so that its
+      norm is at most ``max_unorm * ||p||``. Default 0 (off).
+
+  The defaults are ``None`` rather than numbers so that
+  :func:`optax.inject_hyperparams` treats them as static.
+  """
+
+  bits: Any = None
+  block_size: Any = None
+  min_8bit_size: Any = None
+  max_unorm: Any = None
+
+  def resolved_bits(self) -> int:
+    bits = 8 if self.bits is None else _static_int(self.bits, "bits")
+    if bits not in (8, 32):
+      raise ValueError(f"bits must be 8 or 32, got {bits}")
+    return bits
+
+  def resolved_block_size(self) -> int:
+    return DEFAULT_BLOCK_SIZE if self.block_size is None else check_block_size(
+        _static_int(self.block_size, "block_size"))
+
+  def resolved_min_8bit_size(self) -> int:
+    size = DEFAULT_MIN_8BIT_SIZE if self.min_8bit_size is None else _static_int(self.min_8bit_size,
+                                                                                 "min_8bit_size")
+    if size < 0:
+      raise ValueError(f"min_8bit_size must be >= 0, got {size}")
+    return size
+
+  def unorm_active(self) -> bool:
+    return not _is_static_zero(self.max_unorm)
+
+
+def _static_int(value, name: str) -> int:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static int; under optax.inject_hyperparams pass "
+                    f"static_args=({name!r},)")
+  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
+    raise TypeError(f"{name} must be an int, got {value!r}")
+  return int(np.asarray(value))
+
+
+def _is_static_zero(value) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, (int, float, np.ndarray, np.generic)) and not isinstance(value, bool):
+    return float(np.asarray(value)) == 0.0
+  return False
+
+
+def _value(x, count):
+  """A hyperparameter that may be a schedule of the step count."""
+  return x(count) if callable(x) else x
+
+
+def _safe_increment(count):
+  return jnp.where(count < np.iinfo(np.int32).max, count + 1, count).astype(jnp.int32)
+
+
+# ---- paths and checks -------------------------------------------------------
+
+
+def _paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _flatten_like(treedef, tree, what: str, name: str):
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name}: {what} does not have the structure of the updates: {e}") from None
+
+
+def _check_param(name: str, path: str, x) -> None:
+  dtype = jnp.dtype(x.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}: leaf {path} has dtype {dtype}; optimizer state needs floating-point parameters")
+
+
+def _state_leaf(kind: str, shape, bits: int, block_size: int, initial):
+  """The initial state of one leaf: ``initial`` everywhere."""
+  if bits == 32:
+    return jnp.full(shape, initial, jnp.float32)
+  code = 255 if not _is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
+  absmax = jnp.zeros(absmax_shape(shape, block_size), jnp.float32) + jnp.asarray(initial, jnp.float32)
+  return QuantizedArray(jnp.full(shape, code, jnp.uint8), absmax, block_size, kind)
+
+
+def _leaf_bits(x, bits: int, min_8bit_size: int) -> int:
+  size = int(np.prod(x.shape))
+  if bits == 8 and size >= max(min_8bit_size, 1) and jnp.dtype(x.dtype) in VALUE_DTYPES:
+    return 8
+  return 32
+
+
+def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None):
+  shape = tuple(g.shape)
+  if isinstance(leaf, QuantizedArray):
+    if leaf.kind != kind:
+      raise ValueError(f"{name}: leaf {path}: state uses the {leaf.kind} map, expected {kind}")
+    if block_size is not None and leaf.block_size != block_size:
+      raise ValueError(f"{name}: leaf {path}: state was made with block_size {leaf.block_size}, "
+                       f"but the optimizer uses block_size {block_size}")
+    got = tuple(leaf.codes.shape)
+    if jnp.dtype(leaf.codes.dtype) != jnp.uint8 or jnp.dtype(leaf.absmax.dtype) != jnp.float32:
+      raise TypeError(f"{name}: leaf {path}: 8-bit state must have uint8 codes and float32 absmax, got "
+                      f"{leaf.codes.dtype} and {leaf.absmax.dtype}")
+    if got == shape and tuple(leaf.absmax.shape) != absmax_shape(shape, leaf.block_size):
+      raise ValueError(f"{name}: leaf {path}: absmax shape {tuple(leaf.absmax.shape)} does not fit shape "
+                       f"{shape} with block_size {leaf.block_size}")
+  else:
+    got = tuple(np.shape(leaf))
+    if jnp.dtype(leaf.dtype) != jnp.float32:
+      raise TypeError(f"{name}: leaf {path}: 32-bit state must be float32, got {leaf.dtype}")
+  if got != shape:
+    raise ValueError(f"{name}: leaf {path}: gradient shape {shape} differs from the optimizer state's "
+                     f"shape {got}; was the state made for other parameters?")
+
+
+def _check_grad(name: str, path: str, g):
+  if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
+    raise TypeError(f"{name}: leaf {path}: gradient has dtype {g.dtype}, expected a floating-point dtype")
+
+
+def _norm(x):
+  x = x.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0)))
+
+
+# ---- the engine -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How an optimizer drives its algorithm's kernel.
+
+  Attributes:
+    algo: the kernel algorithm.
+    hyper: ``(count, count_inc) -> dict`` of hyperparameter slots (see
+      :func:`optax8.kernels.jax_step.hyper_vector`) shared by all leaves.
+    initial: initial value of each state (a number, or an array under
+      inject_hyperparams).
+    learning_rate: None (the update is the direction) or a float/schedule
+      (the update is ``-learning_rate * ...``).
+    weight_decay: decoupled (``coupled=False``: added to the direction) or
+      coupled (added to the gradient) weight decay, a float or schedule.
+    decay_mask: optax-style mask of the leaves that get weight decay.
+    trust: None, ``'lamb'`` (trust ratio of the direction plus weight decay)
+      or ``'lars'`` (trust ratio of the decayed gradient, before momentum).
+    trust_coefficient, trust_eps, trust_mask: LARS's options.
+  """
+
+  algo: Algo
+  hyper: Callable[[jax.Array, jax.Array], dict]
+  initial: tuple = ()
+  learning_rate: Any = None
+  weight_decay: Any = None
+  coupled: bool = False
+  decay_mask: Any = None
+  trust: str | None = None
+  trust_coefficient: Any = 1.0
+  trust_eps: Any = 0.0
+  trust_mask: Any = True
+
+
+def _leaf_flags(mask, tree, treedef, name: str, what: str) -> list[bool]:
+  """Per-leaf booleans from an optax-style mask (bool, pytree prefix or callable)."""
+  if mask is None:
+    mask = True
+  m = mask(tree) if callable(mask) else mask
+  try:
+    full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub), m, tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name}: {what} does not match the parameters' structure: {e}") from None
+  return [bool(f) for f in _flatten_like(treedef, full, what, name)]
+
+
+def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationExtraArgs:
+  """Builds the GradientTransformation of one fused optimizer."""
+  algo = Algo(r.algo)
+  kinds = STATE_KINDS[algo]
+  state_cls = STATE_CLASSES[algo]
+  initial = r.initial or (0.0,) * len(kinds)
+  needs_decay_params = not _is_static_zero(r.weight_decay)
+  if r.trust == "lars" and options.unorm_active():
+    raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
+
+  def init_fn(params):
+    bits = options.resolved_bits()
+    block_size = options.resolved_block_size()
+    min_size = options.resolved_min_8bit_size()
+    paths = iter(_paths(params))
+
+    def leaf_states(x):
+      path = next(paths)
+      _check_param(name, path, x)
+      b = _leaf_bits(x, bits, min_size)
+      return tuple(_state_leaf(k, tuple(x.shape), b, block_size, v) for k, v in zip(kinds, initial))
+
+    per_leaf = jax.tree.map(leaf_states, params)
+    treedef = jax.tree.structure(params)
+    fields = [jax.tree.unflatten(treedef, [s[i] for s in treedef.flatten_up_to(per_leaf)])
+              for i in range(len(kinds))]
+    return state_cls(jnp.zeros([], jnp.int32), *fields)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if not isinstance(state, state_cls):
+      raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
+    count = state.count
+    count_inc = _safe_increment(count)
+    treedef = jax.tree.structure(updates)
+    paths = _paths(updates)
+    grads = treedef.flatten_up_to(updates)
+    moments = [_flatten_like(treedef, f, f"state field {state_cls._fields[i + 1]!r}", name)
+               for i, f in enumerate(state[1:])]
+    needs_params = needs_decay_params or r.trust is not None or options.unorm_active()
+    if needs_params and params is None:
+      raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
+    ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
+    decay_flags = _leaf_flags(r.decay_mask, params if params is not None else updates, treedef, name,
+                              "the weight-decay mask")
+    trust_flags = (_leaf_flags(r.trust_mask, params, treedef, name, "the trust-ratio mask")
+                   if r.trust == "lars" else [True] * len(grads))
+    block_size = None if isinstance(options.block_size, jax.core.Tracer) else options.resolved_block_size()
+
+    lr = _value(r.learning_rate, count)
+    scale = 1.0 if r.learning_rate is None else -lr
+    wd = _value(r.weight_decay, count) if needs_decay_params else 0.0
+    base = r.hyper(count, count_inc)
+    post = r.trust == "lamb" or options.unorm_active()
+
+    out_u, out_states = [], [[] for _ in kinds]
+    for i, (path, g) in enumerate(zip(paths, grads)):
+      _check_grad(name, path, g)
+      leaf_states = [m[i] for m in moments]
+      for leaf, kind in zip(leaf_states, kinds):
+        _check_state_leaf(name, path, g, leaf, kind, block_size)
+      p = ps[i]
+      if p is not None and tuple(p.shape) != tuple(g.shape):
+        raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the gradient's "
+                         f"{tuple(g.shape)}")
+      wd_leaf = wd if decay_flags[i] else 0.0
+      hyper = dict(base)
+      if r.coupled:
+        hyper["coupled_decay"] = wd_leaf
+      if r.trust == "lars":
+        hyper["pre_scale"] = scale * (_lars_ratio(r, g, p, wd_leaf) if trust_flags[i] else 1.0)
+        hyper["scale"] = 1.0
+      elif post:
+        hyper["scale"] = 1.0
+      else:
+        hyper["scale"] = scale
+        if not r.coupled:
+          hyper["weight_decay"] = wd_leaf
+      kernel_params = p if (r.coupled or not post) and needs_decay_params and decay_flags[i] else None
+      u, new = _leaf_step(algo, hyper_vector(**hyper), g, kernel_params, leaf_states)
+      if post:
+        u = _post(r, options, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
+      out_u.append(u)
+      for j, s in enumerate(new):
+        out_states[j].append(s)
+    new_fields = [treedef.unflatten(s) for s in out_states]
+    return treedef.unflatten(out_u), state_cls(count_inc, *new_fields)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _leaf_step(algo: Algo, hyper, g, p, leaf_states):
+  """One leaf: the fused kernel for 8-bit state, the JAX rule for float32."""
+  if all(isinstance(s, QuantizedArray) for s in leaf_states):
+    shape = tuple(g.shape)
+    flat = shape or (1,)
+    pairs = tuple((s.codes.reshape(flat), s.absmax) for s in leaf_states)
+    u, new = dispatch.step(int(algo), hyper, g.reshape(flat), None if p is None else p.reshape(flat), pairs,
+                           leaf_states[0].block_size)
+    return u.reshape(shape), tuple(QuantizedArray(c.reshape(shape), a, s.block_size, s.kind)
+                                   for (c, a), s in zip(new, leaf_states))
+  u, new = rule(algo, hyper, g.astype(jnp.float32), None if p is None else p.astype(jnp.float32),
+                tuple(leaf_states))
+  return u.astype(g.dtype), new
+
+
+def _lars_ratio(r: Rule, g, p, wd):
+  """optax.scale_by_trust_ratio on g + wd * p (non-finite g counts as 0)."""
+  g = jnp.where(jnp.isfinite(g), g, 0).astype(jnp.float32)
+  param_norm = _norm(p)
+  update_norm = _norm(g + wd * p.astype(jnp.float32))
+  ratio = r.trust_coefficient * param_norm / (update_norm + r.trust_eps)
+  return jnp.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
+
+
+def _post(r: Rule, options: Options, d, g, p, scale, wd):
+  """Direction ``d`` -> update, with max_unorm, decoupled decay and LAMB's trust ratio."""
+  d32 = d.astype(jnp.float32)
+  p32 = p.astype(jnp.float32)
+  if options.unorm_active():
+    limit = options.max_unorm * _norm(p32)
+    unorm = _norm(d32)
+    d32 = d32 * jnp.where((options.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
+  x = d32 + wd * p32
+  if r.trust == "lamb":
+    param_norm, update_norm = _norm(p32), _norm(x)
+    x = x * jnp.where((param_norm == 0) | (update_norm == 0), 1.0, param_norm / update_norm)
+  bad = ~jnp.isfinite(g)
+  return jnp.where(bad, 0, scale * x).astype(d.dtype)

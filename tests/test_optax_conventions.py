@@ -1,0 +1,547 @@
+"""The nine optimizers follow optax's conventions: wrappers, jit, vmap, dtypes, errors.
+
+Params are {"w": (64, 128), "b": (128,), "scalar": ()} with min_8bit_size=1024,
+so ``w`` has 8-bit state and the others float32 state.
+"""
+
+import functools
+import inspect
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax8
+
+MIN_8BIT = 1024
+LR = 1e-2
+
+
+class Case(NamedTuple):
+  name: str
+  factory: Callable        # optax8 optimizer, learning rate first
+  kwargs: dict             # small hyperparameters besides the learning rate
+  reference: Callable      # optax's namesake, same argument names
+
+  def make(self, learning_rate=LR, **extra):
+    return self.factory(learning_rate, **{**self.kwargs, "min_8bit_size": MIN_8BIT, **extra})
+
+
+CASES = [
+    Case("adam8bit", optax8.adam8bit, {}, optax.adam),
+    Case("adamw8bit", optax8.adamw8bit, dict(weight_decay=1e-2), optax.adamw),
+    Case("lion8bit", optax8.lion8bit, dict(weight_decay=1e-2), optax.lion),
+    Case("sgd8bit", optax8.sgd8bit, dict(momentum=0.9), optax.sgd),
+    Case("rmsprop8bit", optax8.rmsprop8bit, {}, optax.rmsprop),
+    Case("adagrad8bit", optax8.adagrad8bit, {}, optax.adagrad),
+    Case("lamb8bit", optax8.lamb8bit, dict(weight_decay=1e-2), optax.lamb),
+    Case("lars8bit", optax8.lars8bit, dict(weight_decay=1e-3, trust_coefficient=0.02), optax.lars),
+    Case("ademamix8bit", optax8.ademamix8bit, dict(b3=0.999, alpha=2.0), optax.contrib.ademamix),
+]
+BY_NAME = {c.name: c for c in CASES}
+cases = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+
+
+def params(dtype=jnp.float32, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {"w": jax.random.normal(k[0], (64, 128), jnp.float32).astype(dtype),
+          "b": (0.1 * jax.random.normal(k[1], (128,), jnp.float32)).astype(dtype),
+          "scalar": jnp.asarray(0.5, dtype)}
+
+
+def grads(seed, dtype=jnp.float32, scale=1.0):
+  k = jax.random.split(jax.random.key(100 + seed), 3)
+  shapes = {"w": (64, 128), "b": (128,), "scalar": ()}
+  return {name: (scale * jax.random.normal(kk, shape, jnp.float32)).astype(dtype)
+          for kk, (name, shape) in zip(k, sorted(shapes.items()))}
+
+
+def is_quantized(x):
+  return isinstance(x, optax8.QuantizedArray)
+
+
+def avals(tree):
+  """(structure, [(shape, dtype)]) of a tree."""
+  return jax.tree.structure(tree), [(tuple(jnp.shape(x)), jnp.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=0.0):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=rtol, atol=atol)
+
+
+def all_finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+@functools.cache
+def jitted_update(tx):
+  return jax.jit(tx.update)
+
+
+def run_steps(tx, ps, gs):
+  """Jitted updates of ``tx`` for the gradients ``gs`` at fixed params."""
+  update = jitted_update(tx)
+  state, out = tx.init(ps), []
+  for g in gs:
+    u, state = update(g, state, ps)
+    out.append(u)
+  return out, state
+
+
+@functools.cache
+def default_opt(name):
+  """One optimizer object per case, so that its jitted update compiles once."""
+  return BY_NAME[name].make()
+
+
+@functools.cache
+def reference_run(name, seeds, dtype=jnp.float32):
+  """(updates, final state) of the default optimizer on grads(seed) for each seed."""
+  return run_steps(default_opt(name), params(dtype), [grads(s, dtype) for s in seeds])
+
+
+# ---- signatures and wrappers -------------------------------------------------
+
+
+@cases
+def test_signature_matches_optax(case):
+  """optax's positional arguments and defaults, then keyword-only 8-bit options."""
+  positional = lambda fn: {k: v.default for k, v in inspect.signature(fn).parameters.items()
+                           if v.kind == v.POSITIONAL_OR_KEYWORD}
+  assert positional(case.factory) == positional(case.reference)
+  keyword = {k for k, v in inspect.signature(case.factory).parameters.items() if v.kind == v.KEYWORD_ONLY}
+  assert {"bits", "block_size", "min_8bit_size"} <= keyword
+
+
+@cases
+def test_chain_with_clip_by_global_norm(case):
+  p, g = params(), grads(1, scale=10.0)
+  opt = default_opt(case.name)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), opt)
+  (u,), _ = run_steps(tx, p, [g])
+  assert all_finite(u)
+  clipped, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+  assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+  (ref,), _ = run_steps(opt, p, [clipped])
+  assert_trees_close(u, ref, rtol=1e-6, atol=LR * 1e-6)
+
+
+@cases
+def test_masked(case):
+  p, gs = params(), [grads(1), grads(2)]
+  opt = default_opt(case.name)
+  tx = optax.masked(opt, {"w": True, "b": False, "scalar": True})
+  state = tx.init(p)
+  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  assert any(isinstance(x, optax.MaskedNode) for x in nodes)
+  us, _ = run_steps(tx, p, gs)
+  refs, _ = reference_run(case.name, (1, 2))
+  for u, ref, g in zip(us, refs, gs):
+    np.testing.assert_array_equal(u["b"], g["b"])  # masked out: passed through
+    np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)
+    np.testing.assert_allclose(u["scalar"], ref["scalar"], rtol=1e-6)
+
+
+@cases
+def test_partition(case):
+  p, gs = params(), [grads(1), grads(2)]
+  opt = default_opt(case.name)
+  tx = optax.partition({"opt": opt, "frozen": optax.set_to_zero()},
+                       {"w": "opt", "b": "frozen", "scalar": "opt"})
+  us, _ = run_steps(tx, p, gs)
+  refs, _ = reference_run(case.name, (1, 2))
+  for u, ref in zip(us, refs):
+    np.testing.assert_array_equal(u["b"], 0)
+    np.testing.assert_allclose(u["w"], ref["w"], rtol=1e-6)
+    np.testing.assert_allclose(u["scalar"], ref["scalar"], rtol=1e-6)
+
+
+def injected(case, learning_rate=LR):
+  return optax.inject_hyperparams(case.factory, static_args=("min_8bit_size",))(
+      learning_rate=learning_rate, min_8bit_size=MIN_8BIT, **case.kwargs)
+
+
+# optax computes 1 - b in float64 for Python floats but in float32 for the
+# injected float32 arrays (1 - 0.999 differs by 1.3e-5 relative), as optax's
+# own optimizers do under inject_hyperparams.
+INJECT_RTOL = 2e-5
+
+
+@cases
+def test_inject_hyperparams_matches(case):
+  p, gs = params(), [grads(i) for i in range(3)]
+  us, _ = run_steps(injected(case), p, gs)
+  refs, _ = reference_run(case.name, (0, 1, 2))
+  for u, ref in zip(us, refs):
+    assert_trees_close(u, ref, rtol=INJECT_RTOL, atol=LR * 1e-6)
+
+
+@cases
+def test_inject_hyperparams_learning_rate_change_does_not_recompile(case):
+  p, gs = params(), [grads(i) for i in range(4)]
+  tx = injected(case)
+  traces = []
+
+  @jax.jit
+  def step(g, state, params):
+    traces.append(1)
+    return tx.update(g, state, params)
+
+  state, us = tx.init(p), []
+  for i, g in enumerate(gs):
+    if i == 2:
+      lr = state.hyperparams["learning_rate"]
+      state.hyperparams["learning_rate"] = jnp.asarray(LR / 4, lr.dtype)
+    u, state = step(g, state, p)
+    us.append(u)
+  assert len(traces) == 1
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(LR / 4)
+  schedule = lambda count: jnp.where(count >= 2, LR / 4, LR)
+  refs, _ = run_steps(case.make(schedule), p, gs)
+  for u, ref in zip(us, refs):
+    assert_trees_close(u, ref, rtol=INJECT_RTOL, atol=LR * 1e-6)
+
+
+@cases
+def test_multi_steps(case):
+  p, g1, g2 = params(), grads(1), grads(2)
+  opt = default_opt(case.name)
+  tx = optax.MultiSteps(opt, every_k_schedule=2, should_skip_update_fn=optax.skip_not_finite)
+  step = jax.jit(tx.update)
+  state = tx.init(p)
+  u, state = step(g1, state, p)
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+  # a NaN gradient is skipped: zero updates, nothing accumulated, inner state kept
+  bad = dict(g2, w=g2["w"].at[3, 5].set(jnp.nan))
+  u, skipped = step(bad, state, p)
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+  for field in ("mini_step", "gradient_step", "inner_opt_state", "acc_grads"):
+    assert_trees_equal(getattr(skipped, field), getattr(state, field))
+  u, state = step(g2, skipped, p)
+  assert int(state.gradient_step) == 1 and int(state.mini_step) == 0
+  mean = jax.tree.map(lambda a, b: a + (b - a) / 2, g1, g2)
+  (ref,), ref_state = run_steps(opt, p, [mean])
+  assert_trees_close(u, ref, rtol=1e-6)
+  assert_trees_equal(state.inner_opt_state, ref_state)
+
+
+@cases
+def test_apply_if_finite(case):
+  p, g1, g2 = params(), grads(1), grads(2)
+  opt = default_opt(case.name)
+  tx = optax.apply_if_finite(opt, 2)
+  step = jax.jit(tx.update)
+  s0 = tx.init(p)
+  u, s1 = step(g1, s0, p)
+  bad = dict(g2, b=g2["b"].at[7].set(jnp.inf), w=g2["w"].at[0, 0].set(jnp.nan))
+  u, s2 = step(bad, s1, p)
+  new_p = optax.apply_updates(p, u)
+  assert_trees_equal(new_p, p)  # params unchanged
+  assert int(s2.notfinite_count) == 1 and not bool(s2.last_finite)
+  assert_trees_equal(s2.inner_state, s1.inner_state)  # state not poisoned
+  u, s3 = step(g2, s2, p)
+  assert int(s3.notfinite_count) == 0 and all_finite(u)
+  refs, ref_state = reference_run(case.name, (1, 2))
+  assert_trees_close(u, refs[1], rtol=1e-6)
+  assert_trees_equal(s3.inner_state, ref_state)
+
+
+@cases
+def test_extra_keyword_arguments_are_ignored(case):
+  p, g = params(), grads(1)
+  opt = default_opt(case.name)
+  state = opt.init(p)
+  u, s = opt.update(g, state, p, extra_kwarg=1)
+  ref, ref_s = opt.update(g, state, p)
+  assert_trees_equal(u, ref)
+  assert_trees_equal(s, ref_s)
+
+
+# ---- jit, dtypes, state ----------------------------------------------------
+
+
+@cases
+def test_second_jitted_step_does_not_recompile(case):
+  p = params()
+  opt = default_opt(case.name)
+  traces = []
+
+  @jax.jit
+  def step(g, state, params):
+    traces.append(1)
+    return opt.update(g, state, params)
+
+  state = opt.init(p)
+  for i in range(3):
+    _, state = step(grads(i), state, p)
+  assert len(traces) == 1
+  if hasattr(step, "_cache_size"):
+    assert step._cache_size() == 1
+
+
+@cases
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"])
+def test_updates_keep_the_gradient_dtype(case, dtype):
+  (u1, u2), state = reference_run(case.name, (1, 2), dtype)
+  g = grads(1, dtype)
+  for u in (u1, u2):
+    assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, g)
+    assert all_finite(u)
+  assert avals(state) == avals(default_opt(case.name).init(params(dtype)))
+  # close to the float32 run (inputs differ by the dtype's rounding)
+  (r1, _), _ = reference_run(case.name, (1, 2))
+  up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+  assert_trees_close(up(u1), r1, rtol=2e-2, atol=LR * 1e-2)
+
+
+@cases
+def test_state_avals_are_stable_and_lax_cond_works(case):
+  p = params()
+  opt = default_opt(case.name)
+  s0 = opt.init(p)
+  _, s1 = jitted_update(opt)(grads(1), s0, p)
+  assert avals(s0) == avals(s1)
+  assert any(is_quantized(x) for x in jax.tree.leaves(s0, is_leaf=is_quantized))
+  pick = jax.jit(lambda pred, a, b: jax.lax.cond(pred, lambda: a, lambda: b))
+  assert_trees_equal(pick(True, s0, s1), s0)
+  assert_trees_equal(pick(False, s0, s1), s1)
+
+
+@cases
+def test_init_on_shape_dtype_structs_and_under_eval_shape(case):
+  p = params()
+  opt = default_opt(case.name)
+  concrete = opt.init(p)
+  structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p)
+  assert avals(opt.init(structs)) == avals(concrete)
+  assert avals(jax.eval_shape(opt.init, p)) == avals(concrete)
+  assert avals(jax.eval_shape(opt.init, structs)) == avals(concrete)
+
+
+def moment_fields(state):
+  """The per-param trees of a fused state (all fields but count)."""
+  return [getattr(state, f) for f in state._fields if f != "count"]
+
+
+@cases
+def test_tree_map_params(case):
+  p = params()
+  opt = default_opt(case.name)
+  _, state = jitted_update(opt)(grads(1), opt.init(p), p)
+  zeros = optax.tree.map_params(opt, jnp.zeros_like, state)
+  assert avals(zeros) == avals(state)
+  assert int(zeros.count) == 1  # not a params tree: untouched
+  for field in moment_fields(zeros):
+    assert set(field) == {"w", "b", "scalar"}
+    assert is_quantized(field["w"]) and field["w"].block_size == 256
+    # f maps the codes and the absmax of an 8-bit leaf
+    np.testing.assert_array_equal(field["w"].codes, 0)
+    np.testing.assert_array_equal(field["w"].absmax, 0)
+    np.testing.assert_array_equal(optax8.dequantize(field["w"]), 0)
+  u, _ = jitted_update(opt)(grads(2), zeros, p)
+  assert all_finite(u)
+
+  # a sharding-like transform sees arrays of the param's shape and the absmax'
+  structs = optax.tree.map_params(opt, lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  for field in moment_fields(structs):
+    assert field["w"].codes.shape == (64, 128) and field["w"].codes.dtype == jnp.uint8
+    assert field["w"].absmax.shape == (64, 1) and field["w"].absmax.dtype == jnp.float32
+    assert field["b"].shape == (128,) and field["b"].dtype == jnp.float32
+  assert isinstance(structs.count, jax.Array)
+
+  # specs given per param: 8-bit leaves are whole leaves with is_leaf
+  specs = {"w": "spec_w", "b": "spec_b", "scalar": "spec_s"}
+  mapped = optax.tree.map_params(opt, lambda _, spec: spec, state, specs, is_leaf=is_quantized)
+  for field in moment_fields(mapped):
+    assert field == specs
+
+
+@cases
+def test_vmap_over_an_ensemble_equals_separate_runs(case):
+  members = 3
+  ps = [params(seed=i) for i in range(members)]
+  gss = [[grads(10 * i + k) for k in range(2)] for i in range(members)]
+  opt = default_opt(case.name)
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  P = stack(ps)
+  S = jax.vmap(opt.init)(P)
+  update = jax.jit(jax.vmap(opt.update))
+  Us = []
+  for k in range(2):
+    U, S = update(stack([gs[k] for gs in gss]), S, P)
+    Us.append(U)
+  for i in range(members):
+    us, s = run_steps(opt, ps[i], gss[i])
+    member = jax.tree.map(lambda x: x[i], S)
+    assert avals(member) == avals(s)
+    assert_trees_close(member, s, rtol=1e-6)  # uint8 codes compare exactly
+    for k in range(2):
+      assert_trees_close(jax.tree.map(lambda x: x[i], Us[k]), us[k], rtol=1e-6, atol=1e-9)
+
+
+# ---- convergence --------------------------------------------------------------
+
+STEPS = 500
+# kwargs, learning rate for the parabola, learning rate for Rosenbrock; all with
+# a cosine decay to 0 over STEPS.
+CONVERGENCE = {
+    "adam8bit": ({}, 0.1, 0.3),
+    "adamw8bit": (dict(weight_decay=1e-4), 0.1, 0.3),
+    "lion8bit": (dict(weight_decay=0.0), 0.02, 0.03),
+    "sgd8bit": (dict(momentum=0.9), 0.05, 0.001),
+    "rmsprop8bit": ({}, 0.03, 0.03),
+    "adagrad8bit": ({}, 0.5, 1.0),
+    "lamb8bit": ({}, 0.03, 0.1),
+    "lars8bit": (dict(trust_coefficient=0.02), 0.3, 0.3),
+    "ademamix8bit": (dict(b3=0.999, alpha=2.0), 0.1, 0.1),
+}
+
+
+def final_loss(tx, loss, x0, steps=STEPS):
+  @jax.jit
+  def run(x0):
+    def body(carry, _):
+      x, s = carry
+      u, s = tx.update(jax.grad(loss)(x), s, x)
+      return (optax.apply_updates(x, u), s), None
+    (x, _), _ = jax.lax.scan(body, (x0, tx.init(x0)), None, length=steps)
+    return loss(x)
+  return float(run(x0))
+
+
+def both(case, lr, kwargs):
+  sched = optax.cosine_decay_schedule(lr, STEPS)
+  return case.factory(sched, **kwargs), case.reference(sched, **kwargs)
+
+
+TARGET = jax.random.normal(jax.random.key(7), (4096,))
+
+
+def parabola(x):
+  return jnp.sum((x - TARGET) ** 2)
+
+
+def rosenbrock(x):
+  return jnp.sum((1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2)
+
+
+@cases
+def test_converges_on_a_parabola(case):
+  kwargs, lr, _ = CONVERGENCE[case.name]
+  opt, ref = both(case, lr, kwargs)
+  x0 = jnp.zeros(4096)
+  assert all(is_quantized(x) for x in moment_fields(opt.init(x0)))  # 8-bit at the default min_8bit_size
+  loss0 = float(parabola(x0))
+  loss, ref_loss = final_loss(opt, parabola, x0), final_loss(ref, parabola, x0)
+  assert loss < 1e-3 * loss0
+  assert loss <= 2 * ref_loss + 1e-5 * loss0, (loss, ref_loss)
+
+
+@cases
+def test_converges_on_rosenbrock(case):
+  kwargs, _, lr = CONVERGENCE[case.name]
+  opt, ref = both(case, lr, kwargs)
+  x0 = jnp.array([-1.0, 1.0])
+  assert not any(is_quantized(x) for x in jax.tree.leaves(opt.init(x0), is_leaf=is_quantized))
+  loss0 = float(rosenbrock(x0))
+  loss, ref_loss = final_loss(opt, rosenbrock, x0), final_loss(ref, rosenbrock, x0)
+  assert loss < 0.05 * loss0
+  # float32 state: the same run as optax up to rounding (which LAMB's and
+  # LARS's normalised steps amplify over many steps)
+  assert loss <= 2 * ref_loss + 1e-2 * loss0, (loss, ref_loss)
+
+
+@cases
+def test_converges_on_batched_rosenbrock(case):
+  kwargs, _, lr = CONVERGENCE[case.name]
+  opt, ref = both(case, lr, kwargs)
+  k1, k2 = jax.random.split(jax.random.key(3))
+  x0 = jnp.stack([jax.random.uniform(k1, (4096,), minval=-1.2, maxval=-0.8),
+                  jax.random.uniform(k2, (4096,), minval=0.8, maxval=1.2)])
+  assert all(is_quantized(x) for x in moment_fields(opt.init(x0)))
+  loss0 = float(rosenbrock(x0))
+  loss, ref_loss = final_loss(opt, rosenbrock, x0), final_loss(ref, rosenbrock, x0)
+  assert loss < 0.25 * loss0
+  assert loss <= 1.5 * ref_loss + 1e-3 * loss0, (loss, ref_loss)
+
+
+# ---- bits=32 is optax ---------------------------------------------------------
+
+
+@cases
+def test_bits32_equals_optax(case):
+  p, gs = params(), [grads(i) for i in range(3)]
+  us, _ = run_steps(case.make(bits=32), p, gs)
+  refs, _ = run_steps(case.reference(LR, **case.kwargs), p, gs)
+  for u, ref in zip(us, refs):
+    assert_trees_close(u, ref, rtol=1e-5, atol=LR * 1e-6)
+
+
+# ---- bad input ------------------------------------------------------------------
+
+
+@cases
+def test_gradient_tree_with_another_structure(case):
+  p = params()
+  opt = default_opt(case.name)
+  state = opt.init(p)
+  g = grads(1)
+  del g["b"]
+  with pytest.raises(ValueError, match="structure"):
+    opt.update(g, state, {k: p[k] for k in g})
+
+
+@cases
+def test_gradient_leaf_with_the_wrong_shape(case):
+  p = params()
+  opt = default_opt(case.name)
+  state = opt.init(p)
+  g = dict(grads(1), w=jnp.ones((64, 64)))
+  with pytest.raises(ValueError, match=r"\['w'\]"):
+    opt.update(g, state, dict(p, w=jnp.ones((64, 64))))
+  with pytest.raises(ValueError, match=r"\['w'\]"):
+    jax.jit(opt.update)(g, state, p)
+
+
+@cases
+def test_integer_gradient(case):
+  p = params()
+  opt = default_opt(case.name)
+  state = opt.init(p)
+  g = dict(grads(1), b=jnp.ones((128,), jnp.int32))
+  with pytest.raises(TypeError, match=r"\['b'\].*int32"):
+    opt.update(g, state, p)
+
+
+def test_state_of_another_optimizer():
+  p = params()
+  state = optax8.adam8bit(1e-3, min_8bit_size=MIN_8BIT).init(p)
+  with pytest.raises(TypeError, match="ScaleByLion8bitState"):
+    optax8.lion8bit(1e-3, min_8bit_size=MIN_8BIT).update(grads(1), state, p)
+
+
+def test_state_with_another_block_size():
+  p = params()
+  state = optax8.adam8bit(1e-3, block_size=128, min_8bit_size=MIN_8BIT).init(p)
+  with pytest.raises(ValueError, match="block_size"):
+    optax8.adam8bit(1e-3, block_size=256, min_8bit_size=MIN_8BIT).update(grads(1), state, p)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit", "lamb8bit", "lars8bit"])
+def test_missing_params(name):
+  opt = BY_NAME[name].make()
+  with pytest.raises(ValueError, match="params"):
+    opt.update(grads(1), opt.init(params()))

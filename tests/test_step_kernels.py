@@ -1,0 +1,173 @@
+"""The fused step kernels: native CPU against the pure-JAX reference."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optax8
+from optax8 import dispatch
+from optax8.kernels import jax_step, native
+from optax8.kernels.jax_step import STATE_KINDS, Algo, Hyper, hyper_vector
+from helpers import DTYPES, needs_native_cpu
+
+HEADER = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "optax8" / "step.h"
+
+HYPER = dict(scale=-1e-3, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8, eps_root=1e-12, weight_decay=1e-2,
+             coupled_decay=1e-3, inv_bias1=10.0, inv_bias2=1000.0, inv_bias1_next=5.26, alpha=5.0, pre_scale=0.5)
+
+
+def _enum(name):
+  text = HEADER.read_text()
+  body = re.search(r"enum %s : \w+ \{(.*?)\};" % name, text, re.S).group(1)
+  return {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk(\w+) = (\d+)", body)}
+
+
+def _camel(name):
+  return "".join(w.capitalize() for w in name.lower().split("_"))
+
+
+def test_header_and_python_agree_on_algos_and_hyper_slots():
+  algos = _enum("Algo")
+  assert algos == {_camel(a.name).replace("Ademamix", "Ademamix"): int(a) for a in Algo}
+  slots = _enum("Hyper")
+  assert slots.pop("NumHyper") == len(Hyper)
+  assert slots == {_camel(h.name): int(h) for h in Hyper}
+
+
+def _case(algo, shape, dtype, block_size, seed=0, nonfinite=True):
+  rng = np.random.default_rng(seed)
+  g = rng.standard_normal(shape) * 0.01
+  if nonfinite and g.size > 3:
+    flat = g.reshape(-1)
+    flat[[0, g.size // 2, g.size - 1]] = [np.nan, np.inf, -np.inf]
+  g = jnp.asarray(g, dtype)
+  p = jnp.asarray(rng.standard_normal(shape) * 0.1, dtype)
+  states = []
+  for kind in STATE_KINDS[algo]:
+    x = rng.standard_normal(shape) * 0.01
+    q = optax8.quantize(jnp.asarray(x**2 if kind == "unsigned" else x, jnp.float32), block_size, kind)
+    states.append((q.codes, q.absmax))
+  return g, p, tuple(states)
+
+
+def _run(backend, algo, hyper, g, p, states, block_size):
+  fn = native.step if backend == "native" else jax_step.step
+  return jax.jit(lambda h, g, p, s: fn(int(algo), h, g, p, s, block_size))(hyper, g, p, states)
+
+
+def assert_steps_agree(a, b):
+  """Same codes except within float32 rounding of a boundary (one code apart), updates to float32 rounding."""
+  (u1, s1), (u2, s2) = a, b
+  assert u1.dtype == u2.dtype
+  u1, u2 = np.asarray(u1, np.float32), np.asarray(u2, np.float32)
+  scale = np.max(np.abs(u2)) + 1e-30
+  ulp = 2.0**-7 if a[0].dtype == jnp.bfloat16 else 2.0**-10 if a[0].dtype == jnp.float16 else 2.0**-22
+  subnormal = 2.0**-24 if a[0].dtype == jnp.float16 else 0.0
+  np.testing.assert_allclose(u1, u2, rtol=ulp, atol=4e-7 * scale + subnormal)
+  for (c1, a1), (c2, a2) in zip(s1, s2):
+    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=2e-6, atol=1e-6 * float(np.max(np.asarray(a2))))
+    diff = np.abs(np.asarray(c1, np.int32) - np.asarray(c2, np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).sum())
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape,block_size", [((64, 1000), 256), ((3, 5, 513), 64), ((7,), 2048), ((4, 4096), 2048)])
+def test_native_step_matches_jax(algo, dtype, shape, block_size):
+  g, p, states = _case(algo, shape, dtype, block_size)
+  hyper = hyper_vector(**HYPER, nesterov=1.0 if shape[0] == 64 else 0.0)
+  assert_steps_agree(_run("native", algo, hyper, g, p, states, block_size),
+                     _run("jax", algo, hyper, g, p, states, block_size))
+
+
+@needs_native_cpu
+@settings(max_examples=25)
+@given(algo=st.sampled_from(list(Algo)), rows=st.integers(1, 4), cols=st.integers(1, 700),
+       log_block=st.integers(0, 11), seed=st.integers(0, 2**16), with_params=st.booleans())
+def test_native_step_matches_jax_on_any_layout(algo, rows, cols, log_block, seed, with_params):
+  g, p, states = _case(algo, (rows, cols), jnp.float32, 2**log_block, seed)
+  hyper = hyper_vector(**HYPER)
+  p = p if with_params else None
+  assert_steps_agree(_run("native", algo, hyper, g, p, states, 2**log_block),
+                     _run("jax", algo, hyper, g, p, states, 2**log_block))
+
+
+@pytest.mark.parametrize("backend", ["jax", pytest.param("native", marks=needs_native_cpu)])
+@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):
+  shape = (2, 512)
+  g, p, states = _case(algo, shape, jnp.float32, 256, nonfinite=False)
+  bad = g.at[0, 5].set(jnp.nan).at[1, 7].set(jnp.inf)
+  hyper = hyper_vector(**HYPER)
+  u_ok, s_ok = _run(backend, algo, hyper, g, p, states, 256)
+  u, s = _run(backend, algo, hyper, bad, p, states, 256)
+  u = np.asarray(u)
+  assert u[0, 5] == 0 and u[1, 7] == 0 and np.isfinite(u).all()
+  for (codes, absmax), (codes_ok, absmax_ok), kind in zip(s, s_ok, STATE_KINDS[algo]):
+    assert np.isfinite(np.asarray(absmax)).all() and (np.asarray(absmax) > 0).all()
+    values = np.asarray(optax8.dequantize(optax8.QuantizedArray(codes, absmax, 256, kind)))
+    assert values[0, 5] == 0 and values[1, 7] == 0
+    # the other elements of the blocks keep their values (to one code)
+    other = np.ones(shape, bool)
+    other[0, 5] = other[1, 7] = False
+    ok = np.asarray(optax8.dequantize(optax8.QuantizedArray(codes_ok, absmax_ok, 256, kind)))
+    np.testing.assert_allclose(values[other], ok[other], rtol=0.05, atol=float(np.max(np.abs(ok))) * 0.02)
+  np.testing.assert_allclose(np.delete(u.reshape(-1), [5, 512 + 7]),
+                             np.delete(np.asarray(u_ok).reshape(-1), [5, 512 + 7]), rtol=0.05, atol=1e-6)
+
+
+@needs_native_cpu
+def test_vmapped_native_step_uses_each_members_hyperparameters():
+  algo = Algo.ADAM
+  g, p, states = _case(algo, (3, 4, 256), jnp.float32, 64, nonfinite=False)
+  hypers = jnp.stack([hyper_vector(**{**HYPER, "scale": s}) for s in (-1e-3, -2e-3, -3e-3)])
+  u, _ = jax.jit(jax.vmap(lambda h, g, p, s: native.step(int(algo), h, g, p, s, 64)))(hypers, g, p, states)
+  for i in range(3):
+    ui, _ = _run("native", algo, hypers[i], g[i], p[i], jax.tree.map(lambda x: x[i], states), 64)
+    np.testing.assert_array_equal(np.asarray(u[i]), np.asarray(ui))
+
+
+@needs_native_cpu
+def test_step_aliases_state_and_gradient_buffers():
+  g, p, states = _case(Algo.ADAM, (8, 256), jnp.float32, 64, nonfinite=False)
+  hyper = hyper_vector(**HYPER)
+  fn = jax.jit(lambda h, g, p, s: native.step(0, h, g, p, s, 64), donate_argnums=(1, 3))
+  text = fn.lower(hyper, g, p, states).as_text()
+  assert "tf.aliasing_output" in text or "output_operand_alias" in text
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("bad", ["algo", "states", "absmax_shape", "params_shape"])
+def test_ffi_step_rejects_bad_buffers_with_an_error(bad):
+  g, p, states = _case(Algo.ADAM, (4, 256), jnp.float32, 64, nonfinite=False)
+  hyper = hyper_vector(**HYPER)
+  algo, block = 0, 64
+  if bad == "algo":
+    algo = 17
+  elif bad == "states":
+    states = states[:1]
+  elif bad == "absmax_shape":
+    block = 128
+  else:
+    p = p[:, :128]
+  with pytest.raises(Exception, match="optax8 step|block_size|absmax|params"):
+    jax.block_until_ready(native.step(algo, hyper, g, p, states, block))
+
+
+def test_dispatch_step_lowers_for_cpu_and_cuda():
+  g, p, states = _case(Algo.LION, (4, 256), jnp.float32, 64, nonfinite=False)
+  hyper = hyper_vector(**HYPER)
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
+  exported = jax.export.export(jax.jit(lambda h, g, p, s: dispatch.step(1, h, g, p, s, 64)),
+                               platforms=("cpu", "cuda"), disabled_checks=checks)(hyper, g, p, states)
+  assert exported.platforms == ("cpu", "cuda")
+  u, _ = exported.call(hyper, g, p, states)
+  ref, _ = _run("jax", Algo.LION, hyper, g, p, states, 64)
+  np.testing.assert_allclose(np.asarray(u), np.asarray(ref), rtol=1e-6, atol=1e-9)
