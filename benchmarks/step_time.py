@@ -1,11 +1,14 @@
 """Optimizer step time per parameter: optax8 against optax (and bitsandbytes).
 
-Times a jitted step ``(params, state, grads) -> (params, state)`` that
-applies the optimizer's update, with params, state and grads donated (grads
-are refreshed outside the timed region), for optax's float32 optimizer and
-optax8's 8-bit one in the same run, and prints ns per parameter and the
-ratio. ``--leaves`` splits the same total into many leaves (the cost should
-depend on the total, not on the number of leaves).
+Times a jitted step ``(params, state, grads) -> (params, state)`` with
+params and state donated, for optax's float32 optimizer and optax8's 8-bit
+one in the same run; optax8 with ``tx.update`` + ``optax.apply_updates`` and
+with :func:`optax8.apply_gradients` (the kernel writes the new params).
+With ``--grads-inside`` the step instead takes the gradient of
+``0.5 * sum((p - target)**2)`` itself (the gradient is then an intermediate,
+as in training, but a trivial one that XLA fuses into optax's update).
+Prints ns per parameter and ratios. ``--leaves`` splits the same total into
+many leaves (the cost should depend on the total, not the number of leaves).
 
     python benchmarks/step_time.py --params 16777216 --leaves 16
     python benchmarks/step_time.py --params 16384000 --leaves 500 --optimizers adamw
@@ -45,21 +48,28 @@ def make_tree(total: int, leaves: int, dtype, seed=0):
   return {f"p{i:04d}": jnp.asarray(rng.standard_normal((per // cols, cols)) * 0.1, dtype) for i in range(leaves)}
 
 
-def time_step(tx, params, grads, repeats: int) -> float:
-  """Median seconds of one donated jitted step."""
-  def step(params, state, grads):
+def _loss(params, targets):
+  return sum(0.5 * jnp.sum(jnp.square(p.astype(jnp.float32) - t)) for p, t in
+             zip(jax.tree.leaves(params), jax.tree.leaves(targets)))
+
+
+def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_inside: bool = False) -> float:
+  """Median seconds of one donated jitted step (``data``: the grads, or the targets)."""
+  def step(params, state, data):
+    grads = jax.grad(_loss)(params, data) if grads_inside else data
+    if fused_apply:
+      return optax8.apply_gradients(tx, grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  fn = jax.jit(step, donate_argnums=(0, 1, 2))
+  fn = jax.jit(step, donate_argnums=(0, 1))
   params = jax.tree.map(jnp.copy, params)
   state = tx.init(params)
   times = []
   for i in range(repeats + 2):
-    g = jax.tree.map(jnp.copy, grads)
-    jax.block_until_ready((g, params, state))
+    jax.block_until_ready((params, state))
     t0 = time.perf_counter()
-    params, state = fn(params, state, g)
+    params, state = fn(params, state, data)
     jax.block_until_ready((params, state))
     if i >= 2:
       times.append(time.perf_counter() - t0)
@@ -89,7 +99,7 @@ def bnb_adamw8bit(total: int, repeats: int):
     return None
   p = torch.nn.Parameter(torch.randn(total) * 0.1)
   p.grad = torch.randn(total) * 0.01
-  opt = bnb.optim.AdamW8bit([p], lr=1e-3, weight_decay=1e-2)
+  opt = bnb.optim.AdamW8bit([p], lr=1e-3, weight_decay=1e-2, min_8bit_size=0)
   times = []
   for i in range(repeats + 2):
     t0 = time.perf_counter()
@@ -107,24 +117,31 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--optimizers", default="adamw", help="comma list of " + ",".join(PAIRS) + " or all")
   ap.add_argument("--bnb", action="store_true", help="also time bitsandbytes' CPU AdamW8bit")
+  ap.add_argument("--grads-inside", action="store_true", help="compute the gradient inside the step")
   args = ap.parse_args()
   names = list(PAIRS) if args.optimizers == "all" else args.optimizers.split(",")
   params = make_tree(args.params, args.leaves, jnp.dtype(args.dtype))
-  grads = make_tree(args.params, args.leaves, jnp.dtype(args.dtype), seed=1)
+  data = make_tree(args.params, args.leaves, jnp.float32 if args.grads_inside else jnp.dtype(args.dtype), seed=1)
+  if not args.grads_inside:
+    data = jax.tree.map(lambda x: x * 0.01, data)
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
-        f"{n} params in {args.leaves} leaves, {args.dtype}")
+        f"{n} params in {args.leaves} leaves, {args.dtype}, grads {'inside' if args.grads_inside else 'given'}")
   copy = time_copy(params, args.repeats)
   print(f"copy (x + 1): {copy / n * 1e9:.3f} ns/param, {2 * n * jnp.dtype(args.dtype).itemsize / copy / 1e9:.1f} GB/s")
   rows = []
   for name in names:
     ref, ours = PAIRS[name]
-    t_ref = time_step(ref(), params, grads, args.repeats)
-    t_ours = time_step(ours(), params, grads, args.repeats)
-    row = dict(optimizer=name, ns_optax=t_ref / n * 1e9, ns_optax8=t_ours / n * 1e9, ratio=t_ours / t_ref)
+    kw = dict(grads_inside=args.grads_inside)
+    t_ref = time_step(ref(), params, data, args.repeats, **kw)
+    t_ours = time_step(ours(), params, data, args.repeats, **kw)
+    t_apply = time_step(ours(), params, data, args.repeats, fused_apply=True, **kw)
+    row = dict(optimizer=name, ns_optax=t_ref / n * 1e9, ns_optax8_update=t_ours / n * 1e9,
+               ns_optax8_apply=t_apply / n * 1e9, ratio_update=t_ours / t_ref, ratio_apply=t_apply / t_ref)
     rows.append(row)
-    print(f"{name:9s} optax {row['ns_optax']:7.3f} ns/param   optax8 {row['ns_optax8']:7.3f} ns/param   "
-          f"optax8/optax {row['ratio']:.2f}")
+    print(f"{name:9s} optax {row['ns_optax']:6.3f} ns/param | optax8 update {row['ns_optax8_update']:6.3f} "
+          f"({row['ratio_update']:.2f}x) | optax8 apply_gradients {row['ns_optax8_apply']:6.3f} "
+          f"({row['ratio_apply']:.2f}x)")
   if args.bnb:
     t = bnb_adamw8bit(n, max(3, args.repeats // 3))
     if t is None:

@@ -7,8 +7,9 @@ reference backend.
 
 from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
                           rmsprop8bit, sgd8bit)
+from optax8.apply import apply_gradients
 from optax8.dispatch import backends
-from optax8.fused import (ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
+from optax8.fused import (FusedGradientTransformation, ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
                           ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "FusedGradientTransformation",
     "ScaleByAdam8bitState",
     "ScaleByAdemamix8bitState",
     "ScaleByLion8bitState",
@@ -30,6 +32,7 @@ __all__ = [
     "adam8bit",
     "adamw8bit",
     "ademamix8bit",
+    "apply_gradients",
     "lamb8bit",
     "lars8bit",
     "lion8bit",

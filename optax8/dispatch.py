@@ -46,24 +46,44 @@ def dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
                                            dtype=dtype)))
 
 
-def step(algo: int, hyper, g, p, states, block_size: int):
-  """The fused optimizer step of one leaf on the platform's backend.
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
+  """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
-  ``g`` (rank >= 1) is the gradient, ``p`` the parameter or None,
-  ``states`` a tuple of ``(codes, absmax)``; returns ``(update, new states)``.
+  ``hypers`` is ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
+  states)`` with ``g`` of rank >= 1, ``p`` the parameter or None (for all
+  leaves alike) and ``states`` a tuple of ``(codes, absmax)``. Returns
+  ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
+  ``apply``. Natively the whole group is one kernel call.
   """
-  flat = [x for pair in states for x in pair]
-  n = len(flat)
+  structure = [(p is not None, len(states)) for _, p, states in leaves]
+  flat = [hypers]
+  for g, p, states in leaves:
+    flat += [g] + ([p] if p is not None else []) + [x for pair in states for x in pair]
 
-  def unflatten(fn):
-    def run(hyper, g, *rest):
-      p = rest[n] if len(rest) > n else None
-      pairs = tuple(zip(rest[:n:2], rest[1:n:2]))
-      return fn(algo, hyper, g, p, pairs, block_size)
-    return run
+  def unflatten(args):
+    it = iter(args[1:])
+    out = []
+    for has_p, n in structure:
+      g = next(it)
+      p = next(it) if has_p else None
+      values = [next(it) for _ in range(2 * n)]
+      out.append((g, p, tuple(zip(values[::2], values[1::2]))))
+    return args[0], out
 
-  args = (hyper, g, *flat) + (() if p is None else (p,))
-  branches = _native_branches(unflatten(native.step))
+  def native_fn(*args):
+    hypers, group = unflatten(args)
+    return native.step_group(algo, hypers, group, block_size, apply)
+
+  def jax_fn(*args):
+    hypers, group = unflatten(args)
+    return [jax_step.step(algo, hypers[i], g, p, s, block_size, apply) for i, (g, p, s) in enumerate(group)]
+
+  branches = {platform: native_fn for platform in _native_branches(native_fn)}
   if block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
-  return lax.platform_dependent(*args, default=unflatten(jax_step.step), **branches)
+  return lax.platform_dependent(*flat, default=jax_fn, **branches)
+
+
+def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False):
+  """The fused optimizer step of one leaf: ``(update or p + update, new states)``."""
+  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply)[0]

@@ -36,6 +36,7 @@ from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, absmax_shape, check_
 from optax8.quantize import QuantizedArray
 
 DEFAULT_MIN_8BIT_SIZE = 4096
+GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
 
 # ---- states -----------------------------------------------------------------
 # Each moment field is a pytree like the params whose leaves are
@@ -273,7 +274,17 @@ def _leaf_flags(mask, tree, treedef, name: str, what: str) -> list[bool]:
   return [bool(f) for f in _flatten_like(treedef, full, what, name)]
 
 
-def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationExtraArgs:
+class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation whose kernels can also write the new parameters.
+
+  ``init`` and ``update`` are optax's; ``apply_gradients_fn(grads, state,
+  params) -> (new_params, new_state)`` equals ``update`` followed by
+  ``optax.apply_updates``, but each 8-bit leaf's kernel writes ``p +
+  update`` over the parameter (see :func:`optax8.apply_gradients`).
+  """
+
+
+def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
   """Builds the GradientTransformation of one fused optimizer."""
   algo = Algo(r.algo)
   kinds = STATE_KINDS[algo]
@@ -301,8 +312,8 @@ def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationE
               for i in range(len(kinds))]
     return state_cls(jnp.zeros([], jnp.int32), *fields)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def run(updates, state, params, apply: bool):
+    """The update (or with ``apply`` the new params) and the new state."""
     if not isinstance(state, state_cls):
       raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
     count = state.count
@@ -312,7 +323,7 @@ def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationE
     grads = treedef.flatten_up_to(updates)
     moments = [_flatten_like(treedef, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
-    needs_params = needs_decay_params or r.trust is not None or options.unorm_active()
+    needs_params = apply or needs_decay_params or r.trust is not None or options.unorm_active()
     if needs_params and params is None:
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
@@ -328,7 +339,7 @@ def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationE
     base = r.hyper(count, count_inc)
     post = r.trust == "lamb" or options.unorm_active()
 
-    out_u, out_states = [], [[] for _ in kinds]
+    calls, finish = [], []
     for i, (path, g) in enumerate(zip(paths, grads)):
       _check_grad(name, path, g)
       leaf_states = [m[i] for m in moments]
@@ -352,31 +363,88 @@ def fused(name: str, r: Rule, options: Options) -> optax.GradientTransformationE
         if not r.coupled:
           hyper["weight_decay"] = wd_leaf
       kernel_params = p if (r.coupled or not post) and needs_decay_params and decay_flags[i] else None
-      u, new = _leaf_step(algo, hyper_vector(**hyper), g, kernel_params, leaf_states)
+      fused_apply = apply and not post and isinstance(leaf_states[0], QuantizedArray)
+      calls.append(LeafCall(hyper_vector(**hyper), g, p if fused_apply else kernel_params, tuple(leaf_states),
+                            fused_apply))
+      finish.append((g, p, wd_leaf, fused_apply))
+    results = _run_leaves(algo, calls)
+    out_u, out_states = [], [[] for _ in kinds]
+    for (u, new), (g, p, wd_leaf, fused_apply) in zip(results, finish):
       if post:
         u = _post(r, options, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
+      if apply and not fused_apply:
+        u = jnp.asarray(p + u).astype(p.dtype)
       out_u.append(u)
       for j, s in enumerate(new):
         out_states[j].append(s)
     new_fields = [treedef.unflatten(s) for s in out_states]
     return treedef.unflatten(out_u), state_cls(count_inc, *new_fields)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return run(updates, state, params, apply=False)
+
+  def apply_gradients_fn(grads, state, params):
+    return run(grads, state, params, apply=True)
+
+  tx = FusedGradientTransformation(init_fn, update_fn)
+  tx.apply_gradients_fn = apply_gradients_fn
+  return tx
 
 
-def _leaf_step(algo: Algo, hyper, g, p, leaf_states):
-  """One leaf: the fused kernel for 8-bit state, the JAX rule for float32."""
-  if all(isinstance(s, QuantizedArray) for s in leaf_states):
-    shape = tuple(g.shape)
-    flat = shape or (1,)
-    pairs = tuple((s.codes.reshape(flat), s.absmax) for s in leaf_states)
-    u, new = dispatch.step(int(algo), hyper, g.reshape(flat), None if p is None else p.reshape(flat), pairs,
-                           leaf_states[0].block_size)
-    return u.reshape(shape), tuple(QuantizedArray(c.reshape(shape), a, s.block_size, s.kind)
-                                   for (c, a), s in zip(new, leaf_states))
-  u, new = rule(algo, hyper, g.astype(jnp.float32), None if p is None else p.astype(jnp.float32),
-                tuple(leaf_states))
-  return u.astype(g.dtype), new
+class LeafCall(NamedTuple):
+  """One leaf's step: its hyperparameter vector, gradient, parameter (or None), states."""
+
+  hyper: jax.Array
+  g: jax.Array
+  p: jax.Array | None
+  states: tuple
+  apply: bool  # 8-bit leaves only: return p + update
+
+
+def _run_leaves(algo: Algo, calls: list[LeafCall]):
+  """(output, new states) per leaf: 8-bit leaves in one kernel call per group, float32 ones in JAX.
+
+  8-bit leaves that share block size, params use and apply mode go through
+  :func:`optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
+  elements (a larger leaf gets its own call): many small leaves cost one
+  call, while large gradients need not all be alive at once (a call reads
+  all its gradients, so XLA keeps them until it runs).
+  """
+  results = [None] * len(calls)
+  groups: dict[tuple, list[int]] = {}
+  for i, c in enumerate(calls):
+    if all(isinstance(s, QuantizedArray) for s in c.states):
+      groups.setdefault((c.states[0].block_size, c.p is None, c.apply), []).append(i)
+    else:
+      u, new = rule(algo, c.hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
+                    c.states)
+      results[i] = (u.astype(c.g.dtype), new)
+  batches = []
+  for key, idx in groups.items():
+    current, size = [], 0
+    for i in idx:
+      n = int(np.prod(calls[i].g.shape))
+      if current and size + n > GROUP_ELEMENTS:
+        batches.append((key, current))
+        current, size = [], 0
+      current.append(i)
+      size += n
+    batches.append((key, current))
+  for (block_size, _, apply), idx in batches:
+    leaves = []
+    for i in idx:
+      c = calls[i]
+      flat = tuple(c.g.shape) or (1,)
+      leaves.append((c.g.reshape(flat), None if c.p is None else c.p.reshape(flat),
+                     tuple((s.codes.reshape(flat), s.absmax) for s in c.states)))
+    hypers = jnp.stack([calls[i].hyper for i in idx])
+    for i, (u, new) in zip(idx, dispatch.step_group(int(algo), hypers, leaves, block_size, apply)):
+      c = calls[i]
+      shape = tuple(c.g.shape)
+      results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)
+                                            for (code, a), s in zip(new, c.states)))
+  return results
 
 
 def _lars_ratio(r: Rule, g, p, wd):

@@ -136,21 +136,34 @@ BlockFn pick(int64_t algo) {
 
 constexpr int64_t kGrainElements = 1 << 14;
 
-ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer g, ffi::AnyBuffer p,
-                ffi::RemainingArgs states, ffi::Result<ffi::AnyBuffer> u, ffi::RemainingRets new_states,
-                int64_t algo, int64_t block_size, int64_t with_params) {
-  StepBuffers s;
-  if (auto e = parse_step(hyper, g, p, states, u, new_states, algo, block_size, with_params, &s); e.failure())
-    return e;
-  if (s.l.elements() == 0) return ffi::Error::Success();
-  const BlockFn fn = s.dtype == ffi::DataType::F32    ? pick<F32>(algo)
-                     : s.dtype == ffi::DataType::BF16 ? pick<BF16>(algo)
-                                                      : pick<F16>(algo);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / s.l.block);
-  const int64_t tmp_size = int64_t(s.n_states) * s.l.block;
-  parallel_for(pool, s.l.blocks(), grain, [&](int64_t first, int64_t last) {
+// All leaves' blocks form one range that the thread pool splits, so many
+// small leaves cost what one leaf of the same total size costs.
+ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode) {
+  if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
+  std::vector<StepBuffers> bufs(leaves);
+  std::vector<BlockFn> fns(leaves);
+  std::vector<int64_t> first_block(leaves + 1, 0);
+  for (int64_t i = 0; i < leaves; ++i) {
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &bufs[i]); e.failure())
+      return e;
+    const ffi::DataType dtype = bufs[i].dtype;
+    fns[i] = dtype == ffi::DataType::F32 ? pick<F32>(algo) : dtype == ffi::DataType::BF16 ? pick<BF16>(algo)
+                                                                                           : pick<F16>(algo);
+    first_block[i + 1] = first_block[i] + bufs[i].l.blocks();
+  }
+  const int64_t total = first_block[leaves];
+  if (total == 0) return ffi::Error::Success();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / block_size);
+  const int64_t tmp_size = int64_t(algo_states(algo)) * block_size;
+  parallel_for(pool, total, grain, [&](int64_t first, int64_t last) {
     std::vector<float> tmp(tmp_size);
-    fn(s, first, last, tmp.data());
+    int64_t i = std::upper_bound(first_block.begin(), first_block.end(), first) - first_block.begin() - 1;
+    for (; first < last; ++i) {
+      const int64_t end = std::min(last, first_block[i + 1]);
+      if (end > first) fns[i](bufs[i], first - first_block[i], end - first_block[i], tmp.data());
+      first = end;
+    }
   });
   return ffi::Error::Success();
 }
@@ -161,12 +174,10 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffe
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cpu, optax8::Step,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
-                                  .Arg<ffi::AnyBuffer>()         // gradient
-                                  .Arg<ffi::AnyBuffer>()         // parameter (or placeholder)
-                                  .RemainingArgs()               // (codes, absmax) per state
-                                  .Ret<ffi::AnyBuffer>()         // update
-                                  .RemainingRets()               // new (codes, absmax) per state
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters, one row per leaf
+                                  .RemainingArgs()               // per leaf: g, p, (codes, absmax) per state
+                                  .RemainingRets()               // per leaf: output, new (codes, absmax) per state
                                   .Attr<int64_t>("algo")
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("with_params"));
+                                  .Attr<int64_t>("leaves")
+                                  .Attr<int64_t>("params_mode"));

@@ -70,6 +70,7 @@ struct StepArgs {
   BlockLayout l;
   const float* hyper;
   int64_t rows_per_hyper;
+  int64_t hyper_stride;
   const void* g;
   const void* p;
   void* u;
@@ -79,6 +80,7 @@ struct StepArgs {
   float* absmax_out[kMaxStates];
   int group;
   bool with_params;
+  bool apply;
 };
 
 constexpr int num_states(int algo) { return algo == kAdam ? 2 : algo == kAdemamix ? 3 : 1; }
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   }
 
   HyperF<float> h;
-  const float* hr = a.hyper + (row / a.rows_per_hyper) * kNumHyper;
+  const float* hr = a.hyper + (row / a.rows_per_hyper) * a.hyper_stride;
 #pragma unroll
   for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
   h.one = 1.0f;
@@ -167,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     for (int i = 0; i < n; ++i) s[i] = scale_value(values[state_map(A, i)][code[i][j]], old_absmax[i]);
     const float uj = cuda_rule::step_rule<A>(h, gv[j], pv[j], s);
     const int k = lane + j * group;
-    if (k < len) u[k] = G::store(uj);
+    if (k < len) u[k] = G::store(a.apply ? pv[j] + uj : uj);
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       st[i][j] = s[i];
@@ -226,12 +228,7 @@ ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, in
   }
 }
 
-ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer g, ffi::AnyBuffer p,
-                ffi::RemainingArgs states, ffi::Result<ffi::AnyBuffer> u, ffi::RemainingRets new_states,
-                int64_t algo, int64_t block_size, int64_t with_params) {
-  StepBuffers s;
-  if (auto e = parse_step(hyper, g, p, states, u, new_states, algo, block_size, with_params, &s); e.failure())
-    return e;
+ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   if (s.l.block > kMaxBlock)
     return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
                                        " is not supported");
@@ -240,6 +237,7 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer
   a.l = s.l;
   a.hyper = s.hyper;
   a.rows_per_hyper = s.rows_per_hyper;
+  a.hyper_stride = s.hyper_stride;
   a.g = s.g;
   a.p = s.p;
   a.u = s.u;
@@ -251,15 +249,28 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::AnyBuffer
   }
   a.group = int(std::min<int64_t>(s.l.block, kThreads));
   a.with_params = s.with_params;
+  a.apply = s.apply;
   const int64_t per_group = kThreads / a.group;
   const int64_t grid = (s.l.blocks() + per_group - 1) / per_group;
   if (grid > 0x7fffffff) return ffi::Error::InvalidArgument("optax8 CUDA step: too many blocks for one launch");
   const int64_t per_thread = s.l.block / a.group;
   switch (s.dtype) {
-    case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, algo);
-    case ffi::DataType::BF16: return launch_algo<BF16>(stream, a, unsigned(grid), per_thread, algo);
-    default: return launch_algo<F16>(stream, a, unsigned(grid), per_thread, algo);
+    case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, s.algo);
+    case ffi::DataType::BF16: return launch_algo<BF16>(stream, a, unsigned(grid), per_thread, s.algo);
+    default: return launch_algo<F16>(stream, a, unsigned(grid), per_thread, s.algo);
   }
+}
+
+// One launch per leaf, all on the call's stream.
+ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode) {
+  if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
+  for (int64_t i = 0; i < leaves; ++i) {
+    StepBuffers s;
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &s); e.failure()) return e;
+    if (auto e = StepLeaf(stream, s); e.failure()) return e;
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -269,11 +280,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::Step,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters (device memory)
-                                  .Arg<ffi::AnyBuffer>()         // gradient
-                                  .Arg<ffi::AnyBuffer>()         // parameter (or placeholder)
-                                  .RemainingArgs()               // (codes, absmax) per state
-                                  .Ret<ffi::AnyBuffer>()         // update
-                                  .RemainingRets()               // new (codes, absmax) per state
+                                  .RemainingArgs()               // per leaf: g, p, (codes, absmax) per state
+                                  .RemainingRets()               // per leaf: output, new (codes, absmax) per state
                                   .Attr<int64_t>("algo")
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("with_params"));
+                                  .Attr<int64_t>("leaves")
+                                  .Attr<int64_t>("params_mode"));

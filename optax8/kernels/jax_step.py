@@ -126,12 +126,13 @@ def rule(algo: Algo, h, g, p, states):
   return u, s
 
 
-def step(algo, hyper, g, p, states, block_size: int):
+def step(algo, hyper, g, p, states, block_size: int, apply: bool = False):
   """Dequantize, apply ``rule``, requantize: returns (update, new states).
 
   ``g`` and ``p`` have rank >= 1 (``p`` may be None); ``states`` is a tuple
   of ``(codes, absmax)`` pairs in the order of ``STATE_KINDS[algo]``; the
-  update has ``g``'s dtype.
+  update has ``g``'s dtype. With ``apply``, the first result is the new
+  parameter ``p + update`` (computed in float32) in ``p``'s dtype.
   """
   algo = Algo(algo)
   kinds = STATE_KINDS[algo]
@@ -139,4 +140,6 @@ def step(algo, hyper, g, p, states, block_size: int):
   p32 = None if p is None else p.astype(jnp.float32)
   u, new = rule(algo, hyper, g.astype(jnp.float32), p32, values)
   new_states = tuple(jax_backend.quantize(x, block_size, k) for x, k in zip(new, kinds))
+  if apply:
+    return (p32 + u).astype(p.dtype), new_states
   return u.astype(g.dtype), new_states

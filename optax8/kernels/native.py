@@ -169,25 +169,51 @@ def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
   return call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))
 
 
-def step(algo: int, hyper, g, p, states, block_size: int):
-  """FFI call of the fused step: returns (update, new states).
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
+  """One FFI call of the fused step over many leaves of one algorithm.
 
-  The gradient is aliased to the update and each state's codes and absmax
-  to their new values, so a donated jitted step updates them in place.
+  ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
+  states)`` with ``p`` None or the parameter and ``states`` a tuple of
+  ``(codes, absmax)``; ``p`` must be given for all leaves or for none.
+  Returns ``(output, new states)`` per leaf: the output is the update (in
+  g's dtype, aliased to g) or, with ``apply``, the new parameter ``p +
+  update`` (in p's dtype, aliased to p). Codes and absmax are aliased to
+  their new values, so a donated jitted step updates them in place.
   """
   _ensure_registered()
-  sharding = _sharding_of(g)
-  with_params = p is not None
-  if p is None:
-    p = np.zeros((1,), g.dtype)
-  elif p.dtype != g.dtype:
-    p = p.astype(g.dtype)
-  flat = [x for pair in states for x in pair]
-  out = [jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=sharding)]
-  out += [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)) for x in flat]
-  aliases = {1: 0}
-  aliases.update({3 + i: 1 + i for i in range(len(flat))})
+  with_params = leaves[0][1] is not None
+  if apply and not with_params:
+    raise ValueError("step: apply=True needs the parameters")
+  mode = 2 if apply else int(with_params)
+  operands, out, aliases = [hypers], [], {}
+  for g, p, states in leaves:
+    if (p is not None) != with_params:
+      raise ValueError("step_group: give p for every leaf or for none")
+    if p is None:
+      p = np.zeros((1,), g.dtype)
+    elif p.dtype != g.dtype:
+      g, p = (g.astype(p.dtype), p) if apply else (g, p.astype(g.dtype))
+    result = p if apply else g
+    aliases[len(operands) + (1 if apply else 0)] = len(out)
+    out.append(jax.ShapeDtypeStruct(result.shape, result.dtype, sharding=_sharding_of(result)))
+    operands += [g, p]
+    for pair in states:
+      for x in pair:
+        aliases[len(operands)] = len(out)
+        out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
+        operands.append(x)
   call = jax.ffi.ffi_call("optax8_step", out, vmap_method="broadcast_all", input_output_aliases=aliases)
-  u, *new = call(hyper, g, p, *flat, algo=np.int64(algo), block_size=np.int64(block_size),
-                 with_params=np.int64(with_params))
-  return u, tuple(zip(new[::2], new[1::2]))
+  results = call(*operands, algo=np.int64(algo), block_size=np.int64(block_size), leaves=np.int64(len(leaves)),
+                 params_mode=np.int64(mode))
+  per_leaf, k = [], 0
+  for _, _, states in leaves:
+    n = 2 * len(states)
+    new = results[k + 1:k + 1 + n]
+    per_leaf.append((results[k], tuple(zip(new[::2], new[1::2]))))
+    k += 1 + n
+  return per_leaf
+
+
+def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False):
+  """The fused step of one leaf (``hyper`` of shape (NUM_HYPER,)): ``(output, new states)``."""
+  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply)[0]

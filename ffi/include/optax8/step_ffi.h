@@ -1,11 +1,14 @@
 // Decoding and checking of the fused step's FFI buffers, shared by the CPU
-// and CUDA handlers.
+// and CUDA handlers. One call updates L leaves of one algorithm:
 //
-//   args: hyper f32[..., kNumHyper], g, p, then (codes u8, absmax f32) per state
-//   rets: u (g's dtype and shape), then (codes, absmax) per state
-//   attrs: algo, block_size, with_params (0: p is a placeholder, read as 0)
-// The hyperparameter vector may carry leading dimensions (vmap): the rows of
-// g are split evenly between its rows.
+//   args: hyper f32[..., L, kNumHyper] (row i for leaf i), then per leaf:
+//         g, p, and (codes u8, absmax f32) per state
+//   rets: per leaf: u (g's dtype and shape), and (codes, absmax) per state
+//   attrs: algo, block_size, leaves (L), params_mode: 0 (p is a
+//          placeholder, read as 0), 1 (p is read) or 2 (p is read and u =
+//          p + update, the new parameter, which XLA may alias to p)
+// Leading dimensions of the hyperparameters (vmap) split the rows of every
+// leaf evenly between them.
 #pragma once
 
 #include <cstdint>
@@ -22,9 +25,11 @@ struct StepBuffers {
   int64_t algo = 0;
   int n_states = 0;
   bool with_params = false;
+  bool apply = false;  // u is the new parameter p + update
   xla::ffi::DataType dtype = xla::ffi::DataType::F32;
-  const float* hyper = nullptr;
-  int64_t rows_per_hyper = 1;  // rows of g that share one hyperparameter row
+  const float* hyper = nullptr;  // this leaf's first hyperparameter row
+  int64_t rows_per_hyper = 1;    // rows of g that share one hyperparameter row
+  int64_t hyper_stride = kNumHyper;  // floats between consecutive rows of this leaf
   const void* g = nullptr;
   const void* p = nullptr;
   void* u = nullptr;
@@ -41,45 +46,63 @@ inline bool same_dims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int6
   return true;
 }
 
-inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, xla::ffi::AnyBuffer g,
-                                  xla::ffi::AnyBuffer p, xla::ffi::RemainingArgs states,
-                                  xla::ffi::Result<xla::ffi::AnyBuffer> u, xla::ffi::RemainingRets new_states,
-                                  int64_t algo, int64_t block, int64_t with_params, StepBuffers* out) {
+// Checks the counts of buffers of a call with `leaves` leaves.
+inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, const xla::ffi::RemainingRets& rets,
+                                       int64_t algo, int64_t leaves) {
   using xla::ffi::Error;
-  namespace ffi = xla::ffi;
   if (algo < 0 || algo >= kNumAlgos)
     return Error::InvalidArgument("optax8 step: unknown algo " + std::to_string(algo));
+  const int64_t n = algo_states(algo);
+  if (leaves < 1 || int64_t(args.size()) != leaves * (2 + 2 * n) || int64_t(rets.size()) != leaves * (1 + 2 * n))
+    return Error::InvalidArgument("optax8 step: algo " + std::to_string(algo) + " takes, per leaf, g, p and " +
+                                  std::to_string(n) + " (codes, absmax) states; got " + std::to_string(args.size()) +
+                                  " arguments and " + std::to_string(rets.size()) + " results for " +
+                                  std::to_string(leaves) + " leaves");
+  return Error::Success();
+}
+
+// Decodes and checks leaf `leaf` of a call (after check_step_call).
+inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const xla::ffi::RemainingArgs& args,
+                                  const xla::ffi::RemainingRets& rets, int64_t leaf, int64_t leaves, int64_t algo,
+                                  int64_t block, int64_t params_mode, StepBuffers* out) {
+  using xla::ffi::Error;
+  namespace ffi = xla::ffi;
   StepBuffers s;
   s.algo = algo;
   s.n_states = algo_states(algo);
-  s.with_params = with_params != 0;
-  s.dtype = g.element_type();
+  if (params_mode < 0 || params_mode > 2)
+    return Error::InvalidArgument("optax8 step: params_mode must be 0, 1 or 2, got " + std::to_string(params_mode));
+  s.with_params = params_mode >= 1;
+  s.apply = params_mode == 2;
+  const size_t a0 = size_t(leaf) * (2 + 2 * s.n_states), r0 = size_t(leaf) * (1 + 2 * s.n_states);
+  auto g = args.get<ffi::AnyBuffer>(a0);
+  auto p = args.get<ffi::AnyBuffer>(a0 + 1);
+  auto u = rets.get<ffi::AnyBuffer>(r0);
+  if (!g.has_value() || !p.has_value() || !u.has_value())
+    return Error::InvalidArgument("optax8 step: cannot decode the buffers of leaf " + std::to_string(leaf));
+  const std::string where = "optax8 step (leaf " + std::to_string(leaf) + "): ";
+  s.dtype = g->element_type();
   if (s.dtype != ffi::DataType::F32 && s.dtype != ffi::DataType::BF16 && s.dtype != ffi::DataType::F16)
-    return Error::InvalidArgument("optax8 step: gradients must be float32, bfloat16 or float16");
-  if (u->element_type() != s.dtype || !same_dims(u->dimensions(), g.dimensions()))
-    return Error::InvalidArgument("optax8 step: the update must have the gradient's dtype and shape");
-  if (s.with_params && (p.element_type() != s.dtype || !same_dims(p.dimensions(), g.dimensions())))
-    return Error::InvalidArgument("optax8 step: params must have the gradient's dtype and shape " +
-                                  dims_str(g.dimensions()) + ", got " + dims_str(p.dimensions()));
-  if (states.size() != size_t(2 * s.n_states) || new_states.size() != size_t(2 * s.n_states))
-    return Error::InvalidArgument("optax8 step: algo " + std::to_string(algo) + " takes " +
-                                  std::to_string(s.n_states) + " states (codes and absmax each)");
+    return Error::InvalidArgument(where + "gradients must be float32, bfloat16 or float16");
+  if ((*u)->element_type() != s.dtype || !same_dims((*u)->dimensions(), g->dimensions()))
+    return Error::InvalidArgument(where + "the output must have the gradient's dtype and shape");
+  if (s.with_params && (p->element_type() != s.dtype || !same_dims(p->dimensions(), g->dimensions())))
+    return Error::InvalidArgument(where + "params must have the gradient's dtype and shape " +
+                                  dims_str(g->dimensions()) + ", got " + dims_str(p->dimensions()));
   for (int i = 0; i < s.n_states; ++i) {
-    auto codes = states.get<ffi::Buffer<ffi::U8>>(2 * i);
-    auto absmax = states.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
-    auto codes_out = new_states.get<ffi::Buffer<ffi::U8>>(2 * i);
-    auto absmax_out = new_states.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto codes = args.get<ffi::Buffer<ffi::U8>>(a0 + 2 + 2 * i);
+    auto absmax = args.get<ffi::Buffer<ffi::F32>>(a0 + 3 + 2 * i);
+    auto codes_out = rets.get<ffi::Buffer<ffi::U8>>(r0 + 1 + 2 * i);
+    auto absmax_out = rets.get<ffi::Buffer<ffi::F32>>(r0 + 2 + 2 * i);
     if (!codes.has_value() || !absmax.has_value() || !codes_out.has_value() || !absmax_out.has_value())
-      return Error::InvalidArgument("optax8 step: state " + std::to_string(i) +
-                                    " must be uint8 codes and float32 absmax");
+      return Error::InvalidArgument(where + "state " + std::to_string(i) + " must be uint8 codes and float32 absmax");
     BlockLayout l;
-    if (auto e = make_layout(g.dimensions(), codes->dimensions(), absmax->dimensions(), block,
-                             state_map(algo, i), &l);
+    if (auto e = make_layout(g->dimensions(), codes->dimensions(), absmax->dimensions(), block, state_map(algo, i), &l);
         e.failure())
       return e;
     if (!same_dims(codes->dimensions(), (*codes_out)->dimensions()) ||
         !same_dims(absmax->dimensions(), (*absmax_out)->dimensions()))
-      return Error::InvalidArgument("optax8 step: new state shapes differ from the old ones");
+      return Error::InvalidArgument(where + "new state shapes differ from the old ones");
     s.l = l;
     s.codes_in[i] = codes->typed_data();
     s.absmax_in[i] = absmax->typed_data();
@@ -87,18 +110,19 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, xla::ff
     s.absmax_out[i] = (*absmax_out)->typed_data();
   }
   const auto hd = hyper.dimensions();
-  if (hd.size() == 0 || hd.back() != kNumHyper)
-    return Error::InvalidArgument("optax8 step: the hyperparameters must have shape (..., " +
-                                  std::to_string(int(kNumHyper)) + ")");
-  const int64_t hyper_rows = int64_t(hyper.element_count()) / kNumHyper;
-  if (hyper_rows < 1 || s.l.rows % hyper_rows != 0)
-    return Error::InvalidArgument("optax8 step: " + std::to_string(hyper_rows) +
-                                  " hyperparameter rows do not divide " + std::to_string(s.l.rows) + " rows");
-  s.rows_per_hyper = s.l.rows / hyper_rows;
-  s.hyper = hyper.typed_data();
-  s.g = g.untyped_data();
-  s.p = p.untyped_data();
-  s.u = u->untyped_data();
+  if (hd.size() < 2 || hd.back() != kNumHyper || hd[hd.size() - 2] != leaves)
+    return Error::InvalidArgument("optax8 step: the hyperparameters must have shape (..., " + std::to_string(leaves) +
+                                  ", " + std::to_string(int(kNumHyper)) + "), got " + dims_str(hd));
+  const int64_t batch = int64_t(hyper.element_count()) / (leaves * kNumHyper);
+  if (batch < 1 || s.l.rows % batch != 0)
+    return Error::InvalidArgument(where + std::to_string(batch) + " hyperparameter rows do not divide " +
+                                  std::to_string(s.l.rows) + " rows");
+  s.rows_per_hyper = s.l.rows / batch;
+  s.hyper_stride = leaves * kNumHyper;
+  s.hyper = hyper.typed_data() + leaf * kNumHyper;
+  s.g = g->untyped_data();
+  s.p = p->untyped_data();
+  s.u = (*u)->untyped_data();
   *out = s;
   return Error::Success();
 }

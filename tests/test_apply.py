@@ -1,0 +1,93 @@
+"""apply_gradients: the kernel writes the new parameters; temporaries of a train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax8
+from test_alias import NAMES, OPTIMIZERS
+
+
+def _params(dtype=jnp.float32):
+  key = jax.random.key(0)
+  return {"w": (jax.random.normal(key, (64, 256)) * 0.1).astype(dtype), "b": jnp.zeros((256,), dtype),
+          "v": (jax.random.normal(key, (3, 4096)) * 0.1).astype(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("name", NAMES)
+def test_apply_gradients_equals_update_then_apply_updates(name, dtype):
+  tx = OPTIMIZERS[name][0](min_8bit_size=1024)
+  params = _params(dtype)
+  s1 = s2 = tx.init(params)
+  p1 = p2 = params
+  for t in range(3):
+    grads = jax.tree.map(lambda x: (jax.random.normal(jax.random.key(t), x.shape) * 0.01).astype(x.dtype), params)
+    u, s1 = jax.jit(tx.update)(grads, s1, p1)
+    p1 = optax.apply_updates(p1, u)
+    p2, s2 = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, s2, p2)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+      assert a.dtype == b.dtype
+      # the kernel rounds p + u once; apply_updates rounds u, then p + u
+      tol = 0 if dtype == jnp.float32 else 2.0**-7
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 1e-3)
+    p2 = p1   # continue from the same point
+    s2 = s1
+
+
+def test_apply_gradients_falls_back_for_other_transformations():
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax8.adamw8bit(1e-3))
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  p, _ = optax8.apply_gradients(tx, grads, state, params)
+  u, _ = tx.update(grads, state, params)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(optax.apply_updates(params, u))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _mlp(params, x):
+  for i in range(4):
+    x = jax.nn.relu(x @ params[f"w{i}"] + params[f"b{i}"])
+  return jnp.mean(x**2)
+
+
+def _temp_bytes(tx, fused_apply):
+  key = jax.random.key(0)
+  params = {}
+  for i in range(4):
+    params[f"w{i}"] = jax.random.normal(jax.random.fold_in(key, i), (512, 512)) * 0.05
+    params[f"b{i}"] = jnp.zeros((512,))
+  x = jnp.ones((8, 512))
+
+  def step(params, state, x):
+    grads = jax.grad(_mlp)(params, x)
+    if fused_apply:
+      return optax8.apply_gradients(tx, grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x).compile()
+  n = sum(p.size for p in jax.tree.leaves(params))
+  return compiled.memory_analysis().temp_size_in_bytes / n
+
+
+def test_train_step_temporaries_close_to_optax():
+  """No parameter-sized float32 temporaries: at most 1 byte per parameter above optax.adamw."""
+  ours = _temp_bytes(optax8.adamw8bit(1e-3, weight_decay=1e-2), False)
+  ref = _temp_bytes(optax.adamw(1e-3, weight_decay=1e-2), False)
+  assert ours - ref <= 1.0, (ours, ref)
+
+
+def test_separate_apply_step_writes_params_in_place():
+  """A (params, state, grads) step: apply_gradients needs no copies and no parameter-sized temporaries."""
+  params = {f"w{i}": jnp.zeros((256, 1024)) for i in range(4)}
+  tx = optax8.adamw8bit(1e-3, weight_decay=1e-2)
+  step = jax.jit(lambda p, s, g: optax8.apply_gradients(tx, g, s, p), donate_argnums=(0, 1))
+  compiled = step.lower(params, tx.init(params), params).compile()
+  assert " copy(" not in compiled.as_text()
+  n = sum(p.size for p in jax.tree.leaves(params))
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * n
