@@ -37,6 +37,7 @@ from optax8.quantize import QuantizedArray
 
 DEFAULT_MIN_8BIT_SIZE = 4096
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
+GROUP_LEAVES = 64         # and up to this many leaves (XLA's compile time grows with a call's operands)
 
 # ---- states -----------------------------------------------------------------
 # Each moment field is a pytree like the params whose leaves are
@@ -339,7 +340,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     base = r.hyper(count, count_inc)
     post = r.trust == "lamb" or options.unorm_active()
 
-    calls, finish = [], []
+    calls, finish, vectors = [], [], {}
     for i, (path, g) in enumerate(zip(paths, grads)):
       _check_grad(name, path, g)
       leaf_states = [m[i] for m in moments]
@@ -364,8 +365,13 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
           hyper["weight_decay"] = wd_leaf
       kernel_params = p if (r.coupled or not post) and needs_decay_params and decay_flags[i] else None
       fused_apply = apply and not post and isinstance(leaf_states[0], QuantizedArray)
-      calls.append(LeafCall(hyper_vector(**hyper), g, p if fused_apply else kernel_params, tuple(leaf_states),
-                            fused_apply))
+      if r.trust == "lars":
+        vector = hyper_vector(**hyper)
+      else:   # the same vector for every leaf with the same decay flag
+        if decay_flags[i] not in vectors:
+          vectors[decay_flags[i]] = hyper_vector(**hyper)
+        vector = vectors[decay_flags[i]]
+      calls.append(LeafCall(vector, g, p if fused_apply else kernel_params, tuple(leaf_states), fused_apply))
       finish.append((g, p, wd_leaf, fused_apply))
     results = _run_leaves(algo, calls)
     out_u, out_states = [], [[] for _ in kinds]
@@ -407,9 +413,10 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
 
   8-bit leaves that share block size, params use and apply mode go through
   :func:`optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
-  elements (a larger leaf gets its own call): many small leaves cost one
-  call, while large gradients need not all be alive at once (a call reads
-  all its gradients, so XLA keeps them until it runs).
+  elements and ``GROUP_LEAVES`` leaves (a larger leaf gets its own call):
+  many small leaves share a call, while large gradients need not all be
+  alive at once (a call reads all its gradients, so XLA keeps them until it
+  runs).
   """
   results = [None] * len(calls)
   groups: dict[tuple, list[int]] = {}
@@ -425,7 +432,7 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
     current, size = [], 0
     for i in idx:
       n = int(np.prod(calls[i].g.shape))
-      if current and size + n > GROUP_ELEMENTS:
+      if current and (size + n > GROUP_ELEMENTS or len(current) == GROUP_LEAVES):
         batches.append((key, current))
         current, size = [], 0
       current.append(i)
@@ -438,7 +445,11 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
       flat = tuple(c.g.shape) or (1,)
       leaves.append((c.g.reshape(flat), None if c.p is None else c.p.reshape(flat),
                      tuple((s.codes.reshape(flat), s.absmax) for s in c.states)))
-    hypers = jnp.stack([calls[i].hyper for i in idx])
+    first = calls[idx[0]].hyper
+    if all(calls[i].hyper is first for i in idx):
+      hypers = jnp.broadcast_to(first, (len(idx),) + first.shape)
+    else:
+      hypers = jnp.stack([calls[i].hyper for i in idx])
     for i, (u, new) in zip(idx, dispatch.step_group(int(algo), hypers, leaves, block_size, apply)):
       c = calls[i]
       shape = tuple(c.g.shape)

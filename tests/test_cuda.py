@@ -237,3 +237,23 @@ def test_cuda_step_rejects_blocks_above_4096():
   inputs = _step_inputs(Algo.LION, np.float32, (2, 9000), 8192)
   with pytest.raises(Exception, match="above 4096"):
     _run_native(Algo.LION, 8192, *inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "lamb"])
+def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
+  """Whole optimizers on the GPU (grouped leaves, apply_gradients) against the same on the CPU."""
+  from test_alias import OPTIMIZERS
+  tx = OPTIMIZERS[name][0](min_8bit_size=256, block_size=256)
+  rng = np.random.default_rng(7)
+  params = {f"p{i}": (rng.standard_normal((i + 1, 700)) * 0.1).astype(np.float32) for i in range(12)}
+  grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
+  results = {}
+  for device in (_cpu(), _gpu()):
+    p, g = _put(params, device), _put(grads, device)
+    state = tx.init(p)
+    for _ in range(3):
+      p, state = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g, state, p)
+    results[device.platform] = jax.tree.map(np.asarray, p)
+  for k in params:
+    np.testing.assert_allclose(results["cuda"][k], results["cpu"][k], rtol=1e-5, atol=1e-7)

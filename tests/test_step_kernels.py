@@ -171,3 +171,27 @@ def test_dispatch_step_lowers_for_cpu_and_cuda():
   u, _ = exported.call(hyper, g, p, states)
   ref, _ = _run("jax", Algo.LION, hyper, g, p, states, 64)
   np.testing.assert_allclose(np.asarray(u), np.asarray(ref), rtol=1e-6, atol=1e-9)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+def test_native_step_matches_jax_on_extreme_values(algo):
+  """Tiny blocks (subnormal products), overflowing states (g**2 = inf), huge and tiny gradients."""
+  rng = np.random.default_rng(5)
+  shape = (6, 512)
+  scales = np.array([1e-38, 1e-30, 1e-3, 1e15, 1e25, 1e30])[:, None]
+  g = jnp.asarray(rng.standard_normal(shape) * scales, jnp.float32)
+  p = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  states = []
+  for kind in STATE_KINDS[algo]:
+    x = rng.standard_normal(shape) * np.array([1e-36, 1e-33, 1e-2, 1e10, 1e30, 1e37])[:, None]
+    q = optax8.quantize(jnp.asarray(np.abs(x) if kind == "unsigned" else x, jnp.float32), 128, kind)
+    states.append((q.codes, q.absmax))
+  hyper = hyper_vector(**HYPER)
+  (u1, s1), (u2, s2) = (_run(b, algo, hyper, g, p, tuple(states), 128) for b in ("native", "jax"))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(u1)), np.isfinite(np.asarray(u2)))
+  for (c1, a1), (c2, a2) in zip(s1, s2):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(a1)), np.isfinite(np.asarray(a2)))
+    np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=2e-6)
+    diff = np.abs(np.asarray(c1, np.int32) - np.asarray(c2, np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3

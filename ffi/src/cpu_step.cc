@@ -1,12 +1,14 @@
 // CPU FFI handler of the fused optimizer step (see optax8/step.h).
 //
 // The block loop (cpu_step_loop.inc) and the rule (step_rule.inc) are
-// compiled twice: for scalar floats (any x86-64 or other CPU) and, where the
-// compiler supports it, for AVX2 vectors of 8 floats, chosen at run time.
+// compiled for scalar floats (any CPU) and, with GCC on x86-64, for AVX2
+// vectors of 8 floats and AVX-512 vectors of 16, chosen at run time
+// (OPTAX8_CPU_NO_AVX512=1 skips AVX-512).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "optax8/cpu_avx2.h"
@@ -21,12 +23,6 @@
 namespace ffi = xla::ffi;
 
 namespace optax8 {
-
-template <typename F>
-struct HyperF {
-  F v[kNumHyper];
-  F one;
-};
 
 namespace cpu_scalar {
 
@@ -48,11 +44,11 @@ template <typename G>
 inline void lanes_store(typename G::T* p, float v, G) { *p = G::store(v); }
 inline float lanes_zero() { return 0.0f; }
 inline float lanes_broadcast(float x) { return x; }
-inline float lanes_max(float a, float b) { return std::max(a, b); }
-inline float lanes_dequantize(const uint8_t* codes, const float* values, float absmax) {
+inline float lanes_max(float x, float acc) { return x > acc ? x : acc; }  // a NaN x is dropped
+inline float lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool) {
   return scale_value(values[*codes], absmax);
 }
-inline float lanes_absmax_term(float x) { return absmax_term(x); }
+inline float lanes_abs(float x) { return std::fabs(x); }
 inline float lanes_hmax(float x) { return x; }
 inline void lanes_store_f32(float* p, float v) { *p = v; }
 inline void lanes_codes(const float*, uint8_t*, int64_t, const Normalizer&, const HostMap&) {}
@@ -91,11 +87,12 @@ template <typename G>
 inline void lanes_store(typename G::T* p, V v, G) { avx2::store8(p, v, G{}); }
 inline V lanes_zero() { return _mm256_setzero_ps(); }
 inline V lanes_broadcast(float x) { return _mm256_set1_ps(x); }
-inline V lanes_max(V a, V b) { return _mm256_max_ps(a, b); }
-inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax) {
-  return avx2::scale_value8(avx2::load_codes8(codes), values, absmax);
+inline V lanes_max(V x, V acc) { return _mm256_max_ps(x, acc); }  // a NaN x is dropped
+inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool flush) {
+  if (flush) return avx2::scale_value8(avx2::load_codes8(codes), values, absmax);
+  return _mm256_mul_ps(_mm256_i32gather_ps(values, avx2::load_codes8(codes), 4), _mm256_set1_ps(absmax));
 }
-inline V lanes_absmax_term(V x) { return avx2::absmax_term8(x); }
+inline V lanes_abs(V x) { return avx2::abs8(x); }
 inline float lanes_hmax(V x) { return avx2::hmax8(x); }
 inline void lanes_store_f32(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
@@ -110,12 +107,102 @@ inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normali
 #pragma GCC pop_options
 #endif
 
+#if OPTAX8_HAVE_AVX2_STEP
+#define OPTAX8_HAVE_AVX512_STEP 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // HyperF<__m512>: may_alias dropped, harmless
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in its AVX-512 headers
+namespace cpu_avx512 {
+
+using V = __m512;
+constexpr int kLanes = 16;
+
+inline bool supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+inline V vsqrt(V x) { return _mm512_sqrt_ps(x); }
+inline V vsign(V x) {
+  const V one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  return _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), one),
+                       _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), one));
+}
+inline V vselect(__mmask16 m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+inline __mmask16 vfinite(V x) { return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ); }
+inline __mmask16 vpositive(V x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ); }
+
+#define OPTAX8_RULE inline
+#include "optax8/step_rule.inc"
+#undef OPTAX8_RULE
+
+inline V lanes_load(const float* p, F32) { return _mm512_loadu_ps(p); }
+inline V lanes_load(const uint16_t* p, BF16) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+inline V lanes_load(const uint16_t* p, F16) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void lanes_store(float* p, V v, F32) { _mm512_storeu_ps(p, v); }
+inline void lanes_store(uint16_t* p, V v, BF16) {  // round to nearest even; v is never NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+inline void lanes_store(uint16_t* p, V v, F16) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline V lanes_zero() { return _mm512_setzero_ps(); }
+inline V lanes_broadcast(float x) { return _mm512_set1_ps(x); }
+inline V lanes_max(V x, V acc) { return _mm512_max_ps(x, acc); }  // a NaN x is dropped
+// scale_value of 16 codes.
+inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool flush) {
+  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  const V y = _mm512_mul_ps(_mm512_i32gather_ps(c, values, 4), _mm512_set1_ps(absmax));
+  if (!flush) return y;
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(y), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ), y);
+}
+inline V lanes_abs(V x) { return _mm512_abs_ps(x); }
+inline float lanes_hmax(V x) { return _mm512_reduce_max_ps(x); }
+inline void lanes_store_f32(float* p, V v) { _mm512_storeu_ps(p, v); }
+// Normalizer and bucket_code (cpu_map.h) for 16 values at a time.
+inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                        const HostMap& map) {
+  const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
+  for (int64_t k = 0; k < n; k += 16) {
+    const V xv = _mm512_loadu_ps(x + k);
+    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+    const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
+    const __m512i bits = _mm512_castps_si512(_mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)));
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
+    const __m512i lo = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+    const __m512i key = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xffff));
+    const __mmask16 up = _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 16));
+    const __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+  }
+}
+
+#include "cpu_step_loop.inc"
+
+}  // namespace cpu_avx512
+#pragma GCC pop_options
+#endif
+
 namespace {
 
 using BlockFn = void (*)(const StepBuffers&, int64_t, int64_t, float*);
 
 template <typename G, int A>
 BlockFn pick_variant() {
+#if OPTAX8_HAVE_AVX512_STEP
+  if (cpu_avx512::supported() && std::getenv("OPTAX8_CPU_NO_AVX512") == nullptr)
+    return &cpu_avx512::step_blocks<A, G>;
+#endif
 #if OPTAX8_HAVE_AVX2_STEP
   if (avx2::supported()) return &cpu_avx2::step_blocks<A, G>;
 #endif

@@ -36,12 +36,6 @@ namespace ffi = xla::ffi;
 
 namespace optax8 {
 
-template <typename F>
-struct HyperF {
-  F v[kNumHyper];
-  F one;
-};
-
 namespace cuda_rule {
 
 __device__ __forceinline__ float vsqrt(float x) { return __fsqrt_rn(x); }

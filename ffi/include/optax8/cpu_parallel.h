@@ -22,7 +22,7 @@ template <typename Body>
 void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& body) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t max_chunks = (n + grain - 1) / std::max<int64_t>(grain, 1);
-  const int64_t chunks = std::min<int64_t>(max_chunks, threads * 4);
+  const int64_t chunks = std::min<int64_t>(max_chunks, threads * 16);
   if (threads == 1 || chunks <= 1) {
     if (n > 0) body(int64_t{0}, n);
     return;

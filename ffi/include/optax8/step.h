@@ -66,4 +66,12 @@ enum Hyper : int {
   kNumHyper = 17,
 };
 
+// The hyperparameter vector as values of the rule's type F (a float or a
+// SIMD vector with every lane equal): step_rule.inc reads h.v[slot], h.one.
+template <typename F>
+struct HyperF {
+  F v[kNumHyper];
+  F one;
+};
+
 }  // namespace optax8
