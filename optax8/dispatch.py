@@ -78,7 +78,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
     hypers, group = unflatten(args)
     return [jax_step.step(algo, hypers[i], g, p, s, block_size, apply) for i, (g, p, s) in enumerate(group)]
 
-  branches = {platform: native_fn for platform in _native_branches(native_fn)}
+  branches = _native_branches(native_fn)
   if block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)
