@@ -214,3 +214,44 @@ def test_small_model_trains_to_the_same_loss_with_8bit_and_32bit_adamw():
     losses[bits] = float(_mlp_loss(params, x, y))
   assert losses[32] < 0.5 * float(_mlp_loss(init, x, y))
   assert abs(losses[8] - losses[32]) <= 0.02 * losses[32], losses
+
+
+_MASK = {"w": True, "b": False, "e": True}
+
+
+def _is_matrix(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _alpha_warmup(count):
+  return jnp.minimum(count / 5, 1.0) * 5
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda: optax8.adamw8bit(1e-2, weight_decay=0.1, mask=_MASK, bits=32),
+     lambda: optax.adamw(1e-2, weight_decay=0.1, mask=_MASK)),
+    (lambda: optax8.adamw8bit(1e-2, weight_decay=0.1, mask=_is_matrix, bits=32),
+     lambda: optax.adamw(1e-2, weight_decay=0.1, mask=_is_matrix)),
+    (lambda: optax8.lamb8bit(1e-2, weight_decay=0.1, mask=_MASK, bits=32),
+     lambda: optax.lamb(1e-2, weight_decay=0.1, mask=_MASK)),
+    (lambda: optax8.lars8bit(1e-1, weight_decay=0.1, weight_decay_mask=_MASK, trust_ratio_mask=_is_matrix, bits=32),
+     lambda: optax.lars(1e-1, weight_decay=0.1, weight_decay_mask=_MASK, trust_ratio_mask=_is_matrix)),
+    (lambda: optax8.lion8bit(1e-3, weight_decay=0.1, mask=_is_matrix, bits=32),
+     lambda: optax.lion(1e-3, weight_decay=0.1, mask=_is_matrix)),
+    (lambda: optax8.ademamix8bit(optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.1, mask=_MASK,
+                                 alpha=_alpha_warmup, bits=32),
+     lambda: contrib.ademamix(optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.1, mask=_MASK,
+                              alpha=_alpha_warmup)),
+], ids=["adamw-mask", "adamw-callable-mask", "lamb-mask", "lars-masks", "lion-callable-mask", "ademamix-schedules"])
+def test_masks_and_schedules_match_optax(ours, theirs):
+  """Weight-decay and trust-ratio masks (pytrees and callables) and schedules, as optax applies them."""
+  params = {"w": jnp.ones((64, 128)) * 0.1, "b": jnp.full((128,), 0.05), "e": jnp.ones((10, 16)) * 0.2}
+  a, b = ours(), theirs()
+  sa, sb, pa, pb = a.init(params), b.init(params), params, params
+  for t in range(6):
+    g = jax.tree.map(lambda x: jnp.sin(x * (t + 1) * 7 + jnp.arange(x.size).reshape(x.shape)) * 0.01, pa)
+    ua, sa = a.update(g, sa, pa)
+    ub, sb = b.update(g, sb, pb)
+    pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):   # lr 1e-2: float32 rounding of the updates
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=5e-7)
