@@ -258,13 +258,4 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remainin
 }  // namespace
 }  // namespace optax8
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cpu, optax8::Step,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters, one row per leaf
-                                  .RemainingArgs()               // per leaf: g, p, (codes, absmax) per state
-                                  .RemainingRets()               // per leaf: output, new (codes, absmax) per state
-                                  .Attr<int64_t>("algo")
-                                  .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("leaves")
-                                  .Attr<int64_t>("params_mode"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cpu, optax8::Step, optax8::step_binding<ffi::ThreadPool>());

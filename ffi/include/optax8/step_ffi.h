@@ -127,4 +127,21 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
   return Error::Success();
 }
 
+// The binding of the step handlers after their platform context C (the
+// thread pool on CPU, the stream on CUDA): what parse_step decodes, and the
+// attribute names optax8/kernels/native.py passes.
+template <typename C>
+auto step_binding() {
+  namespace ffi = xla::ffi;
+  return ffi::Ffi::Bind()
+      .Ctx<C>()
+      .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters, one row per leaf
+      .RemainingArgs()                        // per leaf: g, p, (codes, absmax) per state
+      .RemainingRets()                        // per leaf: output, new (codes, absmax) per state
+      .template Attr<int64_t>("algo")
+      .template Attr<int64_t>("block_size")
+      .template Attr<int64_t>("leaves")
+      .template Attr<int64_t>("params_mode");
+}
+
 }  // namespace optax8
