@@ -153,10 +153,6 @@ def _value(x, count):
   return x(count) if callable(x) else x
 
 
-def _safe_increment(count):
-  return jnp.where(count < np.iinfo(np.int32).max, count + 1, count).astype(jnp.int32)
-
-
 # ---- paths and checks -------------------------------------------------------
 
 
@@ -225,6 +221,12 @@ def _check_grad(name: str, path: str, g):
 def _norm(x):
   x = x.astype(jnp.float32)
   return jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0)))
+
+
+def _trust_ratio(param_norm, update_norm, coefficient=1.0, eps=0.0):
+  """optax.scale_by_trust_ratio's factor: ``c ||p|| / (||u|| + eps)``, 1 where a norm is 0."""
+  ratio = coefficient * param_norm / (update_norm + eps)
+  return jnp.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
 
 
 # ---- the engine -------------------------------------------------------------
@@ -318,7 +320,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     if not isinstance(state, state_cls):
       raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
     count = state.count
-    count_inc = _safe_increment(count)
+    count_inc = optax.safe_increment(count)
     treedef = jax.tree.structure(updates)
     paths = _paths(updates)
     grads = treedef.flatten_up_to(updates)
@@ -461,10 +463,7 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
 def _lars_ratio(r: Rule, g, p, wd):
   """optax.scale_by_trust_ratio on g + wd * p (non-finite g counts as 0)."""
   g = jnp.where(jnp.isfinite(g), g, 0).astype(jnp.float32)
-  param_norm = _norm(p)
-  update_norm = _norm(g + wd * p.astype(jnp.float32))
-  ratio = r.trust_coefficient * param_norm / (update_norm + r.trust_eps)
-  return jnp.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
+  return _trust_ratio(_norm(p), _norm(g + wd * p.astype(jnp.float32)), r.trust_coefficient, r.trust_eps)
 
 
 def _post(r: Rule, options: Options, d, g, p, scale, wd):
@@ -477,7 +476,6 @@ def _post(r: Rule, options: Options, d, g, p, scale, wd):
     d32 = d32 * jnp.where((options.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
   x = d32 + wd * p32
   if r.trust == "lamb":
-    param_norm, update_norm = _norm(p32), _norm(x)
-    x = x * jnp.where((param_norm == 0) | (update_norm == 0), 1.0, param_norm / update_norm)
+    x = x * _trust_ratio(_norm(p32), _norm(x))
   bad = ~jnp.isfinite(g)
   return jnp.where(bad, 0, scale * x).astype(d.dtype)

@@ -11,8 +11,9 @@ the kernel. Every function takes the 8-bit options ``bits`` (8 or 32),
 from __future__ import annotations
 
 import jax.numpy as jnp
+import optax
 
-from optax8.fused import Options, Rule, _safe_increment, _value, fused
+from optax8.fused import Options, Rule, _value, fused
 from optax8.kernels.jax_step import Algo
 
 
@@ -26,7 +27,7 @@ def adam_hyper(b1, b2, eps, eps_root, nesterov=False):
   """Adam's slots: reciprocal bias corrections ``1 / (1 - b**t)``."""
   def hyper(count, count_inc):
     return dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, inv_bias1=1 / (1 - b1**count_inc),
-                inv_bias2=1 / (1 - b2**count_inc), inv_bias1_next=1 / (1 - b1**_safe_increment(count_inc)),
+                inv_bias2=1 / (1 - b2**count_inc), inv_bias1_next=1 / (1 - b1**optax.safe_increment(count_inc)),
                 nesterov=float(bool(nesterov)))
   return hyper
 
