@@ -1,5 +1,9 @@
 import os
 
+# Multi-device tests run on 8 CPU devices; the flag must be set before jax initializes.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import hypothesis
 import jax
 import pytest
