@@ -13,6 +13,7 @@ from optax8.fused import (FusedGradientTransformation, ScaleByAdam8bitState, Sca
                           ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
+from optax8.offload import offload
 from optax8.quantize import QuantizedArray, dequantize, quantize
 from optax8.transforms import (scale_by_adam8bit, scale_by_ademamix8bit, scale_by_lion8bit, scale_by_rms8bit,
                                scale_by_rss8bit, trace8bit)
@@ -36,6 +37,7 @@ __all__ = [
     "lamb8bit",
     "lars8bit",
     "lion8bit",
+    "offload",
     "rmsprop8bit",
     "scale_by_adam8bit",
     "scale_by_ademamix8bit",

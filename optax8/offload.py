@@ -1,0 +1,111 @@
+"""Host offload of optimizer state: the JAX form of paged optimizers.
+
+``offload(tx)`` keeps the state of any GradientTransformation (optax8's or
+optax's) in host memory between steps::
+
+    init:    state = host(tx.init(params))
+    update:  u, s = tx.update(g, device(state), params);  return u, host(s)
+
+``host`` and ``device`` change only where each state leaf lives, never its
+value or sharding, so the results are bit for bit those of ``tx``. On a
+concrete array the target is the leaf's own sharding with another memory
+kind (``x.sharding.with_memory_kind(...)``); under ``jax.jit`` a traced leaf
+has no concrete sharding, so it moves by memory space
+(``jax.device_put(x, jax.memory.Space.Host)``) and keeps the sharding the
+partitioner gives it. Inside a jitted train step the transfers are part of
+the compiled program: XLA copies the state in before the update and out
+after it, and device memory holds the state only during the step.
+
+Example (the state of a donated step stays on the host)::
+
+    tx = optax8.offload(optax8.adamw8bit(1e-3))
+    state = tx.init(params)                                   # pinned_host
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1),
+                       out_shardings=(param_shardings, state_shardings))
+    def step(params, state, batch):
+      grads = jax.grad(loss)(params, batch)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from optax8.fused import FusedGradientTransformation
+
+HOST_MEMORY_KIND = "pinned_host"
+_SPACES = {HOST_MEMORY_KIND: jax.memory.Space.Host}
+
+
+def _move(x, memory_kind: str | None, space):
+  """``x`` in ``memory_kind`` (``None``: its devices' default memory), with its own sharding."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    sharding = x.sharding
+    kind = memory_kind or next(iter(sharding.device_set)).default_memory().kind
+    if sharding.memory_kind == kind:
+      return x
+    return jax.device_put(x, sharding.with_memory_kind(kind))
+  return jax.device_put(x, space)
+
+
+def to_host(tree, memory_kind: str = HOST_MEMORY_KIND):
+  """Every array leaf of ``tree`` in host memory (``memory_kind``), shardings kept; works under jit."""
+  space = _SPACES[_check_memory_kind(memory_kind)]
+  return jax.tree.map(lambda x: _move(x, memory_kind, space), tree)
+
+
+def to_device(tree):
+  """Every array leaf of ``tree`` in its devices' default memory, shardings kept; works under jit."""
+  return jax.tree.map(lambda x: _move(x, None, jax.memory.Space.Device), tree)
+
+
+def _check_memory_kind(memory_kind: str) -> str:
+  if memory_kind not in _SPACES:
+    raise ValueError(f"offload: memory_kind must be one of {sorted(_SPACES)}, got {memory_kind!r} (inside jit, "
+                     "XLA moves arrays only between device memory and pinned host memory)")
+  return memory_kind
+
+
+def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIND) -> optax.GradientTransformation:
+  """``tx`` with its state in host memory between steps.
+
+  Args:
+    tx: any GradientTransformation. Extra keyword arguments of ``update``
+      reach ``tx`` if it takes them.
+    memory_kind: where the state lives between steps; ``'pinned_host'``
+      (page-locked host memory, the kind XLA transfers to and from inside
+      a jitted computation).
+
+  Returns:
+    A transformation with ``tx``'s state and results: ``init`` returns the
+    state in ``memory_kind``; ``update`` moves it to the device, runs
+    ``tx.update`` and returns the new state in ``memory_kind``. If ``tx``
+    is one of optax8's fused optimizers, so is the result
+    (:func:`optax8.apply_gradients` keeps writing the parameters in the
+    kernel).
+  """
+  memory_kind = _check_memory_kind(memory_kind)
+  inner = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    return to_host(inner.init(params), memory_kind)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = inner.update(updates, to_device(state), params, **extra_args)
+    return updates, to_host(state, memory_kind)
+
+  apply = getattr(tx, "apply_gradients_fn", None)
+  if apply is None:
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  def apply_gradients_fn(grads, state, params):
+    params, state = apply(grads, to_device(state), params)
+    return params, to_host(state, memory_kind)
+
+  out = FusedGradientTransformation(init_fn, update_fn)
+  out.apply_gradients_fn = apply_gradients_fn
+  return out
