@@ -13,3 +13,14 @@ def test_quickstart_prints_its_result(tmp_path):
   result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
   assert result["state_bytes_8bit"] <= 0.26 * result["state_bytes_32bit"]
   assert result["rel_error_m"] < 0.02 and result["rel_error_v"] < 0.02
+
+
+def test_offload_keeps_the_state_on_the_host(tmp_path):
+  r = subprocess.run([sys.executable, str(EXAMPLES / "offload.py")], capture_output=True, text=True, timeout=600,
+                     cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  assert result["init_memory_kinds"] == result["state_memory_kinds"] == ["pinned_host"]
+  assert result["identical_to_device_state"]
+  assert result["state_bytes"] <= 0.52 * result["param_bytes"]   # two 8-bit moments: about 2 bytes per parameter
+  assert result["losses"][-1] < 0.5 * result["losses"][0]

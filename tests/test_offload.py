@@ -139,7 +139,7 @@ def test_sharded_state_with_out_shardings_and_donation(axis_type):
 def test_extra_args_reach_transformations_that_take_them():
   off = optax8.offload(optax.adamw(1e-3))
   params = _params()
-  updates, state = jax.jit(lambda g, s, p: off.update(g, s, p, loss=1.0))(_grads(params, 0), off.init(params), params)
+  _, state = jax.jit(lambda g, s, p: off.update(g, s, p, loss=1.0))(_grads(params, 0), off.init(params), params)
   assert _memory_kinds(state) == {"pinned_host"}
 
 
