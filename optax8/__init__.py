@@ -8,6 +8,7 @@ reference backend.
 from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
                           rmsprop8bit, sgd8bit)
 from optax8.apply import apply_gradients
+from optax8.checkpoint import check_state
 from optax8.dispatch import backends
 from optax8.fused import (FusedGradientTransformation, ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
                           ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
@@ -34,6 +35,7 @@ __all__ = [
     "adamw8bit",
     "ademamix8bit",
     "apply_gradients",
+    "check_state",
     "lamb8bit",
     "lars8bit",
     "lion8bit",

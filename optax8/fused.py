@@ -189,8 +189,11 @@ def _leaf_bits(x, bits: int, min_8bit_size: int) -> int:
   return 32
 
 
-def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None):
+def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None, bits: int | None = None):
   shape = tuple(g.shape)
+  if bits is not None and bits != (8 if isinstance(leaf, QuantizedArray) else 32):
+    raise ValueError(f"{name}: leaf {path}: the state has {'8' if bits == 32 else '32'}-bit state where the optimizer "
+                     f"keeps {bits}-bit state; was it made with other bits or min_8bit_size?")
   if isinstance(leaf, QuantizedArray):
     if leaf.kind != kind:
       raise ValueError(f"{name}: leaf {path}: state uses the {leaf.kind} map, expected {kind}")
@@ -335,6 +338,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     trust_flags = (_leaf_flags(r.trust_mask, params, treedef, name, "the trust-ratio mask")
                    if r.trust == "lars" else [True] * len(grads))
     block_size = None if isinstance(options.block_size, jax.core.Tracer) else options.resolved_block_size()
+    static_bits = not any(isinstance(v, jax.core.Tracer) for v in (options.bits, options.min_8bit_size))
 
     lr = _value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
@@ -346,9 +350,11 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     for i, (path, g) in enumerate(zip(paths, grads)):
       _check_grad(name, path, g)
       leaf_states = [m[i] for m in moments]
-      for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, path, g, leaf, kind, block_size)
       p = ps[i]
+      bits = (_leaf_bits(g if p is None else p, options.resolved_bits(), options.resolved_min_8bit_size())
+              if static_bits else None)
+      for leaf, kind in zip(leaf_states, kinds):
+        _check_state_leaf(name, path, g, leaf, kind, block_size, bits)
       if p is not None and tuple(p.shape) != tuple(g.shape):
         raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the gradient's "
                          f"{tuple(g.shape)}")

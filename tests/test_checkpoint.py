@@ -1,0 +1,173 @@
+"""Checkpoints of 8-bit state: orbax and flax.serialization round trips, sizes on disk, mismatched optimizers."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import serialization
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+import optax8
+
+OPTIMIZERS = {
+    "adamw8bit": lambda **kw: optax8.adamw8bit(1e-2, weight_decay=1e-2, **{"min_8bit_size": 1024, **kw}),
+    "chain": lambda **kw: optax.chain(optax.clip_by_global_norm(1.0), optax8.lion8bit(1e-3, min_8bit_size=1024)),
+    "offload": lambda **kw: optax8.offload(optax8.adamw8bit(1e-2, min_8bit_size=1024)),
+}
+
+
+def _params(rows=64):
+  return {"w": jax.random.normal(jax.random.key(0), (rows, 512)) * 0.1, "b": jnp.zeros((512,))}
+
+
+def _trained(tx, params, steps=2):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape), params)
+    _, state = update(grads, state, params)
+  return state
+
+
+def _save(path, state):
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, state)
+  return path
+
+
+def _restore(path, target):
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path, target)
+
+
+def _metadata(path):
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.metadata(path).item_metadata
+
+
+def _abstract(tx, params, sharding):
+  """The abstract state ``tx.init`` makes, each leaf placed by ``sharding(leaf)``."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding(a)),
+                      jax.eval_shape(tx.init, params))
+
+
+def _assert_identical(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)   # NamedTuples, QuantizedArray block_size and kind
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_orbax_restore_with_abstract_target_is_exact(name, tmp_path):
+  tx, params = OPTIMIZERS[name](), _params()
+  state = _trained(tx, params)
+  path = _save(tmp_path / "state", state)
+  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state)}
+  device = SingleDeviceSharding(jax.devices()[0], memory_kind=kinds.pop())
+  target = _abstract(tx, params, lambda _: device)
+  optax8.check_state(_metadata(path), target)
+  restored = _restore(path, target)
+  _assert_identical(state, restored)
+  assert {x.sharding for x in jax.tree.leaves(restored)} == {device}
+  is_q = lambda x: isinstance(x, optax8.QuantizedArray)
+  assert sum(map(is_q, jax.tree.leaves(restored, is_leaf=is_q))) == (1 if name == "chain" else 2)
+
+
+def test_orbax_restore_onto_four_devices_rows_sharded(tmp_path):
+  tx, params = OPTIMIZERS["adamw8bit"](), _params()
+  state = _trained(tx, params)
+  path = _save(tmp_path / "state", state)
+  mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+  rows = lambda a: NamedSharding(mesh, P("x") if a.ndim and a.shape[0] % 4 == 0 else P())
+  target = _abstract(tx, params, rows)
+  restored = _restore(path, target)
+  _assert_identical(state, restored)
+  assert restored.mu["w"].codes.sharding.spec == restored.mu["w"].absmax.sharding.spec == P("x")
+  assert restored.mu["w"].codes.addressable_shards[0].data.shape == (16, 512)
+  for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert x.sharding == t.sharding
+  sharded_params = jax.tree.map(lambda p: jax.device_put(p, rows(p)), params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-2), sharded_params)
+  _assert_identical(jax.jit(tx.update)(grads, state, params), jax.jit(tx.update)(grads, restored, sharded_params))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_flax_serialization_round_trip_is_exact(name):
+  tx, params = OPTIMIZERS[name](), _params()
+  state = _trained(tx, params)
+  target = tx.init(params)
+  _assert_identical(state, serialization.from_bytes(target, serialization.to_bytes(state)))
+  state_dict = serialization.to_state_dict(state)
+  leaf = state_dict["mu"]["w"] if name != "chain" else state_dict["1"]["mu"]["w"]
+  assert set(leaf) == {"codes", "absmax"}
+  _assert_identical(state, serialization.from_state_dict(target, state_dict))
+  optax8.check_state(state_dict, target)
+
+
+def _directory_bytes(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_8bit_adamw_on_disk_is_at_most_0_3_of_optax_adamw(tmp_path):
+  params = {"w": jax.random.normal(jax.random.key(0), (512, 1024)) * 0.1, "b": jnp.zeros((1024,))}
+  sizes = {}
+  for name, tx in [("optax.adamw", optax.adamw(1e-3)), ("optax8.adamw8bit", optax8.adamw8bit(1e-3))]:
+    sizes[name] = _directory_bytes(_save(tmp_path / name, _trained(tx, params)))
+  print(f"orbax checkpoint of the AdamW state of {512 * 1024 + 1024} parameters: {sizes} "
+        f"(ratio {sizes['optax8.adamw8bit'] / sizes['optax.adamw']:.3f})")
+  assert sizes["optax8.adamw8bit"] <= 0.3 * sizes["optax.adamw"], sizes
+
+
+# (options of the optimizer that restores, the parameters it is built for, what the errors name)
+MISMATCHES = {
+    "block_size": ({"block_size": 128}, _params(), r"\['w'\].*block_size"),
+    "bits": ({"bits": 32}, _params(), r"\['w'\].*(8-bit|32-bit).*bits or min_8bit_size"),
+    "min_8bit_size": ({"min_8bit_size": 1 << 20}, _params(), r"\['w'\].*(8-bit|32-bit).*bits or min_8bit_size"),
+    "shape": ({}, _params(rows=32), r"\['w'\].*(shape|gradient)"),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_state_of_another_optimizer_is_a_clear_error(case, tmp_path):
+  options, new_params = MISMATCHES[case][:2]
+  leaf = MISMATCHES[case][2]
+  params = _params()
+  state = _trained(OPTIMIZERS["adamw8bit"](), params, steps=1)
+  path = _save(tmp_path / "state", state)
+  new_tx = OPTIMIZERS["adamw8bit"](**options)
+  device = SingleDeviceSharding(jax.devices()[0])
+  target = _abstract(new_tx, new_params, lambda _: device)
+  # before restoring: the checkpoint's metadata against the new optimizer
+  with pytest.raises(ValueError, match="check_state: the state does not fit the optimizer:\n.*" + leaf):
+    optax8.check_state(_metadata(path), target)
+  # orbax itself refuses the target (shape or tree structure), it never restores wrong numbers
+  with pytest.raises(ValueError):
+    _restore(path, target)
+  # a state restored with the old target and stepped by the new optimizer: update names the leaf
+  grads = jax.tree.map(jnp.ones_like, new_params)
+  with pytest.raises(ValueError, match="adamw8bit: leaf " + leaf):
+    new_tx.update(grads, _restore(path, _abstract(OPTIMIZERS["adamw8bit"](), params, lambda _: device)), new_params)
+  # flax: from_bytes refuses 8-bit leaves that do not fit, check_state the rest
+  with pytest.raises(ValueError, match=r"(QuantizedArray at 'mu/w'|\['w'\]).*"):
+    optax8.check_state(serialization.from_bytes(new_tx.init(new_params), serialization.to_bytes(state)),
+                       new_tx.init(new_params))
+
+
+def test_check_state_finds_inconsistent_quantized_arrays():
+  tx, params = OPTIMIZERS["adamw8bit"](), _params()
+  state = tx.init(params)
+  bad = state._replace(mu={**state.mu, "w": optax8.QuantizedArray(state.mu["w"].codes, state.mu["w"].absmax, 128)})
+  with pytest.raises(ValueError, match=r"\.mu\['w'\]: absmax shape \(64, 2\) does not fit codes shape \(64, 512\) "
+                                       "with block_size 128"):
+    optax8.check_state(bad, jax.eval_shape(tx.init, params))
+  with pytest.raises(ValueError, match=r"\.nu\['w'\]: the state uses the signed map, the optimizer the unsigned"):
+    optax8.check_state(state._replace(nu=state.mu), state)
+  with pytest.raises(ValueError, match=r"\.count: dtype float32, the optimizer expects int32"):
+    optax8.check_state(state._replace(count=jnp.zeros([], jnp.float32)), state)
+  with pytest.raises(ValueError, match=r"\.mu\['w'\]: the state has a 32-bit array where the optimizer keeps 8-bit"):
+    optax8.check_state(OPTIMIZERS["adamw8bit"](bits=32).init(params), state)
