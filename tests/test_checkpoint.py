@@ -1,5 +1,6 @@
 """Checkpoints of 8-bit state: orbax and flax.serialization round trips, sizes on disk, mismatched optimizers."""
 
+import gc
 import pathlib
 
 import jax
@@ -132,6 +133,8 @@ MISMATCHES = {
 }
 
 
+# orbax's failed restore leaves coroutines behind, reported when they are collected
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("case", MISMATCHES)
 def test_state_of_another_optimizer_is_a_clear_error(case, tmp_path):
   options, new_params = MISMATCHES[case][:2]
@@ -148,6 +151,7 @@ def test_state_of_another_optimizer_is_a_clear_error(case, tmp_path):
   # orbax itself refuses the target (shape or tree structure), it never restores wrong numbers
   with pytest.raises(ValueError):
     _restore(path, target)
+  gc.collect()   # the failed restore's pending reads, while the warning filter applies
   # a state restored with the old target and stepped by the new optimizer: update names the leaf
   grads = jax.tree.map(jnp.ones_like, new_params)
   with pytest.raises(ValueError, match="adamw8bit: leaf " + leaf):
