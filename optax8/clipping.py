@@ -84,7 +84,10 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     size = static_int(history, f"{name}: history", "history")
     if size < 1:
       raise ValueError(f"{name}: history must be >= 1, got {size}")
-    empty = lambda p: optax.MaskedNode() if p is None else jnp.zeros((size,), jnp.float32)
+
+    def empty(p):
+      return optax.MaskedNode() if p is None else jnp.zeros((size,), jnp.float32)
+
     ps = percentiles(params)
     if per_leaf:
       hist = jax.tree.structure(params).unflatten([empty(p) for p in ps])
