@@ -5,7 +5,9 @@ counterpart, with its state quantized block-wise to 8 bits. Chain them with
 ``optax.scale_by_learning_rate`` and friends, or use the fused optimizers of
 :mod:`optax8.alias`, which also fold the learning rate and weight decay into
 the kernel. Every function takes the 8-bit options ``bits`` (8 or 32),
-``block_size`` (256), ``min_8bit_size`` (4096) and ``max_unorm`` (0, off).
+``block_size`` (256), ``min_8bit_size`` (4096) and ``max_unorm`` (0, off),
+all but ``min_8bit_size`` also per leaf (see :mod:`optax8.options`). For
+percentile clipping chain :func:`optax8.percentile_clipping` in front.
 """
 
 from __future__ import annotations
