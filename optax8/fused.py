@@ -34,6 +34,7 @@ from optax8 import dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, absmax_shape, check_block_size
 from optax8.quantize import QuantizedArray
+from optax8.sharding import state_shardings, zero_count
 
 DEFAULT_MIN_8BIT_SIZE = 4096
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
@@ -173,13 +174,14 @@ def _check_param(name: str, path: str, x) -> None:
     raise TypeError(f"{name}: leaf {path} has dtype {dtype}; optimizer state needs floating-point parameters")
 
 
-def _state_leaf(kind: str, shape, bits: int, block_size: int, initial):
-  """The initial state of one leaf: ``initial`` everywhere."""
+def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings=None):
+  """The initial state of one leaf: ``initial`` everywhere, placed on ``shardings`` (see optax8.sharding)."""
+  full = jnp.full if shardings is None else shardings.full
   if bits == 32:
-    return jnp.full(shape, initial, jnp.float32)
+    return full(shape, initial, jnp.float32)
   code = 255 if not _is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
-  absmax = jnp.zeros(absmax_shape(shape, block_size), jnp.float32) + jnp.asarray(initial, jnp.float32)
-  return QuantizedArray(jnp.full(shape, code, jnp.uint8), absmax, block_size, kind)
+  absmax = full(absmax_shape(shape, block_size), jnp.asarray(initial, jnp.float32), jnp.float32)
+  return QuantizedArray(full(shape, code, jnp.uint8), absmax, block_size, kind)
 
 
 def _leaf_bits(x, bits: int, min_8bit_size: int) -> int:
@@ -307,13 +309,15 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       path = next(paths)
       _check_param(name, path, x)
       b = _leaf_bits(x, bits, min_size)
-      return tuple(_state_leaf(k, tuple(x.shape), b, block_size, v) for k, v in zip(kinds, initial))
+      # The state is sharded like the parameter (optax8.sharding).
+      shardings = state_shardings(name, path, x, b, block_size)
+      return tuple(_state_leaf(k, tuple(x.shape), b, block_size, v, shardings) for k, v in zip(kinds, initial))
 
     per_leaf = jax.tree.map(leaf_states, params)
     treedef = jax.tree.structure(params)
     fields = [jax.tree.unflatten(treedef, [s[i] for s in treedef.flatten_up_to(per_leaf)])
               for i in range(len(kinds))]
-    return state_cls(jnp.zeros([], jnp.int32), *fields)
+    return state_cls(zero_count(params), *fields)   # replicated on the params' mesh (optax8.sharding)
 
   def run(updates, state, params, apply: bool):
     """The update (or with ``apply`` the new params) and the new state."""
