@@ -13,3 +13,16 @@ def test_quickstart_prints_its_result(tmp_path):
   result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
   assert result["state_bytes_8bit"] <= 0.26 * result["state_bytes_32bit"]
   assert result["rel_error_m"] < 0.02 and result["rel_error_v"] < 0.02
+
+
+def test_sharded_fsdp_keeps_the_state_on_its_shards(tmp_path):
+  r = subprocess.run([sys.executable, str(EXAMPLES / "sharded_fsdp.py")], capture_output=True, text=True,
+                     timeout=600, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  assert result["devices"] == 8
+  assert not result["state_all_gathered"] and not result["codes_moved"]
+  # Each device holds an eighth of the state (to within the replicated step count).
+  assert result["state_bytes_per_device"] <= result["state_bytes"] / 8 + 64
+  assert result["state_specs"] == ["P('fsdp', None)", "P('fsdp',)"]
+  assert result["loss_last"] < 0.1 * result["loss_first"]
