@@ -36,6 +36,7 @@ from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import absmax_shape
 from optax8.options import Options, is_static_zero
 from optax8.quantize import QuantizedArray
+from optax8.sharding import state_shardings, zero_count
 
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
 GROUP_LEAVES = 64         # and up to this many leaves (XLA's compile time grows with a call's operands)
@@ -113,13 +114,14 @@ def _check_param(name: str, path: str, x) -> None:
     raise TypeError(f"{name}: leaf {path} has dtype {dtype}; optimizer state needs floating-point parameters")
 
 
-def _state_leaf(kind: str, shape, bits: int, block_size: int, initial):
-  """The initial state of one leaf: ``initial`` everywhere."""
+def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings=None):
+  """The initial state of one leaf: ``initial`` everywhere, placed on ``shardings`` (see optax8.sharding)."""
+  full = jnp.full if shardings is None else shardings.full
   if bits == 32:
-    return jnp.full(shape, initial, jnp.float32)
+    return full(shape, initial, jnp.float32)
   code = 255 if not is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
-  absmax = jnp.zeros(absmax_shape(shape, block_size), jnp.float32) + jnp.asarray(initial, jnp.float32)
-  return QuantizedArray(jnp.full(shape, code, jnp.uint8), absmax, block_size, kind)
+  absmax = full(absmax_shape(shape, block_size), jnp.asarray(initial, jnp.float32), jnp.float32)
+  return QuantizedArray(full(shape, code, jnp.uint8), absmax, block_size, kind)
 
 
 def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None, bits: int | None = None):
@@ -245,10 +247,12 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     bits = options.leaf_bits(name, params)
     block_sizes = options.leaf_block_sizes(name, params)
     options.leaf_max_unorms(name, params)   # checked here, used by update
-    states = [tuple(_state_leaf(k, tuple(x.shape), b, bs, v) for k, v in zip(kinds, initial))
-              for x, b, bs in zip(leaves, bits, block_sizes)]
+    states = []
+    for path, x, b, bs in zip(_paths(params), leaves, bits, block_sizes):
+      shardings = state_shardings(name, path, x, b, bs)   # the state is sharded like the parameter
+      states.append(tuple(_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial)))
     fields = [treedef.unflatten([s[i] for s in states]) for i in range(len(kinds))]
-    return state_cls(jnp.zeros([], jnp.int32), *fields)
+    return state_cls(zero_count(params), *fields)   # replicated on the params' mesh (optax8.sharding)
 
   def run(updates, state, params, apply: bool):
     """The update (or with ``apply`` the new params) and the new state."""

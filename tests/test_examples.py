@@ -24,3 +24,16 @@ def test_offload_keeps_the_state_on_the_host(tmp_path):
   assert result["identical_to_device_state"]
   assert result["state_bytes"] <= 0.52 * result["param_bytes"]   # two 8-bit moments: about 2 bytes per parameter
   assert result["losses"][-1] < 0.5 * result["losses"][0]
+
+
+def test_sharded_fsdp_keeps_the_state_on_its_shards(tmp_path):
+  r = subprocess.run([sys.executable, str(EXAMPLES / "sharded_fsdp.py")], capture_output=True, text=True,
+                     timeout=600, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  assert result["devices"] == 8
+  assert not result["state_all_gathered"] and not result["codes_moved"]
+  # Each device holds an eighth of the state (to within the replicated step count).
+  assert result["state_bytes_per_device"] <= result["state_bytes"] / 8 + 64
+  assert result["state_specs"] == ["P('fsdp', None)", "P('fsdp',)"]
+  assert result["loss_last"] < 0.1 * result["loss_first"]

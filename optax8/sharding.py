@@ -1,0 +1,293 @@
+"""optax8 on a device mesh: shard-local kernels and state shardings.
+
+JAX's SPMD partitioner runs optax8 on many devices. Every kernel is
+elementwise over an array's elements except that a block of ``block_size``
+elements along the last axis shares one absmax, so a shard computes its part
+alone exactly when it holds whole blocks::
+
+    leading axes      any sharding
+    last axis (n)     unsharded, or split s ways with n % (s * block_size) == 0
+    absmax (..., nb)  the elements' sharding, the last axis on the same mesh axes
+
+:func:`shard_local` wraps a kernel in ``jax.experimental.custom_partitioning``
+with this rule (a Shardy ``SdyShardingRule``, and the GSPMD callbacks), so
+the partitioner runs the kernel on each device's shards with no
+communication; the FFI call alone would be replicated (an all-gather of
+every operand). :func:`state_shardings` gives a parameter's 8-bit state the
+parameter's sharding, and rejects one that would split a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+# ---- the block rule ---------------------------------------------------------
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry."""
+  if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _spec(sharding, ndim: int) -> tuple:
+  """A NamedSharding's spec with one entry per dimension."""
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (ndim - len(spec))
+
+
+def num_shards(mesh, entry) -> int:
+  """How many ways a dimension with spec ``entry`` is split on ``mesh``."""
+  return math.prod(mesh.shape[a] for a in _axes(entry))
+
+
+def keeps_blocks(n: int, shards: int, block_size: int) -> bool:
+  """Whether splitting a last axis of ``n`` elements ``shards`` ways gives every shard whole blocks."""
+  return shards == 1 or (n % shards == 0 and (n // shards) % block_size == 0)
+
+
+# ---- shard-local kernels ----------------------------------------------------
+
+ELEMENTS = "elements"  # an array of a leaf's shape (..., n): values, codes, updates
+ABSMAX = "absmax"      # a leaf's absmax (..., ceil(n / block_size))
+REPLICATED = "replicated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """A kernel call whose operands and results are leaves' elements, absmax, or replicated arrays.
+
+  Attributes:
+    kernel: ``kernel(*operands, **params) -> results`` (a sequence), traced
+      on whole arrays and on each device's shards alike.
+    params: the kernel's static keyword arguments, as sorted ``(name, value)`` pairs.
+    block_size: elements per quantization block.
+    leaf_shapes: the elements' shape of each leaf.
+    operands, results: the role of each array: ``(ELEMENTS, leaf)``,
+      ``(ABSMAX, leaf)`` or ``(REPLICATED, rank)``.
+  """
+
+  kernel: Callable
+  params: tuple
+  block_size: int
+  leaf_shapes: tuple
+  operands: tuple
+  results: tuple
+
+  def call(self, *arrays):
+    return tuple(self.kernel(*arrays, **dict(self.params)))
+
+  def batched(self, size: int) -> Op:
+    """The op over a leading batch axis of ``size`` added to every leaf."""
+    return dataclasses.replace(self, leaf_shapes=tuple((size,) + s for s in self.leaf_shapes))
+
+
+def make_op(kernel: Callable, leaf_shapes, operands, results, **params) -> Op:
+  """An :class:`Op` of ``kernel`` with static ``params`` (which include ``block_size``)."""
+  return Op(kernel, tuple(sorted(params.items())), params["block_size"], tuple(tuple(s) for s in leaf_shapes),
+            tuple(operands), tuple(results))
+
+
+def shard_local(op: Op, *arrays) -> tuple:
+  """``op.call(*arrays)``, partitioned so that each device computes its own shards.
+
+  Under ``jax.vmap`` a batch axis becomes one more leading axis of every
+  leaf; where a replicated operand is batched (a batch of hyperparameter
+  rows) the kernel is vmapped instead and not partitioned.
+  """
+  return _shard_local_jit(op, *arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _shard_local_jit(op: Op, *arrays):
+  # jit, so that eager calls on sharded arrays are partitioned too.
+  fn = jax.custom_batching.custom_vmap(lambda *a: _partitioned(op, *a))
+
+  @fn.def_vmap
+  def _batch_rule(axis_size, in_batched, *args):
+    if any(b and role[0] == REPLICATED for b, role in zip(in_batched, op.operands)):
+      out = jax.vmap(op.call, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+    else:
+      args = [a if b or role[0] == REPLICATED else jnp.broadcast_to(a, (axis_size,) + a.shape)
+              for a, b, role in zip(args, in_batched, op.operands)]
+      out = shard_local(op.batched(axis_size), *args)
+    return tuple(out), (True,) * len(out)
+
+  return fn(*arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(op: Op, *arrays):
+  # Under jit the kernel's constants (lookup tables) stay inside its own jaxpr:
+  # custom_partitioning takes functions without closed-over constants.
+  return op.call(*arrays)
+
+
+def _leaf_specs(op: Op, mesh, arg_shapes) -> list[tuple]:
+  """Each leaf's spec: that of its first elements operand, with a last axis that would split blocks unsharded."""
+  specs = [None] * len(op.leaf_shapes)
+  for (role, leaf), arg in zip(op.operands, arg_shapes):
+    if role == ELEMENTS and specs[leaf] is None:
+      shape = op.leaf_shapes[leaf]
+      spec = _spec(arg.sharding, len(shape)) if isinstance(arg.sharding, NamedSharding) else (None,) * len(shape)
+      if not keeps_blocks(shape[-1], num_shards(mesh, spec[-1]), op.block_size):
+        spec = spec[:-1] + (None,)
+      specs[leaf] = spec
+  return specs
+
+
+def _shardings(op: Op, mesh, specs, roles):
+  return tuple(NamedSharding(mesh, PartitionSpec() if role == REPLICATED else PartitionSpec(*specs[leaf]))
+               for role, leaf in roles)
+
+
+def _partition(op: Op, mesh, arg_shapes, result_shape):
+  specs = _leaf_specs(op, mesh, arg_shapes)
+
+  def local(*shards):
+    # The per-device computation has no mesh: without this, an Explicit mesh of
+    # the caller's context would add sharding annotations that no partitioner
+    # removes (jax 0.12 fails to compile them).
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+      return op.call(*shards)
+
+  return mesh, local, _shardings(op, mesh, specs, op.results), _shardings(op, mesh, specs, op.operands)
+
+
+def _infer(op: Op, mesh, arg_shapes, result_shape):
+  """The results' shardings from the operands' (GSPMD partitioner)."""
+  return _shardings(op, mesh, _leaf_specs(op, mesh, arg_shapes), op.results)
+
+
+def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
+  """The Shardy rule: one factor per leading axis of a leaf; the last axis ``(nb, block_size)``.
+
+  The block factor needs replication, so a last axis is split only between
+  whole blocks, and absmax's last axis shares the leaf's ``nb`` factor.
+  Where ``n`` is not a multiple of ``block_size`` the last axis stays whole.
+  """
+  del mesh, operand_types, result_types
+  need, sizes, leaves = [], {}, []
+  for i, shape in enumerate(op.leaf_shapes):
+    lead = tuple(f"l{i}_{d}" for d in range(len(shape) - 1))
+    n, b = shape[-1], op.block_size
+    if b == 1:
+      last = nb = f"n{i}"
+    elif n % b == 0 and n > b:
+      last, nb = CompoundFactor(f"k{i}", f"b{i}"), f"k{i}"
+      sizes[f"b{i}"] = b
+      need.append(f"b{i}")
+    else:
+      last, nb = f"n{i}", f"k{i}"
+      need += [last, nb]
+    leaves.append((lead + (last,), lead + (nb,)))
+  replicated = [0]
+
+  def mapping(role, arg):
+    if role == REPLICATED:
+      names = tuple(f"r{replicated[0]}_{d}" for d in range(arg))
+      replicated[0] += 1
+      need.extend(names)
+      return ArrayMapping(*names)
+    return ArrayMapping(*leaves[arg][0 if role == ELEMENTS else 1])
+
+  operands = tuple(mapping(*r) for r in op.operands)
+  results = tuple(mapping(*r) for r in op.results)
+  order = {}   # Shardy numbers factors by first appearance and wants special factors in that order
+  for m in operands + results:
+    for dim in m:
+      for f in (dim if isinstance(dim, CompoundFactor) else (dim,)):
+        order.setdefault(f, len(order))
+  return SdyShardingRule(operands, results, need_replication_factors=tuple(sorted(need, key=order.get)), **sizes)
+
+
+_partitioned = custom_partitioning(_run, static_argnums=(0,))
+_partitioned.def_partition(partition=_partition, infer_sharding_from_operands=_infer,
+                           propagate_user_sharding=None, sharding_rule=_rule)
+
+# ---- state shardings ----------------------------------------------------------
+
+
+def _mesh_sharding(x) -> NamedSharding | None:
+  """``x``'s NamedSharding: a concrete array's, or a traced one's on an Explicit mesh (from ``jax.typeof``)."""
+  if isinstance(x, jax.core.Tracer):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is None or jax.sharding.AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ()):
+      return None   # on an Auto mesh a traced array's sharding is not known yet
+  else:
+    sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
+    return None
+  return sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class StateShardings:
+  """Where one parameter's state lives: codes, absmax and float32 state all take the parameter's spec.
+
+  An absmax has the parameter's rank (``(..., nb)``), so the same spec puts
+  its last axis on the same mesh axes; a scalar's absmax ``(1,)`` is replicated.
+  """
+
+  sharding: NamedSharding
+  traced: bool  # under jit (on an Explicit mesh): the sharding goes into the arrays' types
+
+  def full(self, shape, value, dtype):
+    """``jnp.full`` created directly on each device's shards."""
+    spec = self.sharding.spec if len(shape) == self.ndim else PartitionSpec()
+    sharding = NamedSharding(self.sharding.mesh, spec)
+    if self.traced:
+      return jnp.full(shape, value, dtype, out_sharding=sharding)
+    return jnp.full(shape, value, dtype, device=sharding)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.sharding.spec)
+
+
+def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> StateShardings | None:
+  """The shardings of the state of parameter ``x`` (None where ``x`` carries no mesh sharding).
+
+  ``x`` is a concrete array or, on an Explicit mesh, a traced one (its
+  ``jax.typeof`` has the sharding). For 8-bit state the last axis must be
+  unsharded or split into whole blocks; otherwise this raises a ValueError
+  naming the leaf, its sharding, the block size and what to change.
+  """
+  sharding = _mesh_sharding(x)
+  if sharding is None:
+    return None
+  shape = tuple(x.shape)
+  spec = _spec(sharding, len(shape))
+  if bits == 8 and shape:
+    n, shards = shape[-1], num_shards(sharding.mesh, spec[-1])
+    if not keeps_blocks(n, shards, block_size):
+      local = n // shards
+      hint = (f"a block_size that divides the shard length {local} (at most {local & -local})"
+              if n % shards == 0 and local else f"a last axis whose length is a multiple of {shards} blocks")
+      rows = (f"shard a leading axis instead (for example {PartitionSpec(spec[-1], *(None,) * (len(shape) - 1))}), "
+              if len(shape) > 1 and spec[0] is None else "")
+      raise ValueError(
+          f"{name}: leaf {path} of shape {shape} is sharded {sharding.spec} on mesh {dict(sharding.mesh.shape)}: "
+          f"its last axis ({n} elements) is split {shards} ways, which cuts its quantization blocks of "
+          f"{block_size} elements (a block must lie within one shard). To fix it, {rows}leave the last axis "
+          f"unsharded, or use {hint} (block_size=...).")
+  return StateShardings(NamedSharding(sharding.mesh, PartitionSpec(*spec)), isinstance(x, jax.core.Tracer))
+
+
+def zero_count(params):
+  """The initial step count, an int32 zero replicated on the mesh of the first sharded parameter."""
+  for x in jax.tree.leaves(params):
+    sharding = _mesh_sharding(x)
+    if sharding is not None:
+      return StateShardings(NamedSharding(sharding.mesh, PartitionSpec()), isinstance(x, jax.core.Tracer)).full(
+          (), 0, jnp.int32)
+  return jnp.zeros([], jnp.int32)
