@@ -23,6 +23,7 @@ and zero states for that element only.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -158,6 +159,15 @@ def _value(x, count):
 
 def _paths(tree) -> list[str]:
   return [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _unbox(tree):
+  """``tree`` without Flax nnx Variable boxes (``nnx.Optimizer`` passes an ``nnx.State`` of ``nnx.Param``)."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
+  box = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda x: x.get_value() if box(x) else x, tree, is_leaf=box)
 
 
 def _flatten_like(treedef, tree, what: str, name: str):
@@ -298,6 +308,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
 
   def init_fn(params):
+    params = _unbox(params)
     bits = options.resolved_bits()
     block_size = options.resolved_block_size()
     min_size = options.resolved_min_8bit_size()
@@ -322,9 +333,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     count = state.count
     count_inc = optax.safe_increment(count)
     treedef = jax.tree.structure(updates)
+    state_def = jax.tree.structure(_unbox(updates))  # the state has no nnx Variable boxes
     paths = _paths(updates)
     grads = treedef.flatten_up_to(updates)
-    moments = [_flatten_like(treedef, f, f"state field {state_cls._fields[i + 1]!r}", name)
+    moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
     needs_params = apply or needs_decay_params or r.trust is not None or options.unorm_active()
     if needs_params and params is None:
@@ -385,7 +397,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       out_u.append(u)
       for j, s in enumerate(new):
         out_states[j].append(s)
-    new_fields = [treedef.unflatten(s) for s in out_states]
+    new_fields = [state_def.unflatten(s) for s in out_states]
     return treedef.unflatten(out_u), state_cls(count_inc, *new_fields)
 
   def update_fn(updates, state, params=None, **extra_args):
