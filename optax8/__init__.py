@@ -13,11 +13,13 @@ import importlib
 from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
                           rmsprop8bit, sgd8bit)
 from optax8.apply import apply_gradients
+from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
 from optax8.fused import (FusedGradientTransformation, ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
                           ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
+from optax8.options import STABLE_EMBEDDING
 from optax8.quantize import QuantizedArray, dequantize, quantize
 from optax8.transforms import (scale_by_adam8bit, scale_by_ademamix8bit, scale_by_lion8bit, scale_by_rms8bit,
                                scale_by_rss8bit, trace8bit)
@@ -29,6 +31,7 @@ _SUBMODULES = ("linen", "nnx")  # need flax: imported on first attribute access
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "FusedGradientTransformation",
+    "PercentileClippingState",
     "ScaleByAdam8bitState",
     "ScaleByAdemamix8bitState",
     "ScaleByLion8bitState",
@@ -43,6 +46,7 @@ __all__ = [
     "lamb8bit",
     "lars8bit",
     "lion8bit",
+    "percentile_clipping",
     "rmsprop8bit",
     "scale_by_adam8bit",
     "scale_by_ademamix8bit",
@@ -53,6 +57,7 @@ __all__ = [
     "trace8bit",
     "QuantizedArray",
     "SIGNED",
+    "STABLE_EMBEDDING",
     "UNSIGNED",
     "__version__",
     "absmax_shape",

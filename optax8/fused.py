@@ -11,8 +11,9 @@ where ``d`` is the algorithm's direction (Adam's ``m_hat / (sqrt(v_hat) +
 eps)``, Lion's ``sign(...)``, ...), ``scale`` is ``-learning_rate`` for the
 optimizers of :mod:`optax8.alias` and 1 for the ``scale_by_*`` building
 blocks, ``wd`` the decoupled and ``wd_c`` the coupled weight decay. Leaves
-smaller than ``min_8bit_size`` elements (or all leaves with ``bits=32``)
-keep float32 state and run the same rule in JAX.
+smaller than ``min_8bit_size`` elements (or with ``bits`` 32; the options
+may be set per leaf, see :mod:`optax8.options`) keep float32 state and run
+the same rule in JAX.
 
 Hyperparameters reach the kernels as a float32 device vector, so a new
 learning rate (a schedule, :func:`optax.inject_hyperparams`) never
@@ -31,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8 import dispatch, maps
+from optax8 import clipping, dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
-from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, absmax_shape, check_block_size
+from optax8.layout import absmax_shape
+from optax8.options import Options, is_static_zero
 from optax8.quantize import QuantizedArray
 
-DEFAULT_MIN_8BIT_SIZE = 4096
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
 GROUP_LEAVES = 64         # and up to this many leaves (XLA's compile time grows with a call's operands)
 
@@ -88,67 +89,6 @@ STATE_CLASSES = {
 }
 
 
-# ---- options ----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """The 8-bit options every optimizer takes (``None``: the default).
-
-  Attributes:
-    bits: 8 (quantized state) or 32 (float32 state). Default 8.
-    block_size: elements per quantization block, a power of two. Default 256.
-    min_8bit_size: leaves with fewer elements keep float32 state. Default 4096.
-    max_unorm: if > 0, scale each leaf's update direction down so that its
-      norm is at most ``max_unorm * ||p||``. Default 0 (off).
-
-  The defaults are ``None`` rather than numbers so that
-  :func:`optax.inject_hyperparams` treats them as static.
-  """
-
-  bits: Any = None
-  block_size: Any = None
-  min_8bit_size: Any = None
-  max_unorm: Any = None
-
-  def resolved_bits(self) -> int:
-    bits = 8 if self.bits is None else _static_int(self.bits, "bits")
-    if bits not in (8, 32):
-      raise ValueError(f"bits must be 8 or 32, got {bits}")
-    return bits
-
-  def resolved_block_size(self) -> int:
-    return DEFAULT_BLOCK_SIZE if self.block_size is None else check_block_size(
-        _static_int(self.block_size, "block_size"))
-
-  def resolved_min_8bit_size(self) -> int:
-    size = DEFAULT_MIN_8BIT_SIZE if self.min_8bit_size is None else _static_int(self.min_8bit_size,
-                                                                                 "min_8bit_size")
-    if size < 0:
-      raise ValueError(f"min_8bit_size must be >= 0, got {size}")
-    return size
-
-  def unorm_active(self) -> bool:
-    return not _is_static_zero(self.max_unorm)
-
-
-def _static_int(value, name: str) -> int:
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(f"{name} must be a static int; under optax.inject_hyperparams pass "
-                    f"static_args=({name!r},)")
-  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
-    raise TypeError(f"{name} must be an int, got {value!r}")
-  return int(np.asarray(value))
-
-
-def _is_static_zero(value) -> bool:
-  if value is None:
-    return True
-  if isinstance(value, (int, float, np.ndarray, np.generic)) and not isinstance(value, bool):
-    return float(np.asarray(value)) == 0.0
-  return False
-
-
 def _value(x, count):
   """A hyperparameter that may be a schedule of the step count."""
   return x(count) if callable(x) else x
@@ -187,16 +127,9 @@ def _state_leaf(kind: str, shape, bits: int, block_size: int, initial):
   """The initial state of one leaf: ``initial`` everywhere."""
   if bits == 32:
     return jnp.full(shape, initial, jnp.float32)
-  code = 255 if not _is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
+  code = 255 if not is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
   absmax = jnp.zeros(absmax_shape(shape, block_size), jnp.float32) + jnp.asarray(initial, jnp.float32)
   return QuantizedArray(jnp.full(shape, code, jnp.uint8), absmax, block_size, kind)
-
-
-def _leaf_bits(x, bits: int, min_8bit_size: int) -> int:
-  size = int(np.prod(x.shape))
-  if bits == 8 and size >= max(min_8bit_size, 1) and jnp.dtype(x.dtype) in VALUE_DTYPES:
-    return 8
-  return 32
 
 
 def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None):
@@ -298,32 +231,31 @@ class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
 
 
 def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
-  """Builds the GradientTransformation of one fused optimizer."""
+  """Builds the GradientTransformation of one fused optimizer.
+
+  With ``options.percentile_clipping`` on, the result is
+  ``optax.chain(percentile_clipping(...), optimizer)`` (see
+  :func:`with_percentile_clipping`).
+  """
   algo = Algo(r.algo)
   kinds = STATE_KINDS[algo]
   state_cls = STATE_CLASSES[algo]
   initial = r.initial or (0.0,) * len(kinds)
-  needs_decay_params = not _is_static_zero(r.weight_decay)
-  if r.trust == "lars" and options.unorm_active():
+  needs_decay_params = not is_static_zero(r.weight_decay)
+  if r.trust == "lars" and options.unorm_maybe_active():
     raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
 
   def init_fn(params):
-    params = _unbox(params)
-    bits = options.resolved_bits()
-    block_size = options.resolved_block_size()
-    min_size = options.resolved_min_8bit_size()
-    paths = iter(_paths(params))
-
-    def leaf_states(x):
-      path = next(paths)
+    leaves = jax.tree.leaves(params)
+    for path, x in zip(_paths(params), leaves):
       _check_param(name, path, x)
-      b = _leaf_bits(x, bits, min_size)
-      return tuple(_state_leaf(k, tuple(x.shape), b, block_size, v) for k, v in zip(kinds, initial))
-
-    per_leaf = jax.tree.map(leaf_states, params)
-    treedef = jax.tree.structure(params)
-    fields = [jax.tree.unflatten(treedef, [s[i] for s in treedef.flatten_up_to(per_leaf)])
-              for i in range(len(kinds))]
+    bits = options.leaf_bits(name, params)
+    block_sizes = options.leaf_block_sizes(name, params)
+    options.leaf_max_unorms(name, params)   # checked here, used by update
+    states = [tuple(_state_leaf(k, tuple(x.shape), b, bs, v) for k, v in zip(kinds, initial))
+              for x, b, bs in zip(leaves, bits, block_sizes)]
+    state_def = jax.tree.structure(_unbox(params))  # the state has no nnx Variable boxes
+    fields = [state_def.unflatten([s[i] for s in states]) for i in range(len(kinds))]
     return state_cls(jnp.zeros([], jnp.int32), *fields)
 
   def run(updates, state, params, apply: bool):
@@ -338,7 +270,11 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     grads = treedef.flatten_up_to(updates)
     moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
-    needs_params = apply or needs_decay_params or r.trust is not None or options.unorm_active()
+    configured = params if params is not None else updates   # what per-leaf options are resolved on
+    unorms = options.leaf_max_unorms(name, configured)
+    block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True)
+    needs_params = (apply or needs_decay_params or r.trust is not None
+                    or any(m is not None for m in unorms))
     if needs_params and params is None:
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
@@ -346,25 +282,24 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
                               "the weight-decay mask")
     trust_flags = (_leaf_flags(r.trust_mask, params, treedef, name, "the trust-ratio mask")
                    if r.trust == "lars" else [True] * len(grads))
-    block_size = None if isinstance(options.block_size, jax.core.Tracer) else options.resolved_block_size()
 
     lr = _value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
     wd = _value(r.weight_decay, count) if needs_decay_params else 0.0
     base = r.hyper(count, count_inc)
-    post = r.trust == "lamb" or options.unorm_active()
 
     calls, finish, vectors = [], [], {}
     for i, (path, g) in enumerate(zip(paths, grads)):
       _check_grad(name, path, g)
       leaf_states = [m[i] for m in moments]
       for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, path, g, leaf, kind, block_size)
+        _check_state_leaf(name, path, g, leaf, kind, block_sizes[i])
       p = ps[i]
       if p is not None and tuple(p.shape) != tuple(g.shape):
         raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the gradient's "
                          f"{tuple(g.shape)}")
       wd_leaf = wd if decay_flags[i] else 0.0
+      post = r.trust == "lamb" or unorms[i] is not None
       hyper = dict(base)
       if r.coupled:
         hyper["coupled_decay"] = wd_leaf
@@ -381,17 +316,17 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       fused_apply = apply and not post and isinstance(leaf_states[0], QuantizedArray)
       if r.trust == "lars":
         vector = hyper_vector(**hyper)
-      else:   # the same vector for every leaf with the same decay flag
-        if decay_flags[i] not in vectors:
-          vectors[decay_flags[i]] = hyper_vector(**hyper)
-        vector = vectors[decay_flags[i]]
+      else:   # the same vector for every leaf with the same decay flag and post-processing
+        if (decay_flags[i], post) not in vectors:
+          vectors[decay_flags[i], post] = hyper_vector(**hyper)
+        vector = vectors[decay_flags[i], post]
       calls.append(LeafCall(vector, g, p if fused_apply else kernel_params, tuple(leaf_states), fused_apply))
-      finish.append((g, p, wd_leaf, fused_apply))
+      finish.append((g, p, wd_leaf, fused_apply, post, unorms[i]))
     results = _run_leaves(algo, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), (g, p, wd_leaf, fused_apply) in zip(results, finish):
+    for (u, new), (g, p, wd_leaf, fused_apply, post, max_unorm) in zip(results, finish):
       if post:
-        u = _post(r, options, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
+        u = _post(r, max_unorm, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
       if apply and not fused_apply:
         u = jnp.asarray(p + u).astype(p.dtype)
       out_u.append(u)
@@ -409,7 +344,31 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
 
   tx = FusedGradientTransformation(init_fn, update_fn)
   tx.apply_gradients_fn = apply_gradients_fn
-  return tx
+  return with_percentile_clipping(name, options.percentile_clipping, tx)
+
+
+def with_percentile_clipping(name: str, percentile, tx):
+  """``optax.chain(percentile_clipping(percentile), tx)``, or ``tx`` where clipping is off.
+
+  A fused ``tx`` stays fused: ``apply_gradients_fn`` clips, then lets the
+  kernels write the new parameters.
+  """
+  if not Options(percentile_clipping=percentile).clipping_active():
+    return tx
+  clip = clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping")
+  chained = optax.chain(clip, tx)
+  if not isinstance(tx, FusedGradientTransformation):
+    return chained
+
+  def apply_gradients_fn(grads, state, params):
+    clip_state, inner = state
+    grads, clip_state = clip.update(grads, clip_state, params)
+    new_params, inner = tx.apply_gradients_fn(grads, inner, params)
+    return new_params, (clip_state, inner)
+
+  out = FusedGradientTransformation(chained.init, chained.update)
+  out.apply_gradients_fn = apply_gradients_fn
+  return out
 
 
 class LeafCall(NamedTuple):
@@ -478,14 +437,18 @@ def _lars_ratio(r: Rule, g, p, wd):
   return _trust_ratio(_norm(p), _norm(g + wd * p.astype(jnp.float32)), r.trust_coefficient, r.trust_eps)
 
 
-def _post(r: Rule, options: Options, d, g, p, scale, wd):
-  """Direction ``d`` -> update, with max_unorm, decoupled decay and LAMB's trust ratio."""
+def _post(r: Rule, max_unorm, d, g, p, scale, wd):
+  """Direction ``d`` -> update, with max_unorm, decoupled decay and LAMB's trust ratio.
+
+  max_unorm (None: off) scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
+  before the learning rate and decoupled weight decay, as bitsandbytes.
+  """
   d32 = d.astype(jnp.float32)
   p32 = p.astype(jnp.float32)
-  if options.unorm_active():
-    limit = options.max_unorm * _norm(p32)
+  if max_unorm is not None:
+    limit = max_unorm * _norm(p32)
     unorm = _norm(d32)
-    d32 = d32 * jnp.where((options.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
+    d32 = d32 * jnp.where((max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
   x = d32 + wd * p32
   if r.trust == "lamb":
     x = x * _trust_ratio(_norm(p32), _norm(x))

@@ -1,0 +1,239 @@
+"""The 8-bit options of every optimizer, given once or per parameter leaf.
+
+``bits``, ``block_size``, ``max_unorm`` and ``percentile_clipping`` each
+take, like optax's ``mask``:
+
+- a single value, for every leaf;
+- a pytree whose structure is a prefix of the params' (each value applies to
+  all leaves below it), for example ``{"embed": 32, "blocks": 8}``;
+- a callable ``params -> such a pytree``.
+
+A pytree is matched by structure, as optax matches masks, and otherwise by
+key path, so a plain dict also configures an ``nnx.State`` or a
+``FrozenDict``. ``None``, at the top or anywhere in the pytree, means the
+option's default. ``min_8bit_size`` is one number, compared with each leaf's
+global (unsharded) size.
+
+A leaf whose key path contains :data:`STABLE_EMBEDDING` (the table of a
+``StableEmbed`` layer) keeps 32-bit state by default: a single ``bits``
+value is the default of the other leaves, as bitsandbytes' StableEmbedding
+overrides the optimizer's bits for its own parameter, while a pytree or
+callable ``bits`` chooses every leaf explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, check_block_size
+
+STABLE_EMBEDDING = "stable_embedding"
+DEFAULT_MIN_8BIT_SIZE = 4096
+PERCENTILE_OFF = 100
+
+
+# ---- static values ----------------------------------------------------------
+
+
+def static_int(value, what: str, option: str | None = None) -> int:
+  """``value`` as a Python int; a traced value cannot set a shape or a state width.
+
+  ``what`` names the value in errors, ``option`` the argument to make static.
+  """
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{what} must be a static int; under optax.inject_hyperparams pass "
+                    f"static_args=({option or what!r},)")
+  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
+    raise TypeError(f"{what} must be an int, got {value!r}")
+  return int(np.asarray(value))
+
+
+def is_static(value) -> bool:
+  """A Python or numpy number, known when the step is traced (jax arrays are not: inject_hyperparams)."""
+  return isinstance(value, (int, float, np.ndarray, np.generic)) and not isinstance(value, bool)
+
+
+def is_static_zero(value) -> bool:
+  return value is None or (is_static(value) and float(np.asarray(value)) == 0.0)
+
+
+def is_single(value) -> bool:
+  """One value for all leaves (not a pytree of values or a callable)."""
+  return not callable(value) and jax.tree_util.treedef_is_leaf(jax.tree.structure(value, is_leaf=_is_none))
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+# ---- per-leaf values ----------------------------------------------------------
+
+
+def path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def leaf_values(value, tree, name: str, option: str) -> list:
+  """One value of ``option`` per leaf of ``tree``, in flatten order.
+
+  ``value`` is a single value, a pytree prefix of ``tree`` or a callable of
+  ``tree`` returning one. Raises a ValueError naming the first leaf or entry
+  that does not match.
+  """
+  what = option
+  if callable(value):
+    value = value(tree)
+    what = f"the result of {option}(params)"
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  try:
+    subtrees = jax.tree.structure(value, is_leaf=_is_none).flatten_up_to(tree)
+  except (ValueError, TypeError):
+    return _by_path(value, leaves, name, what)
+  out = []
+  for v, sub in zip(jax.tree.leaves(value, is_leaf=_is_none), subtrees):
+    out.extend([v] * len(jax.tree.leaves(sub)))
+  return out
+
+
+def _by_path(value, leaves, name: str, what: str) -> list:
+  """Matches the entries of ``value`` to leaves whose key path starts with the entry's."""
+  entries = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_none)[0]}
+  keys = []   # the entry of each leaf, or None
+  for path, _ in leaves:
+    prefixes = (jax.tree_util.keystr(path[:k]) for k in range(len(path) + 1))
+    keys.append(next((key for key in prefixes if key in entries), None))
+  problem = None
+  unused = [k for k in entries if k not in set(keys)]
+  if unused:
+    problem = f"its entry {unused[0] or '<root>'} is not in the params"
+  elif None in keys:
+    problem = f"no value for leaf {path_str(leaves[keys.index(None)][0])}"
+  if problem:
+    raise ValueError(f"{name}: {what} does not match the params' structure: {problem}")
+  return [entries[k] for k in keys]
+
+
+def key_name(key):
+  """The name a key path element stands for: a dict key or attribute name (None for a sequence index)."""
+  for attr in ("key", "name"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return None
+
+
+def is_stable_embedding(path) -> bool:
+  """Whether any element of a key path is named :data:`STABLE_EMBEDDING`."""
+  return any(key_name(k) == STABLE_EMBEDDING for k in path)
+
+
+# ---- the options ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The 8-bit options every optimizer takes (``None``: the default).
+
+  Attributes:
+    bits: 8 (quantized state) or 32 (float32 state), per leaf. Default 8, and
+      32 for :data:`STABLE_EMBEDDING` leaves unless ``bits`` is a pytree or
+      callable.
+    block_size: elements per quantization block, a power of two, per leaf.
+      Default 256.
+    min_8bit_size: leaves with fewer elements keep float32 state. Default 4096.
+    max_unorm: if > 0, scale the leaf's update direction down so that its
+      norm is at most ``max_unorm * ||p||``, per leaf. Default 0 (off).
+    percentile_clipping: clip each leaf's gradient to the norm at this
+      percentile of its recent history (see :mod:`optax8.clipping`), per
+      leaf. Default 100 (off).
+
+  The defaults are ``None`` rather than numbers so that
+  :func:`optax.inject_hyperparams` treats them as static.
+  """
+
+  bits: Any = None
+  block_size: Any = None
+  min_8bit_size: Any = None
+  max_unorm: Any = None
+  percentile_clipping: Any = None
+
+  def resolved_min_8bit_size(self) -> int:
+    if self.min_8bit_size is None:
+      return DEFAULT_MIN_8BIT_SIZE
+    size = static_int(self.min_8bit_size, "min_8bit_size", "min_8bit_size")
+    if size < 0:
+      raise ValueError(f"min_8bit_size must be >= 0, got {size}")
+    return size
+
+  def leaf_bits(self, name: str, params) -> list[int]:
+    """The state width (8 or 32) of each leaf of ``params``.
+
+    A leaf gets 8-bit state if its bits are 8, it has at least
+    ``min_8bit_size`` elements and a float32, bfloat16 or float16 dtype.
+    """
+    explicit = not is_single(self.bits)
+    min_size = max(self.resolved_min_8bit_size(), 1)
+    out = []
+    for (path, x), b in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                            leaf_values(self.bits, params, name, "bits")):
+      where = f"{name}: " + (f"bits of leaf {path_str(path)}" if explicit else "bits")
+      if b is not None:
+        b = static_int(b, where, "bits")
+        if b not in (8, 32):
+          raise ValueError(f"{where} must be 8 or 32, got {b}")
+      if b is None or (not explicit and is_stable_embedding(path)):
+        b = 32 if is_stable_embedding(path) else (b or 8)
+      eight = b == 8 and math.prod(x.shape) >= min_size and jnp.dtype(x.dtype) in VALUE_DTYPES
+      out.append(8 if eight else 32)
+    return out
+
+  def leaf_block_sizes(self, name: str, tree, *, traced_ok: bool = False) -> list[int | None]:
+    """The block size of each leaf (None for a traced value where ``traced_ok``)."""
+    explicit = not is_single(self.block_size)
+    out = []
+    for path, v in zip(_paths(tree), leaf_values(self.block_size, tree, name, "block_size")):
+      where = f"{name}: " + (f"block_size of leaf {path_str(path)}" if explicit else "block_size")
+      if v is None:
+        out.append(DEFAULT_BLOCK_SIZE)
+      elif traced_ok and isinstance(v, jax.core.Tracer):
+        out.append(None)
+      else:
+        try:
+          out.append(check_block_size(static_int(v, where, "block_size")))
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
+    return out
+
+  def leaf_max_unorms(self, name: str, tree) -> list:
+    """Each leaf's max_unorm: None where off, else a number or (under inject_hyperparams) an array."""
+    explicit = not is_single(self.max_unorm)
+    out = []
+    for path, v in zip(_paths(tree), leaf_values(self.max_unorm, tree, name, "max_unorm")):
+      if is_static(v) and float(np.asarray(v)) < 0:
+        where = f"max_unorm of leaf {path_str(path)}" if explicit else "max_unorm"
+        raise ValueError(f"{name}: {where} must be >= 0, got {v}")
+      out.append(None if is_static_zero(v) else v)
+    return out
+
+  def unorm_maybe_active(self) -> bool:
+    """False where max_unorm is off for every leaf whatever the params."""
+    return callable(self.max_unorm) or not all(is_static_zero(v) for v in _values(self.max_unorm))
+
+  def clipping_active(self) -> bool:
+    """False where percentile_clipping is off (None or 100) for every leaf whatever the params."""
+    return callable(self.percentile_clipping) or not all(
+        v is None or (is_static(v) and float(np.asarray(v)) == PERCENTILE_OFF)
+        for v in _values(self.percentile_clipping))
+
+
+def _paths(tree) -> list:
+  return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _values(value) -> list:
+  return jax.tree.leaves(value, is_leaf=_is_none)
