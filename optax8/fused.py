@@ -24,7 +24,6 @@ and zero states for that element only.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,7 +34,7 @@ import optax
 from optax8 import clipping, dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import absmax_shape
-from optax8.options import Options, is_static_zero
+from optax8.options import Options, is_static_zero, unbox
 from optax8.quantize import QuantizedArray
 
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
@@ -99,15 +98,6 @@ def _value(x, count):
 
 def _paths(tree) -> list[str]:
   return [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _unbox(tree):
-  """``tree`` without Flax nnx Variable boxes (``nnx.Optimizer`` passes an ``nnx.State`` of ``nnx.Param``)."""
-  nnx = sys.modules.get("flax.nnx")
-  if nnx is None:
-    return tree
-  box = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree.map(lambda x: x.get_value() if box(x) else x, tree, is_leaf=box)
 
 
 def _flatten_like(treedef, tree, what: str, name: str):
@@ -254,7 +244,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     options.leaf_max_unorms(name, params)   # checked here, used by update
     states = [tuple(_state_leaf(k, tuple(x.shape), b, bs, v) for k, v in zip(kinds, initial))
               for x, b, bs in zip(leaves, bits, block_sizes)]
-    state_def = jax.tree.structure(_unbox(params))  # the state has no nnx Variable boxes
+    state_def = jax.tree.structure(unbox(params))  # the state has no nnx Variable boxes
     fields = [state_def.unflatten([s[i] for s in states]) for i in range(len(kinds))]
     return state_cls(jnp.zeros([], jnp.int32), *fields)
 
@@ -265,7 +255,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     count = state.count
     count_inc = optax.safe_increment(count)
     treedef = jax.tree.structure(updates)
-    state_def = jax.tree.structure(_unbox(updates))  # the state has no nnx Variable boxes
+    state_def = jax.tree.structure(unbox(updates))  # the state has no nnx Variable boxes
     paths = _paths(updates)
     grads = treedef.flatten_up_to(updates)
     moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)

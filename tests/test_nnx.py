@@ -159,3 +159,40 @@ def test_state_of_boxed_params_without_nnx_optimizer():
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   nnx.update(model, optax.apply_updates(params, updates))
   assert isinstance(state.mu["hidden"]["kernel"], QuantizedArray) and int(state.count) == 1
+
+
+def test_nnx_optimizer_state_has_the_structure_of_a_plain_params_state():
+  """Through nnx.Optimizer, after steps too: no Variable inside 8-bit state or the clipping history."""
+  model = _Model(nnx.Rngs(0))
+  tx = optax8.adamw8bit(1e-3, percentile_clipping={"embed": 100, "hidden": 5, "head": 5})  # embed: no history
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  plain = tx.init(nnx.as_pure(nnx.state(model, nnx.Param)))
+  assert jax.tree.structure(_opt_state(optimizer)) == jax.tree.structure(plain)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(_tokens()) ** 2))(model)
+    _update(optimizer, model, grads)
+
+  step(model, optimizer)
+  step(model, optimizer)
+  assert jax.tree.structure(_opt_state(optimizer)) == jax.tree.structure(plain)
+
+
+def test_nnx_optimizer_with_sharded_params():
+  """nnx copies a Param's sharding onto its optimizer state; optax8's state arrays are built outside those boxes."""
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("a", "b"))
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(F, F, kernel_init=init, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax8.adamw8bit(1e-3, percentile_clipping=5), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((4, F))) ** 2))(model)
+      _update(optimizer, model, grads)
+
+    step(model, optimizer)
+  state = _opt_state(optimizer)
+  assert int(state[1].count) == 1 and isinstance(state[1].mu["kernel"], QuantizedArray)
+  assert state[0].history["kernel"].shape == (100,)
