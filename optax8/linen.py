@@ -13,7 +13,7 @@ except ImportError as e:
   raise ImportError("optax8.linen needs flax: pip install 'optax8[flax]'") from e
 
 from optax8 import stable_embed
-from optax8.stable_embed import STABLE_EMBEDDING
+from optax8.options import STABLE_EMBEDDING
 
 __all__ = ["StableEmbed"]
 

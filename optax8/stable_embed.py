@@ -8,9 +8,10 @@ to the layer's dtype::
     e = float32(T[i]),  y = (e - mean(e)) / sqrt(var(e) + epsilon) * scale + bias
 
 with mean and (biased) variance over the features. The table is the
-parameter named ``stable_embedding`` (:data:`STABLE_EMBEDDING`), which
-every optax8 optimizer keeps in 32-bit state unless the ``bits`` option
-names its bits explicitly. This module needs only JAX.
+parameter named ``stable_embedding``
+(:data:`optax8.options.STABLE_EMBEDDING`), which every optax8 optimizer
+keeps in 32-bit state unless ``bits`` is a pytree or callable (see
+:mod:`optax8.options`). This module needs only JAX.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-STABLE_EMBEDDING = "stable_embedding"  # the table's parameter name
-EPSILON = 1e-6                         # flax's LayerNorm default
+EPSILON = 1e-6  # flax's LayerNorm default
 
 
 def default_embed_init():
