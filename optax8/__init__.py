@@ -3,7 +3,12 @@
 Block-wise 8-bit quantization of optimizer state (Dettmers et al., 2022) with
 native CPU and CUDA kernels registered through the XLA FFI and a pure-JAX
 reference backend.
+
+The Flax layers live in the submodules :mod:`optax8.linen` and
+:mod:`optax8.nnx` (``pip install optax8[flax]``), imported on first use.
 """
+
+import importlib
 
 from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
                           rmsprop8bit, sgd8bit)
@@ -22,6 +27,8 @@ from optax8.transforms import (scale_by_adam8bit, scale_by_ademamix8bit, scale_b
                                scale_by_rss8bit, trace8bit)
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("linen", "nnx")  # need flax: imported on first attribute access
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -63,3 +70,13 @@ __all__ = [
     "dynamic_map",
     "quantize",
 ]
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"optax8.{name}")
+  raise AttributeError(f"module 'optax8' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_SUBMODULES))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8.options import PERCENTILE_OFF, is_single, is_static, leaf_values, path_str, static_int
+from optax8.options import PERCENTILE_OFF, is_single, is_static, leaf_values, path_str, static_int, unbox
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -90,7 +90,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
 
     ps = percentiles(params)
     if per_leaf:
-      hist = jax.tree.structure(params).unflatten([empty(p) for p in ps])
+      hist = jax.tree.structure(unbox(params)).unflatten([empty(p) for p in ps])  # no nnx Variable boxes
     else:
       hist = empty(ps[0])
     return PercentileClippingState(jnp.zeros([], jnp.int32), hist)
@@ -100,6 +100,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     if not isinstance(state, PercentileClippingState):
       raise TypeError(f"{name}: expected a PercentileClippingState, got {type(state).__name__}")
     treedef = jax.tree.structure(updates)
+    state_def = jax.tree.structure(unbox(updates))
     grads = treedef.flatten_up_to(updates)
     for path, g in zip(_paths(updates), grads):
       if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
@@ -109,7 +110,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     count = state.count
     if per_leaf:
       try:
-        hists = treedef.flatten_up_to(state.history)
+        hists = state_def.flatten_up_to(state.history)
       except (ValueError, TypeError) as e:
         raise ValueError(f"{name}: the state's history does not have the structure of the updates: {e}") from None
       out, new_hists = [], []
@@ -124,7 +125,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
         out.append(_scale(g, scale))
         new_hists.append(h)
       return treedef.unflatten(out), PercentileClippingState(optax.safe_increment(count),
-                                                             treedef.unflatten(new_hists))
+                                                             state_def.unflatten(new_hists))
     if ps[0] is None:
       return updates, PercentileClippingState(optax.safe_increment(count), state.history)
     sq, norm = zip(*map(_norms, grads)) if grads else ((), ())

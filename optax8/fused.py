@@ -34,7 +34,7 @@ import optax
 from optax8 import clipping, dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import absmax_shape
-from optax8.options import Options, is_static_zero
+from optax8.options import Options, is_static_zero, unbox
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
 
@@ -241,7 +241,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+    leaves = jax.tree.leaves(params)
     for path, x in zip(_paths(params), leaves):
       _check_param(name, path, x)
     bits = options.leaf_bits(name, params)
@@ -251,8 +251,9 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     for path, x, b, bs in zip(_paths(params), leaves, bits, block_sizes):
       shardings = state_shardings(name, path, x, b, bs)   # the state is sharded like the parameter
       states.append(tuple(_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial)))
-    fields = [treedef.unflatten([s[i] for s in states]) for i in range(len(kinds))]
-    return state_cls(zero_count(params), *fields)   # replicated on the params' mesh (optax8.sharding)
+    state_def = jax.tree.structure(unbox(params))  # the state has no nnx Variable boxes
+    fields = [state_def.unflatten([s[i] for s in states]) for i in range(len(kinds))]
+    return state_cls(zero_count(leaves), *fields)   # replicated on the params' mesh (optax8.sharding)
 
   def run(updates, state, params, apply: bool):
     """The update (or with ``apply`` the new params) and the new state."""
@@ -261,9 +262,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     count = state.count
     count_inc = optax.safe_increment(count)
     treedef = jax.tree.structure(updates)
+    state_def = jax.tree.structure(unbox(updates))  # the state has no nnx Variable boxes
     paths = _paths(updates)
     grads = treedef.flatten_up_to(updates)
-    moments = [_flatten_like(treedef, f, f"state field {state_cls._fields[i + 1]!r}", name)
+    moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
     configured = params if params is not None else updates   # what per-leaf options are resolved on
     unorms = options.leaf_max_unorms(name, configured)
@@ -329,7 +331,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       out_u.append(u)
       for j, s in enumerate(new):
         out_states[j].append(s)
-    new_fields = [treedef.unflatten(s) for s in out_states]
+    new_fields = [state_def.unflatten(s) for s in out_states]
     return treedef.unflatten(out_u), state_cls(count_inc, *new_fields)
 
   def update_fn(updates, state, params=None, **extra_args):

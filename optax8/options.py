@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import jax
@@ -117,6 +118,22 @@ def _by_path(value, leaves, name: str, what: str) -> list:
   if problem:
     raise ValueError(f"{name}: {what} does not match the params' structure: {problem}")
   return [entries[k] for k in keys]
+
+
+def unbox(tree):
+  """``tree`` without Flax nnx Variable boxes.
+
+  ``nnx.Optimizer`` gives ``tx.init`` an ``nnx.State`` of ``nnx.Param``; an
+  optimizer state built in those boxes would put a QuantizedArray (or an
+  array of another shape) inside a Variable that nnx treats as one value.
+  States are built on the unboxed structure instead. Flax is not imported
+  here: without it loaded, no tree has such boxes.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return tree
+  boxed = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda x: x.get_value() if boxed(x) else x, tree, is_leaf=boxed)
 
 
 def key_name(key):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from optax8 import maps
+from optax8.quantize import QuantizedArray
 from optax8.kernels import jax_backend, native
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -51,3 +52,10 @@ def reference_quantize(x, block_size, kind):
     v = np.where(a >= TINY, (np.clip(xb, -FMAX, FMAX) * scale) * inv.astype(np.float32), 0).astype(np.float32)
   codes = maps.nearest_code(v, kind).reshape(xp.shape)[..., :n]
   return codes, absmax
+
+
+def state_bytes(state, name: str) -> int:
+  """Bytes of the optimizer-state arrays whose path has the key ``name`` (``['name']``)."""
+  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, QuantizedArray))[0]
+  return sum(x.nbytes if isinstance(x, QuantizedArray) else x.size * x.dtype.itemsize
+             for path, x in leaves if f"[{name!r}]" in jax.tree_util.keystr(path))

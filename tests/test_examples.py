@@ -37,3 +37,15 @@ def test_sharded_fsdp_keeps_the_state_on_its_shards(tmp_path):
   assert result["state_bytes_per_device"] <= result["state_bytes"] / 8 + 64
   assert result["state_specs"] == ["P('fsdp', None)", "P('fsdp',)"]
   assert result["loss_last"] < 0.1 * result["loss_first"]
+
+
+def test_per_leaf_bits(tmp_path):
+  r = subprocess.run([sys.executable, str(EXAMPLES / "per_leaf_bits.py"), "--steps", "15"], capture_output=True,
+                     text=True, timeout=300, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+  state = result["state"]
+  assert state["embed/stable_embedding"]["bits"] == 32 and state["embed/stable_embedding"]["bytes_per_param"] == 8
+  assert state["head/kernel"]["bits"] == 32 and state["head/kernel"]["bytes_per_param"] == 8
+  assert state["hidden/kernel"]["bits"] == 8 and abs(state["hidden/kernel"]["bytes_per_param"] - 2.0312) < 1e-3
+  assert result["loss_last"] < 0.8 * result["loss_first"]
