@@ -180,9 +180,10 @@ def test_nnx_optimizer_state_has_the_structure_of_a_plain_params_state():
 
 
 def test_nnx_optimizer_with_sharded_params():
-  """nnx copies a Param's sharding onto its optimizer state; optax8's state arrays are built outside those boxes."""
+  """nnx copies a Param's sharding onto its optimizer state; optax8's state arrays are built outside those boxes
+  and sharded like their parameter (rows: the last axis keeps whole quantization blocks)."""
   mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("a", "b"))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (("a", "b"), None))
   with jax.set_mesh(mesh):
     model = nnx.Linear(F, F, kernel_init=init, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax8.adamw8bit(1e-3, percentile_clipping=5), wrt=nnx.Param)
@@ -195,4 +196,7 @@ def test_nnx_optimizer_with_sharded_params():
     step(model, optimizer)
   state = _opt_state(optimizer)
   assert int(state[1].count) == 1 and isinstance(state[1].mu["kernel"], QuantizedArray)
+  for q in (state[1].mu["kernel"], state[1].nu["kernel"]):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("a", "b"), None))
+    assert rows.is_equivalent_to(q.codes.sharding, 2) and rows.is_equivalent_to(q.absmax.sharding, 2)
   assert state[0].history["kernel"].shape == (100,)
