@@ -2,7 +2,9 @@
 
 The line ``<!-- optax8-api -->`` in a page becomes one section per defining
 module (titled by the first line of its docstring) with a ``:::`` entry per
-public name, so a name added to ``__all__`` shows up with no edit to the docs.
+public name, so a name added to ``__all__`` shows up with no edit to the docs;
+the Flax submodules (``optax8.linen``, ``optax8.nnx``) follow with their own
+``__all__``.
 Entries use the defining path (``optax8.quantize.quantize``): the package's
 own ``optax8.quantize`` would name the submodule.
 """
@@ -23,6 +25,9 @@ def _entries() -> dict[str, list[str]]:
     module = getattr(obj, "__module__", None) if inspect.isclass(obj) or inspect.isfunction(obj) else None
     path = f"{module}.{obj.__qualname__}" if module and module.startswith("optax8") else f"optax8.{name}"
     sections.setdefault(module or "optax8", []).append(path)
+  for sub in optax8._SUBMODULES:   # the Flax layers: optax8.linen, optax8.nnx
+    module = importlib.import_module(f"optax8.{sub}")
+    sections[module.__name__] = [f"{module.__name__}.{name}" for name in module.__all__]
   return sections
 
 
