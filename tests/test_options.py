@@ -281,7 +281,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,match", BAD, ids=[str(k) for k, _, _ in BAD])
+def _bad_id(kwargs) -> str:
+  return ",".join(f"{k}={'callable' if callable(v) else v}" for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD, ids=[_bad_id(k) for k, _, _ in BAD])
 def test_bad_options_are_reported_at_init_with_the_leaf(kwargs, error, match):
   tx = optax8.adamw8bit(1e-3, **kwargs)
   with pytest.raises(error, match=match):
