@@ -46,7 +46,7 @@ OPTIMIZERS = {
     "adamw": (optax.adamw, optax8.adamw8bit, 3e-3, {"b2": 0.95, "weight_decay": 0.01}),
     "adam": (optax.adam, optax8.adam8bit, 3e-3, {"b2": 0.95}),
     "lion": (optax.lion, optax8.lion8bit, 3e-4, {"weight_decay": 0.01}),
-    "sgd": (optax.sgd, optax8.sgd8bit, 0.3, {"momentum": 0.9}),
+    "sgd": (optax.sgd, optax8.sgd8bit, 0.1, {"momentum": 0.9}),
     "rmsprop": (optax.rmsprop, optax8.rmsprop8bit, 1e-3, {}),
     "adagrad": (optax.adagrad, optax8.adagrad8bit, 3e-2, {}),
     "lamb": (optax.lamb, optax8.lamb8bit, 1e-2, {"b2": 0.95}),
