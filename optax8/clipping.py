@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8.options import PERCENTILE_OFF, is_single, is_static, leaf_values, path_str, static_int, unbox
+from optax8.options import PERCENTILE_OFF, is_single, is_static, key_paths, leaf_values, path_str, static_int, unbox
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -68,7 +68,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     values = leaf_values(percentile, tree, name, option) if per_leaf else [percentile]
     explicit = not is_single(percentile)
     out = []
-    for path, p in zip(_paths(tree) if per_leaf else [()], values):
+    for path, p in zip(key_paths(tree) if per_leaf else [()], values):
       if p is None:
         p = PERCENTILE_OFF
       if is_static(p):
@@ -102,7 +102,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     treedef = jax.tree.structure(updates)
     state_def = jax.tree.structure(unbox(updates))
     grads = treedef.flatten_up_to(updates)
-    for path, g in zip(_paths(updates), grads):
+    for path, g in zip(key_paths(updates), grads):
       if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
         raise TypeError(f"{name}: leaf {path_str(path)}: gradient has dtype {g.dtype}, expected a floating-point "
                         "dtype")
@@ -137,10 +137,6 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
             PercentileClippingState(optax.safe_increment(count), h))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _paths(tree) -> list:
-  return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _norms(g):

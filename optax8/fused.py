@@ -34,7 +34,7 @@ import optax
 from optax8 import clipping, dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import absmax_shape
-from optax8.options import Options, is_static_zero, unbox
+from optax8.options import Options, is_static_zero, key_paths, path_str, unbox
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
 
@@ -98,7 +98,7 @@ def _value(x, count):
 
 
 def _paths(tree) -> list[str]:
-  return [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [path_str(path) for path in key_paths(tree)]
 
 
 def _flatten_like(treedef, tree, what: str, name: str):
@@ -241,14 +241,14 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
 
   def init_fn(params):
-    leaves = jax.tree.leaves(params)
-    for path, x in zip(_paths(params), leaves):
+    leaves, paths = jax.tree.leaves(params), _paths(params)
+    for path, x in zip(paths, leaves):
       _check_param(name, path, x)
     bits = options.leaf_bits(name, params)
     block_sizes = options.leaf_block_sizes(name, params)
     options.leaf_max_unorms(name, params)   # checked here, used by update
     states = []
-    for path, x, b, bs in zip(_paths(params), leaves, bits, block_sizes):
+    for path, x, b, bs in zip(paths, leaves, bits, block_sizes):
       shardings = state_shardings(name, path, x, b, bs)   # the state is sharded like the parameter
       states.append(tuple(_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial)))
     state_def = jax.tree.structure(unbox(params))  # the state has no nnx Variable boxes

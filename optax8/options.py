@@ -213,7 +213,7 @@ class Options:
     """The block size of each leaf (None for a traced value where ``traced_ok``)."""
     explicit = not is_single(self.block_size)
     out = []
-    for path, v in zip(_paths(tree), leaf_values(self.block_size, tree, name, "block_size")):
+    for path, v in zip(key_paths(tree), leaf_values(self.block_size, tree, name, "block_size")):
       where = f"{name}: " + (f"block_size of leaf {path_str(path)}" if explicit else "block_size")
       if v is None:
         out.append(DEFAULT_BLOCK_SIZE)
@@ -230,7 +230,7 @@ class Options:
     """Each leaf's max_unorm: None where off, else a number or (under inject_hyperparams) an array."""
     explicit = not is_single(self.max_unorm)
     out = []
-    for path, v in zip(_paths(tree), leaf_values(self.max_unorm, tree, name, "max_unorm")):
+    for path, v in zip(key_paths(tree), leaf_values(self.max_unorm, tree, name, "max_unorm")):
       if is_static(v) and float(np.asarray(v)) < 0:
         where = f"max_unorm of leaf {path_str(path)}" if explicit else "max_unorm"
         raise ValueError(f"{name}: {where} must be >= 0, got {v}")
@@ -248,7 +248,8 @@ class Options:
         for v in _values(self.percentile_clipping))
 
 
-def _paths(tree) -> list:
+def key_paths(tree) -> list:
+  """The key path of each leaf of ``tree``, in flatten order."""
   return [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
