@@ -61,6 +61,17 @@ def test_bucket_table_equals_search_on_random_floats(kind):
   np.testing.assert_array_equal(got, maps.nearest_code(v, kind))
 
 
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+def test_values_below_two_to_minus_26_get_the_code_of_zero(kind):
+  # The CPU step's fast path (ffi/src/cpu_step_loop.inc) relies on this:
+  # there, a subnormal state normalizes to at most 2**-26 instead of 0.
+  assert np.abs(maps.midpoints(kind)[:255]).min() > 2.0**-23
+  v = np.float32([2.0**-26, -(2.0**-26), 2.0**-126, -(2.0**-149)])
+  if kind == maps.UNSIGNED:
+    v = np.abs(v)
+  np.testing.assert_array_equal(maps.nearest_code(v, kind), maps.nearest_code(np.float32([0.0]), kind)[0])
+
+
 def test_cxx_header_is_generated_from_the_maps():
   header = pathlib.Path(__file__).parents[1] / "ffi" / "include" / "optax8" / "maps.h"
   assert header.read_text() == maps.cxx_header(), "run: python -m optax8.maps > ffi/include/optax8/maps.h"

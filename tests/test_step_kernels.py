@@ -99,6 +99,42 @@ def test_native_step_matches_jax_on_any_layout(algo, rows, cols, log_block, seed
                      _run("jax", algo, hyper, g, p, states, 2**log_block))
 
 
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_every_cpu_isa_gives_the_same_bits(algo, dtype, monkeypatch):
+  """OPTAX8_CPU_ISA caps the CPU loops (scalar, AVX2, AVX-512, where the CPU has them): the same bits on each."""
+  # rows of 700: full blocks, a short last block and a tail of 700 % 16 elements
+  g, p, states = _case(algo, (5, 700), dtype, 256)
+  hyper = hyper_vector(**HYPER)
+  ref = _run("jax", algo, hyper, g, p, states, 256)
+  results = {}
+  for isa in CPU_ISAS:
+    monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
+    results[isa] = _run("native", algo, hyper, g, p, states, 256)
+    assert_steps_agree(results[isa], ref)
+  for isa in CPU_ISAS[:-1]:
+    for a, b in zip(jax.tree.leaves(results[isa]), jax.tree.leaves(results["avx512"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.MOMENTUM], ids=lambda a: a.name.lower())
+def test_nan_states_are_quantized_as_zero(algo, isa, monkeypatch):
+  """A NaN hyperparameter makes NaN states: they get the code of 0, as in the pure-JAX path."""
+  monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
+  g, p, states = _case(algo, (4, 512), jnp.float32, 256, nonfinite=False)
+  hyper = hyper_vector(**{**HYPER, "b1": float("nan")})
+  (_, s1), (_, s2) = (_run(b, algo, hyper, g, p, states, 256) for b in ("native", "jax"))
+  for (c1, a1), (c2, a2) in zip(s1, s2):
+    np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+    np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
+
+
 @pytest.mark.parametrize("backend", ["jax", pytest.param("native", marks=needs_native_cpu)])
 @pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
 def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):

@@ -2,13 +2,15 @@
 //
 // The block loop (cpu_step_loop.inc) and the rule (step_rule.inc) are
 // compiled for scalar floats (any CPU) and, with GCC on x86-64, for AVX2
-// vectors of 8 floats and AVX-512 vectors of 16, chosen at run time
-// (OPTAX8_CPU_NO_AVX512=1 skips AVX-512).
+// vectors of 8 floats and AVX-512 vectors of 16, chosen at run time: the
+// widest the CPU has, at most OPTAX8_CPU_ISA (scalar, avx2 or avx512) when
+// that is set.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "optax8/cpu_avx2.h"
@@ -38,6 +40,7 @@ inline bool vpositive(float x) { return x > 0.0f; }
 
 using V = float;
 constexpr int kLanes = 1;
+using NanMask = bool;
 template <typename G>
 inline float lanes_load(const typename G::T* p, G) { return G::load(*p); }
 template <typename G>
@@ -45,13 +48,23 @@ inline void lanes_store(typename G::T* p, float v, G) { *p = G::store(v); }
 inline float lanes_zero() { return 0.0f; }
 inline float lanes_broadcast(float x) { return x; }
 inline float lanes_max(float x, float acc) { return x > acc ? x : acc; }  // a NaN x is dropped
-inline float lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool) {
-  return scale_value(values[*codes], absmax);
-}
+inline bool lanes_no_nan() { return false; }
+inline bool lanes_note_nan(float x, bool acc) { return acc || x != x; }
+inline bool lanes_any_nan(bool m) { return m; }
 inline float lanes_abs(float x) { return std::fabs(x); }
 inline float lanes_hmax(float x) { return x; }
+inline float lanes_load_f32(const float* p) { return *p; }
 inline void lanes_store_f32(float* p, float v) { *p = v; }
-inline void lanes_codes(const float*, uint8_t*, int64_t, const Normalizer&, const HostMap&) {}
+inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+}
+inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize, const HostMap& map) {
+  for (int64_t k = 0; k < n; ++k) codes[k] = uint8_t(bucket_code(normalize(x[k]), map.table));
+}
+inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                             const HostMap& map) {
+  lanes_codes(x, codes, n, normalize, map);
+}
 
 #include "cpu_step_loop.inc"
 
@@ -88,17 +101,29 @@ inline void lanes_store(typename G::T* p, V v, G) { avx2::store8(p, v, G{}); }
 inline V lanes_zero() { return _mm256_setzero_ps(); }
 inline V lanes_broadcast(float x) { return _mm256_set1_ps(x); }
 inline V lanes_max(V x, V acc) { return _mm256_max_ps(x, acc); }  // a NaN x is dropped
-inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool flush) {
-  if (flush) return avx2::scale_value8(avx2::load_codes8(codes), values, absmax);
-  return _mm256_mul_ps(_mm256_i32gather_ps(values, avx2::load_codes8(codes), 4), _mm256_set1_ps(absmax));
-}
 inline V lanes_abs(V x) { return avx2::abs8(x); }
 inline float lanes_hmax(V x) { return avx2::hmax8(x); }
+using NanMask = V;
+inline V lanes_no_nan() { return _mm256_setzero_ps(); }
+inline V lanes_note_nan(V x, V acc) { return _mm256_or_ps(acc, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+inline bool lanes_any_nan(V m) { return _mm256_movemask_ps(m) != 0; }
+inline V lanes_load_f32(const float* p) { return _mm256_loadu_ps(p); }
 inline void lanes_store_f32(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
+  const int64_t main = n - n % 8;
+  avx2::block_values<F32>(codes, out, main, absmax, map.values);
+  for (int64_t k = main; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+}
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                         const HostMap& map) {
   for (int64_t k = 0; k < n; k += 8)
     avx2::store_codes8(codes + k, avx2::bucket_code8(avx2::normalize8(_mm256_loadu_ps(x + k), normalize), map.table));
+}
+inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                             const HostMap& map) {
+  const V inv = _mm256_set1_ps(normalize.inv);
+  for (int64_t k = 0; k < n; k += 8)
+    avx2::store_codes8(codes + k, avx2::bucket_code8(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv), map.table));
 }
 
 #include "cpu_step_loop.inc"
@@ -159,17 +184,83 @@ inline void lanes_store(uint16_t* p, V v, F16) {
 inline V lanes_zero() { return _mm512_setzero_ps(); }
 inline V lanes_broadcast(float x) { return _mm512_set1_ps(x); }
 inline V lanes_max(V x, V acc) { return _mm512_max_ps(x, acc); }  // a NaN x is dropped
-// scale_value of 16 codes.
-inline V lanes_dequantize(const uint8_t* codes, const float* values, float absmax, bool flush) {
-  const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  const V y = _mm512_mul_ps(_mm512_i32gather_ps(c, values, 4), _mm512_set1_ps(absmax));
+inline V lanes_abs(V x) { return _mm512_abs_ps(x); }
+inline float lanes_hmax(V x) { return _mm512_reduce_max_ps(x); }
+using NanMask = __mmask16;
+inline __mmask16 lanes_no_nan() { return 0; }
+inline __mmask16 lanes_note_nan(V x, __mmask16 acc) { return acc | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
+inline bool lanes_any_nan(__mmask16 m) { return m != 0; }
+inline V lanes_load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline void lanes_store_f32(float* p, V v) { _mm512_storeu_ps(p, v); }
+
+inline bool has_vbmi() {
+  static const bool ok = __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+// y = scale_value(map value, absmax) for 16 map values.
+inline V scale_values16(V values, float absmax, bool flush) {
+  const V y = _mm512_mul_ps(values, _mm512_set1_ps(absmax));
   if (!flush) return y;
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(y), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ), y);
 }
-inline V lanes_abs(V x) { return _mm512_abs_ps(x); }
-inline float lanes_hmax(V x) { return _mm512_reduce_max_ps(x); }
-inline void lanes_store_f32(float* p, V v) { _mm512_storeu_ps(p, v); }
-// Normalizer and bucket_code (cpu_map.h) for 16 values at a time.
+
+// The map lookup of 64 codes without gathers (AVX-512 VBMI): byte k of
+// each map value comes from two 128-entry byte permutes of plane k (the low
+// 7 bits of the code) and a blend on bit 7; unpacking the four planes'
+// bytes gives the 64 floats. Codes are first permuted (4-byte groups: a 4x4
+// transpose) so that the unpacks' lane order becomes element order.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,f16c")))
+void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, bool flush, float* out) {
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  __m512i plane[4][4];
+  for (int k = 0; k < 4; ++k)
+    for (int j = 0; j < 4; ++j) plane[k][j] = _mm512_load_si512(map.planes[k] + 64 * j);
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi32(order, _mm512_loadu_si512(codes + i));
+    const __mmask64 high = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k)
+      b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(plane[k][0], c, plane[k][1]),
+                                    _mm512_permutex2var_epi8(plane[k][2], c, plane[k][3]));
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i v[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                          _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + i + 16 * q, scale_values16(_mm512_castsi512_ps(v[q]), absmax, flush));
+  }
+}
+
+// scale_value of n codes into out: 64 at a time by byte permutes where the
+// CPU has VBMI, else 16 at a time by gathers; the rest one by one.
+inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
+  // flush: products may be subnormal and must become 0; not needed when
+  // absmax >= 2**-104, since every non-zero map value exceeds 2**-22.
+  const bool flush = absmax < 0x1p-104f;
+  int64_t k = 0;
+  if (has_vbmi()) {
+    k = n - n % 64;
+    dequantize_vbmi(codes, k, map, absmax, flush, out);
+  }
+  for (; k + 16 <= n; k += 16) {
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
+    _mm512_storeu_ps(out + k, scale_values16(_mm512_i32gather_ps(c, map.values, 4), absmax, flush));
+  }
+  for (; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+}
+
+// bucket_code (cpu_map.h) of 16 normalized values, stored as bytes.
+inline void store_bucket_codes16(uint8_t* codes, V v, const HostMap& map) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
+  const __m512i lo = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+  const __m512i key = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xffff));
+  const __mmask16 up = _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 16));
+  const __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
+}
+
+// Normalizer and bucket_code for 16 values at a time.
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                         const HostMap& map) {
   const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
@@ -177,14 +268,14 @@ inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normali
     const V xv = _mm512_loadu_ps(x + k);
     const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
     const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
-    const __m512i bits = _mm512_castps_si512(_mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)));
-    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
-    const __m512i lo = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
-    const __m512i key = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xffff));
-    const __mmask16 up = _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 16));
-    const __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+    store_bucket_codes16(codes + k, _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)), map);
   }
+}
+// The same codes for a block that meets the fast path's conditions (cpu_step_loop.inc).
+inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                             const HostMap& map) {
+  const V inv = _mm512_set1_ps(normalize.inv);
+  for (int64_t k = 0; k < n; k += 16) store_bucket_codes16(codes + k, _mm512_mul_ps(_mm512_loadu_ps(x + k), inv), map);
 }
 
 #include "cpu_step_loop.inc"
@@ -197,27 +288,36 @@ namespace {
 
 using BlockFn = void (*)(const StepBuffers&, int64_t, int64_t, float*);
 
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest instruction set OPTAX8_CPU_ISA allows (read on each call).
+Isa isa_cap() {
+  const char* e = std::getenv("OPTAX8_CPU_ISA");
+  if (e == nullptr) return kAvx512;
+  const std::string s(e);
+  return s == "scalar" ? kScalar : s == "avx2" ? kAvx2 : kAvx512;
+}
+
 template <typename G, int A>
-BlockFn pick_variant() {
+BlockFn pick_variant(Isa cap) {
 #if OPTAX8_HAVE_AVX512_STEP
-  if (cpu_avx512::supported() && std::getenv("OPTAX8_CPU_NO_AVX512") == nullptr)
-    return &cpu_avx512::step_blocks<A, G>;
+  if (cap >= kAvx512 && cpu_avx512::supported()) return &cpu_avx512::step_blocks<A, G>;
 #endif
 #if OPTAX8_HAVE_AVX2_STEP
-  if (avx2::supported()) return &cpu_avx2::step_blocks<A, G>;
+  if (cap >= kAvx2 && avx2::supported()) return &cpu_avx2::step_blocks<A, G>;
 #endif
   return &cpu_scalar::step_blocks<A, G>;
 }
 
 template <typename G>
-BlockFn pick(int64_t algo) {
+BlockFn pick(int64_t algo, Isa cap) {
   switch (algo) {
-    case kAdam: return pick_variant<G, kAdam>();
-    case kLion: return pick_variant<G, kLion>();
-    case kMomentum: return pick_variant<G, kMomentum>();
-    case kRms: return pick_variant<G, kRms>();
-    case kRss: return pick_variant<G, kRss>();
-    default: return pick_variant<G, kAdemamix>();
+    case kAdam: return pick_variant<G, kAdam>(cap);
+    case kLion: return pick_variant<G, kLion>(cap);
+    case kMomentum: return pick_variant<G, kMomentum>(cap);
+    case kRms: return pick_variant<G, kRms>(cap);
+    case kRss: return pick_variant<G, kRss>(cap);
+    default: return pick_variant<G, kAdemamix>(cap);
   }
 }
 
@@ -231,12 +331,14 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remainin
   std::vector<StepBuffers> bufs(leaves);
   std::vector<BlockFn> fns(leaves);
   std::vector<int64_t> first_block(leaves + 1, 0);
+  const Isa cap = isa_cap();
   for (int64_t i = 0; i < leaves; ++i) {
     if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &bufs[i]); e.failure())
       return e;
     const ffi::DataType dtype = bufs[i].dtype;
-    fns[i] = dtype == ffi::DataType::F32 ? pick<F32>(algo) : dtype == ffi::DataType::BF16 ? pick<BF16>(algo)
-                                                                                           : pick<F16>(algo);
+    fns[i] = dtype == ffi::DataType::F32    ? pick<F32>(algo, cap)
+             : dtype == ffi::DataType::BF16 ? pick<BF16>(algo, cap)
+                                            : pick<F16>(algo, cap);
     first_block[i + 1] = first_block[i] + bufs[i].l.blocks();
   }
   const int64_t total = first_block[leaves];

@@ -35,10 +35,13 @@ struct HostMap {
   float values[256];
   float mids[256];
   uint32_t table[65536];
+  alignas(64) uint8_t planes[4][256];  // planes[k][c]: byte k of values[c] (byte-permute lookups)
 
   HostMap(const float (&v)[256], const float (&m)[256]) {
     std::copy(v, v + 256, values);
     std::copy(m, m + 256, mids);
+    for (int c = 0; c < 256; ++c)
+      for (int k = 0; k < 4; ++k) planes[k][c] = uint8_t(float_bits(values[c]) >> (8 * k));
     for (uint32_t b = 0; b < 65536; ++b) {
       const bool negative = b & 0x8000u;
       float lowest = bits_float(negative ? (b << 16) | 0xffffu : b << 16);
