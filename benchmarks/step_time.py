@@ -7,11 +7,16 @@ with :func:`optax8.apply_gradients` (the kernel writes the new params).
 With ``--grads-inside`` the step instead takes the gradient of
 ``0.5 * sum((p - target)**2)`` itself (the gradient is then an intermediate,
 as in training, but a trivial one that XLA fuses into optax's update).
-Prints ns per parameter and ratios. ``--leaves`` splits the same total into
-many leaves (the cost should depend on the total, not the number of leaves).
+With ``--mlp WIDTH`` it is a whole train step: ``jax.grad`` of a 4-layer
+MLP (``--leaves`` layers of WIDTH x WIDTH, no biases) on a batch of
+``--batch`` rows, and the step without an optimizer (gradients only) is
+timed too. Prints ns per parameter and ratios. ``--leaves`` splits the
+same total into many leaves (the cost should depend on the total, not the
+number of leaves).
 
     python benchmarks/step_time.py --params 16777216 --leaves 16
     python benchmarks/step_time.py --params 16384000 --leaves 500 --optimizers adamw
+    python benchmarks/step_time.py --mlp 2048 --leaves 4 --optimizers adamw
 """
 
 from __future__ import annotations
@@ -53,10 +58,24 @@ def _loss(params, targets):
              zip(jax.tree.leaves(params), jax.tree.leaves(targets)))
 
 
-def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_inside: bool = False) -> float:
-  """Median seconds of one donated jitted step (``data``: the grads, or the targets)."""
+def _mlp_loss(params, batch):
+  x, y = batch
+  layers = jax.tree.leaves(params)
+  for w in layers[:-1]:
+    x = jax.nn.relu(x @ w)
+  return jnp.mean(jnp.square(x @ layers[-1] - y))
+
+
+def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_inside: bool = False,
+              loss=_loss) -> float:
+  """Median seconds of one donated jitted step (``data``: the grads, or the loss's data).
+
+  With ``tx=None`` the step computes the gradients and adds them to the params.
+  """
   def step(params, state, data):
-    grads = jax.grad(_loss)(params, data) if grads_inside else data
+    grads = jax.grad(loss)(params, data) if grads_inside else data
+    if tx is None:
+      return optax.apply_updates(params, grads), state
     if fused_apply:
       return optax8.apply_gradients(tx, grads, state, params)
     updates, state = tx.update(grads, state, params)
@@ -64,7 +83,7 @@ def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_i
 
   fn = jax.jit(step, donate_argnums=(0, 1))
   params = jax.tree.map(jnp.copy, params)
-  state = tx.init(params)
+  state = tx.init(params) if tx is not None else ()
   times = []
   jax.block_until_ready((params, state))
   for i in range(repeats + 2):
@@ -120,21 +139,37 @@ def main():
   ap.add_argument("--optimizers", default="adamw", help="comma list of " + ",".join(PAIRS) + " or all")
   ap.add_argument("--bnb", action="store_true", help="also time bitsandbytes' CPU AdamW8bit")
   ap.add_argument("--grads-inside", action="store_true", help="compute the gradient inside the step")
+  ap.add_argument("--mlp", type=int, default=0, help="time a train step of an MLP of this width")
+  ap.add_argument("--batch", type=int, default=32, help="batch rows of --mlp")
   args = ap.parse_args()
   names = list(PAIRS) if args.optimizers == "all" else args.optimizers.split(",")
-  params = make_tree(args.params, args.leaves, jnp.dtype(args.dtype))
-  data = make_tree(args.params, args.leaves, jnp.float32 if args.grads_inside else jnp.dtype(args.dtype), seed=1)
-  if not args.grads_inside:
-    data = jax.tree.map(lambda x: x * 0.01, data)
+  loss = _loss
+  if args.mlp:
+    w = args.mlp
+    args.grads_inside, loss = True, _mlp_loss
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": jnp.asarray(rng.standard_normal((w, w)) / np.sqrt(w), jnp.dtype(args.dtype))
+              for i in range(args.leaves)}
+    data = (jnp.asarray(rng.standard_normal((args.batch, w)), jnp.float32),
+            jnp.asarray(rng.standard_normal((args.batch, w)), jnp.float32))
+  else:
+    params = make_tree(args.params, args.leaves, jnp.dtype(args.dtype))
+    data = make_tree(args.params, args.leaves, jnp.float32 if args.grads_inside else jnp.dtype(args.dtype), seed=1)
+    if not args.grads_inside:
+      data = jax.tree.map(lambda x: x * 0.01, data)
   n = sum(x.size for x in jax.tree.leaves(params))
+  what = f"MLP train step, batch {args.batch}" if args.mlp else "grads " + ("inside" if args.grads_inside else "given")
   print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
-        f"{n} params in {args.leaves} leaves, {args.dtype}, grads {'inside' if args.grads_inside else 'given'}")
+        f"{n} params in {args.leaves} leaves, {args.dtype}, {what}")
+  if args.mlp:
+    t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss)
+    print(f"gradients only (p + grad, no optimizer): {t / n * 1e9:.3f} ns/param")
   copy = time_copy(params, args.repeats)
   print(f"copy (x + 1): {copy / n * 1e9:.3f} ns/param, {2 * n * jnp.dtype(args.dtype).itemsize / copy / 1e9:.1f} GB/s")
   rows = []
   for name in names:
     ref, ours = PAIRS[name]
-    kw = dict(grads_inside=args.grads_inside)
+    kw = dict(grads_inside=args.grads_inside, loss=loss)
     t_ref = time_step(ref(), params, data, args.repeats, **kw)
     t_ours = time_step(ours(), params, data, args.repeats, **kw)
     t_apply = time_step(ours(), params, data, args.repeats, fused_apply=True, **kw)
