@@ -112,7 +112,7 @@ inline void lanes_store_f32(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
   const int64_t main = n - n % 8;
   avx2::block_values<F32>(codes, out, main, absmax, map.values);
-  for (int64_t k = main; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+  cpu_scalar::lanes_dequantize_block(codes + main, n - main, map, absmax, out + main);
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                         const HostMap& map) {
@@ -246,7 +246,7 @@ inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMa
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
     _mm512_storeu_ps(out + k, scale_values16(_mm512_i32gather_ps(c, map.values, 4), absmax, flush));
   }
-  for (; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+  cpu_scalar::lanes_dequantize_block(codes + k, n - k, map, absmax, out + k);
 }
 
 // bucket_code (cpu_map.h) of 16 normalized values, stored as bytes.
