@@ -4,8 +4,8 @@ Block-wise 8-bit quantization of optimizer state (Dettmers et al., 2022) with
 native CPU and CUDA kernels registered through the XLA FFI and a pure-JAX
 reference backend.
 
-The Flax layers live in the submodules :mod:`optax8.linen` and
-:mod:`optax8.nnx` (``pip install optax8[flax]``), imported on first use.
+The Flax layers live in the submodules `optax8.linen` and
+`optax8.nnx` (``pip install optax8[flax]``), imported on first use.
 """
 
 import importlib

@@ -2,7 +2,7 @@
 
 ``optax.apply_updates(params, tx.update(grads, state, params)[0])`` reads
 and writes every parameter twice (once for the update, once to add it).
-For optax8's fused optimizers, :func:`apply_gradients` has each 8-bit
+For optax8's fused optimizers, [`apply_gradients`][optax8.apply.apply_gradients] has each 8-bit
 leaf's kernel write ``p + update`` over the parameter instead (aliased, so a
 donated jitted step updates params, state and nothing else in place)::
 

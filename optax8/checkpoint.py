@@ -1,11 +1,11 @@
 """Optimizer state in checkpoints: a check against the optimizer, and flax.serialization support.
 
-A state is a pytree of arrays (:class:`~optax8.QuantizedArray` leaves hold
+A state is a pytree of arrays ([`optax8.QuantizedArray`][optax8.quantize.QuantizedArray] leaves hold
 ``codes`` and ``absmax``), so orbax and ``flax.serialization`` save and
 restore it like any other. A state restores correctly only into an
 optimizer that makes the same tree: the same 8-bit and 32-bit leaves
 (``bits``, ``min_8bit_size``), block size (absmax shape ``shape[:-1] +
-(ceil(shape[-1] / block_size),)``) and parameter shapes. :func:`check_state`
+(ceil(shape[-1] / block_size),)``) and parameter shapes. [`check_state`][optax8.checkpoint.check_state]
 compares a state, its abstract form or a checkpoint's metadata with what the
 optimizer makes, leaf by leaf::
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8.options import PERCENTILE_OFF, is_single, is_static, key_paths, leaf_values, path_str, static_int, unbox
+from optax8.options import (PERCENTILE_OFF, RANGES, as_array, check_number, is_single, is_static, key_paths,
+                            leaf_values, path_str, static_int, unbox)
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -46,7 +47,7 @@ def percentile_clipping(percentile=5, history=100, per_leaf=True) -> optax.Gradi
   Args:
     percentile: in [0, 100]; 100 turns clipping off. With ``per_leaf`` it may
       be given per leaf: a pytree prefix of the params or a callable of them.
-      Under :func:`optax.inject_hyperparams` it may change between steps.
+      Under `optax.inject_hyperparams` it may change between steps.
     history: how many recent squared norms to keep (a static int).
     per_leaf: each leaf by its own norm (bitsandbytes' rule), or with
       ``False`` all leaves by their global norm.
@@ -62,6 +63,9 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
   """percentile_clipping whose errors name the transformation ``name`` and its argument ``option``."""
   if not per_leaf and not is_single(percentile):
     raise TypeError(f"{name}: with per_leaf=False, {option} is one number for the global norm, got {percentile!r}")
+  if is_single(percentile):
+    check_number(name, option, percentile, RANGES["percentile"])
+  check_number(name, "history", history)
 
   def percentiles(tree) -> list:
     """Each leaf's percentile (one for the global norm), None where off."""
@@ -71,16 +75,14 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     for path, p in zip(key_paths(tree) if per_leaf else [()], values):
       if p is None:
         p = PERCENTILE_OFF
-      if is_static(p):
-        if not 0 <= float(np.asarray(p)) <= 100:
-          where = f"{option} of leaf {path_str(path)}" if explicit else option
-          raise ValueError(f"{name}: {where} must be between 0 and 100, got {p}")
-        if float(np.asarray(p)) == PERCENTILE_OFF:
-          p = None
+      check_number(name, f"{option} of leaf {path_str(path)}" if explicit else option, p, RANGES["percentile"])
+      if is_static(p) and float(np.asarray(p)) == PERCENTILE_OFF:
+        p = None
       out.append(p)
     return out
 
   def init_fn(params):
+    params = jax.tree.map(as_array, params)
     size = static_int(history, f"{name}: history", "history")
     if size < 1:
       raise ValueError(f"{name}: history must be >= 1, got {size}")
@@ -99,6 +101,7 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     del extra_args
     if not isinstance(state, PercentileClippingState):
       raise TypeError(f"{name}: expected a PercentileClippingState, got {type(state).__name__}")
+    updates = jax.tree.map(as_array, updates)
     treedef = jax.tree.structure(updates)
     state_def = jax.tree.structure(unbox(updates))
     grads = treedef.flatten_up_to(updates)
@@ -141,6 +144,8 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
 
 def _norms(g):
   """The squared norm of the finite elements (at most float32's largest value) and the norm."""
+  if g.size == 0:   # an empty leaf: norm 0, never clipped
+    return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
   g = g.astype(jnp.float32)
   g = jnp.where(jnp.isfinite(g), g, 0)
   sq = jnp.sum(g * g)

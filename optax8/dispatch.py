@@ -4,7 +4,7 @@ Each op is a ``jax.lax.platform_dependent`` over the platforms whose native
 library loaded (``cpu``, ``cuda``), with the pure-JAX path as the default
 (TPU, ROCm, or a platform without a usable library). One jitted function
 therefore runs on CPU and GPU alike, with no Python branch on devices. On a
-device mesh each op runs on each device's shards (:mod:`optax8.sharding`).
+device mesh each op runs on each device's shards (`optax8.sharding`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
 
 
 def _step_group(*flat, algo: int, block_size: int, apply: bool, structure):
-  """:func:`step_group` on flat operands ``hypers, (g, [p], codes, absmax, ...) per leaf``; flat results."""
+  """`step_group` on flat operands ``hypers, (g, [p], codes, absmax, ...) per leaf``; flat results."""
 
   def unflatten(args):
     it = iter(args[1:])

@@ -1,7 +1,7 @@
 """The fused optimizer engine: one GradientTransformation per algorithm.
 
-Every optax8 optimizer is a :func:`fused` transformation: per parameter
-leaf, one kernel call (:func:`optax8.dispatch.step`) dequantizes the leaf's
+Every optax8 optimizer is a `fused` transformation: per parameter
+leaf, one kernel call (`optax8.dispatch.step`) dequantizes the leaf's
 8-bit states, applies the optimizer's rule, requantizes the new states and
 writes the update in the gradient's dtype::
 
@@ -9,16 +9,18 @@ writes the update in the gradient's dtype::
 
 where ``d`` is the algorithm's direction (Adam's ``m_hat / (sqrt(v_hat) +
 eps)``, Lion's ``sign(...)``, ...), ``scale`` is ``-learning_rate`` for the
-optimizers of :mod:`optax8.alias` and 1 for the ``scale_by_*`` building
+optimizers of `optax8.alias` and 1 for the ``scale_by_*`` building
 blocks, ``wd`` the decoupled and ``wd_c`` the coupled weight decay. Leaves
 smaller than ``min_8bit_size`` elements (or with ``bits`` 32; the options
-may be set per leaf, see :mod:`optax8.options`) keep float32 state and run
+may be set per leaf, see `optax8.options`) keep float32 state and run
 the same rule in JAX.
 
 Hyperparameters reach the kernels as a float32 device vector, so a new
-learning rate (a schedule, :func:`optax.inject_hyperparams`) never
-recompiles. A gradient element that is NaN or infinite gives a zero update
-and zero states for that element only.
+learning rate (a schedule, `optax.inject_hyperparams`) never
+recompiles. A gradient element that is NaN or infinite, or whose step
+overflows float32 (a finite gradient above 1.8e19 squares to infinity),
+gives a zero update and zero states for that element only; it never
+reaches its block's absmax.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import optax
 from optax8 import clipping, dispatch, maps
 from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
 from optax8.layout import absmax_shape
-from optax8.options import Options, is_static_zero, key_paths, path_str, unbox
+from optax8.options import Options, as_array, is_static_zero, key_paths, path_str, unbox
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
 
@@ -111,7 +113,8 @@ def _flatten_like(treedef, tree, what: str, name: str):
 def _check_param(name: str, path: str, x) -> None:
   dtype = jnp.dtype(x.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{name}: leaf {path} has dtype {dtype}; optimizer state needs floating-point parameters")
+    raise TypeError(f"{name}: leaf {path} has dtype {dtype}: only floating-point leaves can be optimized; leave "
+                    "it out of the optimizer with optax.masked or optax.partition (e.g. optax.set_to_zero())")
 
 
 def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings=None):
@@ -153,7 +156,8 @@ def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int 
 
 def _check_grad(name: str, path: str, g):
   if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
-    raise TypeError(f"{name}: leaf {path}: gradient has dtype {g.dtype}, expected a floating-point dtype")
+    raise TypeError(f"{name}: leaf {path}: gradient has dtype {g.dtype}: only floating-point leaves can be "
+                    "optimized; leave it out with optax.masked or optax.partition (e.g. optax.set_to_zero())")
 
 
 def _norm(x):
@@ -177,7 +181,7 @@ class Rule:
   Attributes:
     algo: the kernel algorithm.
     hyper: ``(count, count_inc) -> dict`` of hyperparameter slots (see
-      :func:`optax8.kernels.jax_step.hyper_vector`) shared by all leaves.
+      `optax8.kernels.jax_step.hyper_vector`) shared by all leaves.
     initial: initial value of each state (a number, or an array under
       inject_hyperparams).
     learning_rate: None (the update is the direction) or a float/schedule
@@ -221,7 +225,7 @@ class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
   ``init`` and ``update`` are optax's; ``apply_gradients_fn(grads, state,
   params) -> (new_params, new_state)`` equals ``update`` followed by
   ``optax.apply_updates``, but each 8-bit leaf's kernel writes ``p +
-  update`` over the parameter (see :func:`optax8.apply_gradients`).
+  update`` over the parameter (see [`optax8.apply_gradients`][optax8.apply.apply_gradients]).
   """
 
 
@@ -230,17 +234,17 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
 
   With ``options.percentile_clipping`` on, the result is
   ``optax.chain(percentile_clipping(...), optimizer)`` (see
-  :func:`with_percentile_clipping`).
+  `with_percentile_clipping`).
   """
+  options.check(name)
   algo = Algo(r.algo)
   kinds = STATE_KINDS[algo]
   state_cls = STATE_CLASSES[algo]
   initial = r.initial or (0.0,) * len(kinds)
   needs_decay_params = not is_static_zero(r.weight_decay)
-  if r.trust == "lars" and options.unorm_maybe_active():
-    raise ValueError(f"{name}: max_unorm is not supported together with LARS's trust ratio")
 
   def init_fn(params):
+    params = jax.tree.map(as_array, params)
     leaves, paths = jax.tree.leaves(params), _paths(params)
     for path, x in zip(paths, leaves):
       _check_param(name, path, x)
@@ -261,6 +265,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
     count = state.count
     count_inc = optax.safe_increment(count)
+    updates = jax.tree.map(as_array, updates)
+    params = None if params is None else jax.tree.map(as_array, params)
     treedef = jax.tree.structure(updates)
     state_def = jax.tree.structure(unbox(updates))  # the state has no nnx Variable boxes
     paths = _paths(updates)
@@ -324,7 +330,9 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     results = _run_leaves(algo, calls)
     out_u, out_states = [], [[] for _ in kinds]
     for (u, new), (g, p, wd_leaf, fused_apply, post, max_unorm) in zip(results, finish):
-      if post:
+      if post and r.trust == "lars":   # the learning rate is in the direction already (before momentum)
+        u = _post(r, max_unorm, u, g, p, 1.0, 0.0, unorm_scale=jnp.abs(scale))
+      elif post:
         u = _post(r, max_unorm, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
       if apply and not fused_apply:
         u = jnp.asarray(p + u).astype(p.dtype)
@@ -352,7 +360,7 @@ def with_percentile_clipping(name: str, percentile, tx):
   A fused ``tx`` stays fused: ``apply_gradients_fn`` clips, then lets the
   kernels write the new parameters.
   """
-  if not Options(percentile_clipping=percentile).clipping_active():
+  if not Options(percentile_clipping=percentile).check(name).clipping_active():
     return tx
   clip = clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping")
   chained = optax.chain(clip, tx)
@@ -384,7 +392,7 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
   """(output, new states) per leaf: 8-bit leaves in one kernel call per group, float32 ones in JAX.
 
   8-bit leaves that share block size, params use and apply mode go through
-  :func:`optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
+  `optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
   elements and ``GROUP_LEAVES`` leaves (a larger leaf gets its own call):
   many small leaves share a call, while large gradients need not all be
   alive at once (a call reads all its gradients, so XLA keeps them until it
@@ -436,16 +444,17 @@ def _lars_ratio(r: Rule, g, p, wd):
   return _trust_ratio(_norm(p), _norm(g + wd * p.astype(jnp.float32)), r.trust_coefficient, r.trust_eps)
 
 
-def _post(r: Rule, max_unorm, d, g, p, scale, wd):
+def _post(r: Rule, max_unorm, d, g, p, scale, wd, unorm_scale=1.0):
   """Direction ``d`` -> update, with max_unorm, decoupled decay and LAMB's trust ratio.
 
   max_unorm (None: off) scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
   before the learning rate and decoupled weight decay, as bitsandbytes.
+  ``unorm_scale`` is the factor already in ``d`` (LARS: the learning rate).
   """
   d32 = d.astype(jnp.float32)
   p32 = p.astype(jnp.float32)
   if max_unorm is not None:
-    limit = max_unorm * _norm(p32)
+    limit = max_unorm * unorm_scale * _norm(p32)
     unorm = _norm(d32)
     d32 = d32 * jnp.where((max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
   x = d32 + wd * p32

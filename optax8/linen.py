@@ -1,4 +1,4 @@
-"""Flax linen layers: :class:`StableEmbed` (needs ``pip install optax8[flax]``)."""
+"""Flax linen layers: `StableEmbed` (needs ``pip install optax8[flax]``)."""
 
 from __future__ import annotations
 

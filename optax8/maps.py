@@ -13,7 +13,7 @@ nearest: ``code(v) = #{j : mid[j] < v}`` over the 255 float32 midpoints
 native CPU kernel and the pure-JAX path find that count with a 65,536-entry
 table indexed by the top 16 bits of ``v`` (sign, exponent, 7 mantissa bits)
 plus one comparison; the maps are spaced so that no 16-bit bucket holds more
-than one midpoint, which :func:`bucket_table` checks when it builds the table.
+than one midpoint, which `bucket_table` checks when it builds the table.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def bucket_table(kind: str = SIGNED) -> np.ndarray:
 def bucket_midpoints(kind: str = SIGNED) -> np.ndarray:
   """float32[65536]: ``midpoints(kind)[bucket_table(kind)]``, the one midpoint to compare with.
 
-  Indexed by the same bucket as :func:`bucket_table`, so the two lookups are
+  Indexed by the same bucket as `bucket_table`, so the two lookups are
   independent (the pure-JAX path gathers both at once).
   """
   out = midpoints(kind)[bucket_table(kind)]

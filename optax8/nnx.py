@@ -1,4 +1,4 @@
-"""Flax nnx layers: :class:`StableEmbed` (needs ``pip install optax8[flax]``)."""
+"""Flax nnx layers: `StableEmbed` (needs ``pip install optax8[flax]``)."""
 
 from __future__ import annotations
 

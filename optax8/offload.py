@@ -85,7 +85,7 @@ def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIN
     state in ``memory_kind``; ``update`` moves it to the device, runs
     ``tx.update`` and returns the new state in ``memory_kind``. If ``tx``
     is one of optax8's fused optimizers, so is the result
-    (:func:`optax8.apply_gradients` keeps writing the parameters in the
+    ([`optax8.apply_gradients`][optax8.apply.apply_gradients] keeps writing the parameters in the
     kernel).
   """
   memory_kind = _check_memory_kind(memory_kind)

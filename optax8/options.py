@@ -14,7 +14,7 @@ key path, so a plain dict also configures an ``nnx.State`` or a
 option's default. ``min_8bit_size`` is one number, compared with each leaf's
 global (unsharded) size.
 
-A leaf whose key path contains :data:`STABLE_EMBEDDING` (the table of a
+A leaf whose key path contains [`STABLE_EMBEDDING`][optax8.STABLE_EMBEDDING] (the table of a
 ``StableEmbed`` layer) keeps 32-bit state by default: a single ``bits``
 value is the default of the other leaves, as bitsandbytes' StableEmbedding
 overrides the optimizer's bits for its own parameter, while a pytree or
@@ -39,6 +39,92 @@ DEFAULT_MIN_8BIT_SIZE = 4096
 PERCENTILE_OFF = 100
 
 
+# ---- the one rule for numbers ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a numeric option may take: an interval, optionally of integers."""
+
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+
+  def __contains__(self, v: float) -> bool:
+    above = v > self.low if self.low_open else v >= self.low
+    below = v < self.high if self.high_open else v <= self.high
+    return above and below and (not self.integer or float(v).is_integer())
+
+  def __str__(self) -> str:
+    if self.integer:
+      return f"an int >= {self.low:g}" if self.high == math.inf else f"an int in [{self.low:g}, {self.high:g}]"
+    if self.high == math.inf and not self.low_open:
+      return f"a finite number >= {self.low:g}"
+    if self.high == math.inf:
+      return f"a finite number > {self.low:g}"
+    return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+UNIT = Range(0.0, 1.0, high_open=True)   # decay rates whose bias correction divides by 1 - b**t
+NONNEGATIVE = Range(0.0)
+
+# Each hyperparameter's range, by argument name (as in optax).
+RANGES = {
+    "learning_rate": NONNEGATIVE, "b1": UNIT, "b2": UNIT, "b3": UNIT, "eps": NONNEGATIVE,
+    "eps_root": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": Range(0.0, 1.0), "decay": Range(0.0, 1.0),
+    "alpha": NONNEGATIVE, "initial_scale": NONNEGATIVE, "initial_accumulator_value": NONNEGATIVE,
+    "trust_coefficient": NONNEGATIVE, "max_unorm": NONNEGATIVE, "percentile_clipping": Range(0.0, 100.0),
+    "percentile": Range(0.0, 100.0), "min_8bit_size": Range(0.0, integer=True),
+    "history": Range(1.0, integer=True),
+}
+
+
+def check_number(name: str, option: str, value, rule: Range | None = None):
+  """Checks one numeric option by the one rule; returns it unchanged.
+
+  None (the default) and callables (schedules) pass. Python and NumPy
+  numbers must be finite and in ``rule`` (default ``RANGES[option]``):
+  else ValueError. JAX arrays (under
+  `optax.inject_hyperparams` they are traced) must be numeric
+  scalars; their values are not read. Anything else (strings, bools) is a
+  TypeError. Errors name ``name`` and ``option``.
+  """
+  if value is None or callable(value):
+    return value
+  rule = rule if rule is not None else RANGES.get(option, Range())
+  if isinstance(value, jax.Array):
+    if value.ndim != 0 or not (jnp.issubdtype(value.dtype, jnp.floating)
+                               or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(f"{name}: {option} must be a number (a numeric scalar), got an array of shape "
+                      f"{tuple(value.shape)} and dtype {value.dtype}")
+    return value
+  numeric = isinstance(value, (int, float, np.integer, np.floating)) or (
+      isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf")
+  if isinstance(value, (bool, np.bool_)) or not numeric:
+    raise TypeError(f"{name}: {option} must be a number, got {type(value).__name__} {value!r}")
+  v = float(np.asarray(value))
+  if not math.isfinite(v) or v not in rule:
+    raise ValueError(f"{name}: {option} must be {rule}, got {value if isinstance(value, (int, float)) else v!r}")
+  return value
+
+
+HYPERPARAMETERS = ("learning_rate", "b1", "b2", "b3", "eps", "eps_root", "weight_decay", "momentum", "decay",
+                   "alpha", "initial_scale", "initial_accumulator_value", "trust_coefficient")
+
+
+def check_hyperparameters(name: str, **arguments) -> None:
+  """`check_number` of each hyperparameter among the arguments of optimizer ``name``.
+
+  Called first thing as ``check_hyperparameters(name, **locals())``; the
+  8-bit options are checked by `Options.check`.
+  """
+  for option in HYPERPARAMETERS:
+    if option in arguments:
+      check_number(name, option, arguments[option])
+
+
 # ---- static values ----------------------------------------------------------
 
 
@@ -50,7 +136,11 @@ def static_int(value, what: str, option: str | None = None) -> int:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(f"{what} must be a static int; under optax.inject_hyperparams pass "
                     f"static_args=({option or what!r},)")
-  if isinstance(value, bool) or not float(np.asarray(value)).is_integer():
+  if isinstance(value, jax.Array):
+    value = np.asarray(value)
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating, np.ndarray)):
+    raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+  if np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf" or not float(np.asarray(value)).is_integer():
     raise TypeError(f"{what} must be an int, got {value!r}")
   return int(np.asarray(value))
 
@@ -120,6 +210,11 @@ def _by_path(value, leaves, name: str, what: str) -> list:
   return [entries[k] for k in keys]
 
 
+def as_array(x):
+  """A pytree leaf as an array: Python numbers (which optax accepts as leaves) become 0-d arrays."""
+  return x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
+
+
 def unbox(tree):
   """``tree`` without Flax nnx Variable boxes.
 
@@ -145,7 +240,7 @@ def key_name(key):
 
 
 def is_stable_embedding(path) -> bool:
-  """Whether any element of a key path is named :data:`STABLE_EMBEDDING`."""
+  """Whether any element of a key path is named [`STABLE_EMBEDDING`][optax8.STABLE_EMBEDDING]."""
   return any(key_name(k) == STABLE_EMBEDDING for k in path)
 
 
@@ -158,7 +253,7 @@ class Options:
 
   Attributes:
     bits: 8 (quantized state) or 32 (float32 state), per leaf. Default 8, and
-      32 for :data:`STABLE_EMBEDDING` leaves unless ``bits`` is a pytree or
+      32 for [`STABLE_EMBEDDING`][optax8.STABLE_EMBEDDING] leaves unless ``bits`` is a pytree or
       callable.
     block_size: elements per quantization block, a power of two, per leaf.
       Default 256.
@@ -166,11 +261,11 @@ class Options:
     max_unorm: if > 0, scale the leaf's update direction down so that its
       norm is at most ``max_unorm * ||p||``, per leaf. Default 0 (off).
     percentile_clipping: clip each leaf's gradient to the norm at this
-      percentile of its recent history (see :mod:`optax8.clipping`), per
+      percentile of its recent history (see `optax8.clipping`), per
       leaf. Default 100 (off).
 
   The defaults are ``None`` rather than numbers so that
-  :func:`optax.inject_hyperparams` treats them as static.
+  `optax.inject_hyperparams` treats them as static.
   """
 
   bits: Any = None
@@ -179,12 +274,44 @@ class Options:
   max_unorm: Any = None
   percentile_clipping: Any = None
 
+  def check(self, name: str) -> Options:
+    """Checks every option given as one value (pytrees and callables are checked per leaf at init).
+
+    Traced values (optax.inject_hyperparams without static_args) are
+    checked where they are used.
+    """
+    given = lambda v: v is not None and is_single(v) and not isinstance(v, jax.core.Tracer)
+    if given(self.min_8bit_size):
+      check_number(name, "min_8bit_size", self.min_8bit_size)
+    for option in ("max_unorm", "percentile_clipping"):
+      if is_single(getattr(self, option)):
+        check_number(name, option, getattr(self, option))
+    if given(self.bits):
+      self._bits(self.bits, name + ": bits")
+    if given(self.block_size):
+      self._block_size(self.block_size, name + ": block_size")
+    return self
+
+  @staticmethod
+  def _bits(b, where: str) -> int:
+    b = static_int(b, where, "bits")
+    if b not in (8, 32):
+      raise ValueError(f"{where} must be 8 or 32, got {b}")
+    return b
+
+  @staticmethod
+  def _block_size(v, where: str) -> int:
+    try:
+      return check_block_size(static_int(v, where, "block_size"))
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+
   def resolved_min_8bit_size(self) -> int:
     if self.min_8bit_size is None:
       return DEFAULT_MIN_8BIT_SIZE
     size = static_int(self.min_8bit_size, "min_8bit_size", "min_8bit_size")
     if size < 0:
-      raise ValueError(f"min_8bit_size must be >= 0, got {size}")
+      raise ValueError(f"min_8bit_size must be an int >= 0, got {size}")
     return size
 
   def leaf_bits(self, name: str, params) -> list[int]:
@@ -200,9 +327,7 @@ class Options:
                             leaf_values(self.bits, params, name, "bits")):
       where = f"{name}: " + (f"bits of leaf {path_str(path)}" if explicit else "bits")
       if b is not None:
-        b = static_int(b, where, "bits")
-        if b not in (8, 32):
-          raise ValueError(f"{where} must be 8 or 32, got {b}")
+        b = self._bits(b, where)
       if b is None or (not explicit and is_stable_embedding(path)):
         b = 32 if is_stable_embedding(path) else (b or 8)
       eight = b == 8 and math.prod(x.shape) >= min_size and jnp.dtype(x.dtype) in VALUE_DTYPES
@@ -220,10 +345,7 @@ class Options:
       elif traced_ok and isinstance(v, jax.core.Tracer):
         out.append(None)
       else:
-        try:
-          out.append(check_block_size(static_int(v, where, "block_size")))
-        except ValueError as e:
-          raise ValueError(f"{where}: {e}") from None
+        out.append(self._block_size(v, where))
     return out
 
   def leaf_max_unorms(self, name: str, tree) -> list:
@@ -231,15 +353,9 @@ class Options:
     explicit = not is_single(self.max_unorm)
     out = []
     for path, v in zip(key_paths(tree), leaf_values(self.max_unorm, tree, name, "max_unorm")):
-      if is_static(v) and float(np.asarray(v)) < 0:
-        where = f"max_unorm of leaf {path_str(path)}" if explicit else "max_unorm"
-        raise ValueError(f"{name}: {where} must be >= 0, got {v}")
+      check_number(name, f"max_unorm of leaf {path_str(path)}" if explicit else "max_unorm", v, RANGES["max_unorm"])
       out.append(None if is_static_zero(v) else v)
     return out
-
-  def unorm_maybe_active(self) -> bool:
-    """False where max_unorm is off for every leaf whatever the params."""
-    return callable(self.max_unorm) or not all(is_static_zero(v) for v in _values(self.max_unorm))
 
   def clipping_active(self) -> bool:
     """False where percentile_clipping is off (None or 100) for every leaf whatever the params."""

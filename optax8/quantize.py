@@ -7,7 +7,7 @@ For each block of ``block_size`` elements along the last axis::
     x'     = map[code] * absmax
 
 with the signed dynamic map (first moments) or the unsigned one (second
-moments), see :mod:`optax8.maps`. The round trip error of an element is at
+moments), see `optax8.maps`. The round trip error of an element is at
 most half the gap between the two map values around ``x / absmax``, times
 ``absmax``.
 

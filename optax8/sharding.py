@@ -9,11 +9,11 @@ alone exactly when it holds whole blocks::
     last axis (n)     unsharded, or split s ways with n % (s * block_size) == 0
     absmax (..., nb)  the elements' sharding, the last axis on the same mesh axes
 
-:func:`shard_local` wraps a kernel in ``jax.experimental.custom_partitioning``
+`shard_local` wraps a kernel in ``jax.experimental.custom_partitioning``
 with this rule (a Shardy ``SdyShardingRule``, and the GSPMD callbacks), so
 the partitioner runs the kernel on each device's shards with no
 communication; the FFI call alone would be replicated (an all-gather of
-every operand). :func:`state_shardings` gives a parameter's 8-bit state the
+every operand). `state_shardings` gives a parameter's 8-bit state the
 parameter's sharding, and rejects one that would split a block.
 """
 
@@ -92,7 +92,7 @@ class Op:
 
 
 def make_op(kernel: Callable, leaf_shapes, operands, results, **params) -> Op:
-  """An :class:`Op` of ``kernel`` with static ``params`` (which include ``block_size``)."""
+  """An `Op` of ``kernel`` with static ``params`` (which include ``block_size``)."""
   return Op(kernel, tuple(sorted(params.items())), params["block_size"], tuple(tuple(s) for s in leaf_shapes),
             tuple(operands), tuple(results))
 
@@ -102,8 +102,11 @@ def shard_local(op: Op, *arrays) -> tuple:
 
   Under ``jax.vmap`` a batch axis becomes one more leading axis of every
   leaf; where a replicated operand is batched (a batch of hyperparameter
-  rows) the kernel is vmapped instead and not partitioned.
+  rows) the kernel is vmapped instead and not partitioned. Under
+  ``jax.disable_jit()`` the kernel runs eagerly, unpartitioned.
   """
+  if jax.config.jax_disable_jit:
+    return op.call(*arrays)
   return _shard_local_jit(op, *arrays)
 
 
@@ -114,6 +117,10 @@ def _shard_local_jit(op: Op, *arrays):
 
   @fn.def_vmap
   def _batch_rule(axis_size, in_batched, *args):
+    if axis_size == 0:   # an empty batch: empty results of the per-example shapes
+      example = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype) for a, b in zip(args, in_batched)]
+      out = [jnp.zeros((0,) + r.shape, r.dtype) for r in jax.eval_shape(op.call, *example)]
+      return tuple(out), (True,) * len(out)
     if any(b and role[0] == REPLICATED for b, role in zip(in_batched, op.operands)):
       out = jax.vmap(op.call, in_axes=tuple(0 if b else None for b in in_batched))(*args)
     else:
@@ -174,18 +181,27 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   The block factor needs replication, so a last axis is split only between
   whole blocks, and absmax's last axis shares the leaf's ``nb`` factor.
   Where ``n`` is not a multiple of ``block_size`` the last axis stays whole.
+
+  A factor whose size some mesh axis does not divide needs replication too:
+  Shardy would otherwise split it over part of an axis (a sub-axis, e.g. 2
+  blocks over 2 of 8 devices when the gradient arrives split by columns),
+  which custom_partitioning cannot express; the operand is resharded instead.
   """
-  del mesh, operand_types, result_types
+  del operand_types, result_types
+  axis_sizes = [s for s in dict(getattr(mesh, "shape", {}) or {}).values() if s > 1]
+  whole = lambda size: all(size % s == 0 for s in axis_sizes)
   need, sizes, leaves = [], {}, []
   for i, shape in enumerate(op.leaf_shapes):
     lead = tuple(f"l{i}_{d}" for d in range(len(shape) - 1))
+    need += [f for f, size in zip(lead, shape) if not whole(size)]
     n, b = shape[-1], op.block_size
     if b == 1:
       last = nb = f"n{i}"
+      need += [] if whole(n) else [last]
     elif n % b == 0 and n > b:
       last, nb = CompoundFactor(f"k{i}", f"b{i}"), f"k{i}"
       sizes[f"b{i}"] = b
-      need.append(f"b{i}")
+      need += [f"b{i}"] + ([] if whole(n // b) else [nb])
     else:
       last, nb = f"n{i}", f"k{i}"
       need += [last, nb]

@@ -1,4 +1,4 @@
-"""StableEmbed's computation, shared by :mod:`optax8.linen` and :mod:`optax8.nnx`.
+"""StableEmbed's computation, shared by `optax8.linen` and `optax8.nnx`.
 
 bitsandbytes' ``StableEmbedding`` (Dettmers et al., 2022): an embedding
 table ``T`` of shape ``(num_embeddings, features)`` with Xavier-uniform
@@ -9,9 +9,9 @@ to the layer's dtype::
 
 with mean and (biased) variance over the features. The table is the
 parameter named ``stable_embedding``
-(:data:`optax8.options.STABLE_EMBEDDING`), which every optax8 optimizer
+(`optax8.options.STABLE_EMBEDDING`), which every optax8 optimizer
 keeps in 32-bit state unless ``bits`` is a pytree or callable (see
-:mod:`optax8.options`). This module needs only JAX.
+`optax8.options`). This module needs only JAX.
 """
 
 from __future__ import annotations

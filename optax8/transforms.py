@@ -3,11 +3,11 @@
 Each returns the optimizer's direction (no learning rate), like its optax
 counterpart, with its state quantized block-wise to 8 bits. Chain them with
 ``optax.scale_by_learning_rate`` and friends, or use the fused optimizers of
-:mod:`optax8.alias`, which also fold the learning rate and weight decay into
+`optax8.alias`, which also fold the learning rate and weight decay into
 the kernel. Every function takes the 8-bit options ``bits`` (8 or 32),
 ``block_size`` (256), ``min_8bit_size`` (4096) and ``max_unorm`` (0, off),
-all but ``min_8bit_size`` also per leaf (see :mod:`optax8.options`). For
-percentile clipping chain :func:`optax8.percentile_clipping` in front.
+all but ``min_8bit_size`` also per leaf (see `optax8.options`). For
+percentile clipping chain [`optax8.percentile_clipping`][optax8.clipping.percentile_clipping] in front.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import optax
 
 from optax8.fused import Options, Rule, _value, fused
 from optax8.kernels.jax_step import Algo
+from optax8.options import check_hyperparameters
 
 
 def check_state_dtype(dtype, name: str) -> None:
@@ -73,6 +74,7 @@ def scale_by_adam8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *
 
   ``m`` uses the signed map, ``v`` the unsigned one.
   """
+  check_hyperparameters("scale_by_adam8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("scale_by_adam8bit", Rule(Algo.ADAM, adam_hyper(b1, b2, eps, eps_root, nesterov)),
                Options(bits, block_size, min_8bit_size, max_unorm))
@@ -84,6 +86,7 @@ def scale_by_lion8bit(b1=0.9, b2=0.99, mu_dtype=None, *, bits=None, block_size=N
 
   .. math:: u = \operatorname{sign}((1 - b_1) g + b_1 m_{t-1}), \quad m_t = b_2 m_{t-1} + (1 - b_2) g
   """
+  check_hyperparameters("scale_by_lion8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("scale_by_lion8bit", Rule(Algo.LION, lion_hyper(b1, b2)),
                Options(bits, block_size, min_8bit_size, max_unorm))
@@ -96,6 +99,7 @@ def trace8bit(decay, nesterov=False, accumulator_dtype=None, *, bits=None, block
   .. math:: m_t = g + \text{decay}\, m_{t-1}, \quad u = m_t \text{ (or } g + \text{decay}\, m_t
      \text{ with Nesterov)}
   """
+  check_hyperparameters("trace8bit", **locals())
   check_state_dtype(accumulator_dtype, "accumulator_dtype")
   return fused("trace8bit", Rule(Algo.MOMENTUM, momentum_hyper(decay, nesterov)),
                Options(bits, block_size, min_8bit_size, max_unorm))
@@ -108,6 +112,7 @@ def scale_by_rms8bit(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, b
   .. math:: v_t = \text{decay}\, v_{t-1} + (1 - \text{decay}) g^2, \quad u = g / \sqrt{v_t + \epsilon}
      \text{ (or } g / (\sqrt{v_t} + \epsilon) \text{ with eps\_in\_sqrt=False)}
   """
+  check_hyperparameters("scale_by_rms8bit", **locals())
   return fused("scale_by_rms8bit",
                Rule(Algo.RMS, rms_hyper(decay, eps, eps_in_sqrt, bias_correction), initial=(initial_scale,)),
                Options(bits, block_size, min_8bit_size, max_unorm))
@@ -119,6 +124,7 @@ def scale_by_rss8bit(initial_accumulator_value=0.1, eps=1e-7, *, bits=None, bloc
 
   .. math:: s_t = s_{t-1} + g^2, \quad u = g / \sqrt{s_t + \epsilon} \text{ (0 where } s_t = 0)
   """
+  check_hyperparameters("scale_by_rss8bit", **locals())
   return fused("scale_by_rss8bit", Rule(Algo.RSS, rss_hyper(eps), initial=(initial_accumulator_value,)),
                Options(bits, block_size, min_8bit_size, max_unorm))
 
@@ -134,6 +140,7 @@ def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3=0.9999, alpha=6.0, eps=1e-8, eps_
 
   ``b3`` and ``alpha`` may be schedules of the step count.
   """
+  check_hyperparameters("scale_by_ademamix8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("scale_by_ademamix8bit", Rule(Algo.ADEMAMIX, ademamix_hyper(b1, b2, b3, alpha, eps, eps_root)),
                Options(bits, block_size, min_8bit_size, max_unorm))

@@ -192,14 +192,14 @@ def test_inject_hyperparams_changes_the_percentile_without_recompiling():
 
 def test_bad_arguments():
   g = gradients(1)[0]
-  with pytest.raises(ValueError, match=r"percentile of leaf \['b'\] must be between 0 and 100, got 120"):
+  with pytest.raises(ValueError, match=r"percentile of leaf \['b'\] must be in \[0, 100\], got 120"):
     optax8.percentile_clipping({"w": 5, "b": 120}).init(g)
-  with pytest.raises(ValueError, match="percentile must be between 0 and 100, got -1"):
-    optax8.percentile_clipping(-1).init(g)
+  with pytest.raises(ValueError, match=r"percentile must be in \[0, 100\], got -1"):
+    optax8.percentile_clipping(-1)
   with pytest.raises(TypeError, match="per_leaf=False"):
     optax8.percentile_clipping({"w": 5, "b": 5}, per_leaf=False)
-  with pytest.raises(ValueError, match="history must be >= 1"):
-    optax8.percentile_clipping(5, 0).init(g)
+  with pytest.raises(ValueError, match="history must be an int >= 1"):
+    optax8.percentile_clipping(5, 0)
   with pytest.raises(ValueError, match=r"no value for leaf \['w'\]"):
     optax8.percentile_clipping({"b": 5}).init(g)
 

@@ -274,10 +274,11 @@ BAD = [
     (dict(bits=lambda p: [32, 8]), ValueError, r"result of bits\(params\) does not match .* entry \[0\]"),
     (dict(bits={"embed": 8.5, "w": 8}), TypeError, r"adamw8bit: bits of leaf \['embed'\] must be an int"),
     (dict(block_size={"embed": 100, "w": None}), ValueError, r"block_size of leaf \['embed'\].*power of two"),
-    (dict(max_unorm={"embed": -1.0, "w": 0}), ValueError, r"max_unorm of leaf \['embed'\] must be >= 0"),
+    (dict(max_unorm={"embed": -1.0, "w": 0}), ValueError, r"max_unorm of leaf \['embed'\] must be a finite number >= 0"),
+    (dict(max_unorm={"embed": "0.1", "w": 0}), TypeError, r"max_unorm of leaf \['embed'\] must be a number, got str"),
     (dict(percentile_clipping={"embed": 5, "w": 101}), ValueError,
-     r"percentile_clipping of leaf \['w'\] must be between 0 and 100"),
-    (dict(min_8bit_size=-1), ValueError, r"min_8bit_size must be >= 0"),
+     r"percentile_clipping of leaf \['w'\] must be in \[0, 100\]"),
+    (dict(min_8bit_size=-1), ValueError, r"adamw8bit: min_8bit_size must be an int >= 0, got -1"),
 ]
 
 
@@ -286,10 +287,10 @@ def _bad_id(kwargs) -> str:
 
 
 @pytest.mark.parametrize("kwargs,error,match", BAD, ids=[_bad_id(k) for k, _, _ in BAD])
-def test_bad_options_are_reported_at_init_with_the_leaf(kwargs, error, match):
-  tx = optax8.adamw8bit(1e-3, **kwargs)
+def test_bad_options_are_reported_at_build_or_init_with_the_leaf(kwargs, error, match):
+  """One value is checked where the optimizer is built, a pytree or callable per leaf at init."""
   with pytest.raises(error, match=match):
-    tx.init({"embed": jnp.zeros((512, 32)), "w": jnp.zeros((64, 128))})
+    optax8.adamw8bit(1e-3, **kwargs).init({"embed": jnp.zeros((512, 32)), "w": jnp.zeros((64, 128))})
 
 
 def test_non_float_params_are_reported_at_init():

@@ -196,3 +196,27 @@ def test_a_sharding_that_splits_blocks_fails_at_init():
   state = optax8.adamw8bit(1e-3, block_size=128).init(params)
   assert state.mu["layer"]["w"].absmax.sharding.spec == P(None, "x")
   optax8.adamw8bit(1e-3, bits=32).init(params)
+
+
+def test_a_gradient_split_finer_than_the_blocks_is_resharded_not_a_crash():
+  """FSDP params (rows) whose gradients the backward pass splits by columns, 8 ways over a row of two
+  256-element blocks: no block factor is split over part of a mesh axis (which custom_partitioning
+  cannot express); the step compiles and equals the single-device step."""
+  rng = np.random.default_rng(0)
+  params_host = {"w1": (rng.standard_normal((1024, 512)) / 32).astype(np.float32),
+                 "w2": (rng.standard_normal((512, 256)) / 32).astype(np.float32)}
+  x, y = rng.standard_normal((16, 1024)).astype(np.float32), rng.standard_normal((16, 256)).astype(np.float32)
+  tx = optax8.adamw8bit(1e-3, weight_decay=0.1)
+
+  def step(params, state):
+    grads = jax.grad(lambda p: jnp.mean((jax.nn.relu(x @ p["w1"]) @ p["w2"] - y) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), grads
+
+  mesh = _mesh(AxisType.Auto)
+  params = _put(params_host, mesh, {"w1": P("x", None), "w2": P("x", None)})
+  new_params, grads = jax.jit(step)(params, tx.init(params))
+  grads_host = jax.tree.map(np.asarray, grads)   # the reference steps on the very same gradients
+  updates, _ = jax.jit(tx.update)(grads_host, tx.init(params_host), params_host)
+  for k in params_host:
+    np.testing.assert_array_equal(np.asarray(new_params[k]), np.asarray(params_host[k] + updates[k]), err_msg=k)

@@ -33,6 +33,7 @@ inline float vsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f)
 inline float vselect(bool m, float a, float b) { return m ? a : b; }
 inline bool vfinite(float x) { return std::fabs(x) <= FLT_MAX; }
 inline bool vpositive(float x) { return x > 0.0f; }
+inline bool vand(bool a, bool b) { return a && b; }
 
 #define OPTAX8_RULE inline
 #include "optax8/step_rule.inc"
@@ -89,6 +90,7 @@ inline V vsign(V x) {
 inline V vselect(V m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
 inline V vfinite(V x) { return _mm256_cmp_ps(avx2::abs8(x), _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ); }
 inline V vpositive(V x) { return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ); }
+inline V vand(V a, V b) { return _mm256_and_ps(a, b); }
 
 #define OPTAX8_RULE inline
 #include "optax8/step_rule.inc"
@@ -158,6 +160,7 @@ inline V vsign(V x) {
 inline V vselect(__mmask16 m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
 inline __mmask16 vfinite(V x) { return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(FLT_MAX), _CMP_LE_OQ); }
 inline __mmask16 vpositive(V x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ); }
+inline __mmask16 vand(__mmask16 a, __mmask16 b) { return a & b; }
 
 #define OPTAX8_RULE inline
 #include "optax8/step_rule.inc"

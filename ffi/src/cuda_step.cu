@@ -43,6 +43,7 @@ __device__ __forceinline__ float vsign(float x) { return x > 0.0f ? 1.0f : (x < 
 __device__ __forceinline__ float vselect(bool m, float a, float b) { return m ? a : b; }
 __device__ __forceinline__ bool vfinite(float x) { return fabsf(x) <= FLT_MAX; }
 __device__ __forceinline__ bool vpositive(float x) { return x > 0.0f; }
+__device__ __forceinline__ bool vand(bool a, bool b) { return a && b; }
 
 #define OPTAX8_RULE __device__ __forceinline__
 #include "optax8/step_rule.inc"

@@ -2,7 +2,7 @@
 
 It mirrors ``ffi/include/optax8/step.h`` and ``step_rule.inc``: the same
 algorithms, hyperparameter slots and per-element rule, followed by the
-block-wise requantization of :mod:`optax8.kernels.jax_backend`. The same
+block-wise requantization of `optax8.kernels.jax_backend`. The same
 ``rule`` also runs the float32 state of leaves kept at 32 bits.
 """
 
@@ -121,8 +121,11 @@ def rule(algo: Algo, h, g, p, states):
     d = jnp.where(s[0] > 0, 1 / jnp.sqrt(s[0] + H(Hyper.EPS_ROOT)), 0) * g
   else:
     raise ValueError(f"unknown algo {algo!r}")
-  s = tuple(jnp.where(ok, x, 0) for x in s)
-  u = jnp.where(ok, H(Hyper.SCALE) * (d + H(Hyper.WEIGHT_DECAY) * p), 0)
+  keep = ok & jnp.isfinite(d)   # skip elements whose step overflowed (|g| > 1.8e19 squares to inf)
+  for x in s:
+    keep = keep & jnp.isfinite(x)
+  s = tuple(jnp.where(keep, x, 0) for x in s)
+  u = jnp.where(keep, H(Hyper.SCALE) * (d + H(Hyper.WEIGHT_DECAY) * p), 0)
   return u, s
 
 

@@ -23,11 +23,14 @@ import threading
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
 TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +154,23 @@ def _sharding_of(x):
   return sharding if explicit else None
 
 
+def _varying(results, operands):
+  """The results, varying over every manual mesh axis that an operand varies over.
+
+  Inside ``jax.shard_map`` (``check_vma=True``) an FFI call's results carry
+  no varying axes; the pure-JAX branch's carry its operands', and the two
+  branches of the backend switch must have equal types.
+  """
+  axes = set()
+  for x in operands:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    axes.update(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  if not axes:
+    return list(results)
+  return [lax.pcast(r, tuple(sorted(axes)), to="varying") for r in results]
+
+
 def quantize(x, block_size: int, map_id: int):
   """FFI call: (codes, absmax) of ``x`` (rank >= 1)."""
   _ensure_registered()
@@ -158,7 +178,7 @@ def quantize(x, block_size: int, map_id: int):
   out = (jax.ShapeDtypeStruct(x.shape, np.uint8, sharding=sharding),
          jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32, sharding=sharding))
   call = jax.ffi.ffi_call("optax8_quantize", out, vmap_method="broadcast_all")
-  return call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id))
+  return tuple(_varying(call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id)), [x]))
 
 
 def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
@@ -166,7 +186,17 @@ def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
   _ensure_registered()
   call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
                           vmap_method="broadcast_all")
-  return call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))
+  return _varying([call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))],
+                  [codes, absmax])[0]
+
+
+def _kernel_dtype(g, p):
+  """The one float dtype the step handler reads g and p in: theirs where they share a kernel
+  dtype, else float32 (exact for 16-bit values; float64 is rounded once)."""
+  dtype = jnp.dtype(g.dtype)
+  if dtype in _KERNEL_DTYPES and (p is None or jnp.dtype(p.dtype) == dtype):
+    return dtype
+  return jnp.dtype(jnp.float32)
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
@@ -179,20 +209,24 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
   g's dtype, aliased to g) or, with ``apply``, the new parameter ``p +
   update`` (in p's dtype, aliased to p). Codes and absmax are aliased to
   their new values, so a donated jitted step updates them in place.
+
+  g and p of different dtypes are both read as float32 (the handler takes
+  one dtype), so neither is rounded: the output is rounded once, to g's
+  dtype (update) or p's (apply), as the pure-JAX step does.
   """
   _ensure_registered()
   with_params = leaves[0][1] is not None
   if apply and not with_params:
     raise ValueError("step: apply=True needs the parameters")
   mode = 2 if apply else int(with_params)
-  operands, out, aliases = [hypers], [], {}
+  operands, out, aliases, out_dtypes = [hypers], [], {}, []
   for g, p, states in leaves:
     if (p is not None) != with_params:
       raise ValueError("step_group: give p for every leaf or for none")
-    if p is None:
-      p = np.zeros((1,), g.dtype)
-    elif p.dtype != g.dtype:
-      g, p = (g.astype(p.dtype), p) if apply else (g, p.astype(g.dtype))
+    out_dtypes.append(p.dtype if apply else g.dtype)
+    dtype = _kernel_dtype(g, p)
+    g = g.astype(dtype)
+    p = np.zeros((1,), dtype) if p is None else p.astype(dtype)
     result = p if apply else g
     aliases[len(operands) + (1 if apply else 0)] = len(out)
     out.append(jax.ShapeDtypeStruct(result.shape, result.dtype, sharding=_sharding_of(result)))
@@ -203,13 +237,13 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
   call = jax.ffi.ffi_call("optax8_step", out, vmap_method="broadcast_all", input_output_aliases=aliases)
-  results = call(*operands, algo=np.int64(algo), block_size=np.int64(block_size), leaves=np.int64(len(leaves)),
-                 params_mode=np.int64(mode))
+  results = _varying(call(*operands, algo=np.int64(algo), block_size=np.int64(block_size),
+                          leaves=np.int64(len(leaves)), params_mode=np.int64(mode)), operands)
   per_leaf, k = [], 0
-  for _, _, states in leaves:
+  for (_, _, states), dtype in zip(leaves, out_dtypes):
     n = 2 * len(states)
     new = results[k + 1:k + 1 + n]
-    per_leaf.append((results[k], tuple(zip(new[::2], new[1::2]))))
+    per_leaf.append((results[k].astype(dtype), tuple(zip(new[::2], new[1::2]))))
     k += 1 + n
   return per_leaf
 

@@ -8,7 +8,8 @@
 //   bad = g is NaN or +-inf;  g = bad ? 0 : g;  g += wd_coupled * p
 //   (s, d) = rule(algo, hyper, g, s)           the optimizer's direction d
 //   u = scale * (d + wd * p)                   the update, in g's dtype
-//   bad elements: u = 0 and every state of the element = 0
+//   skipped elements (bad, or d or a new state not finite: an overflow such
+//   as g * g for |g| > 1.8e19): u = 0 and every state of the element = 0
 // then each state is requantized block-wise (quantize.h) with its new absmax.
 #pragma once
 

@@ -1,0 +1,393 @@
+"""What real training feeds an optimizer: diverging gradients, mixed precision,
+empty and scalar leaves, shard_map, eager debugging, vmap, bad options.
+
+The contract (docs/inputs.md): no input gives a silent wrong answer; what
+optax accepts, optax8 accepts; every bad input gets an error that names the
+leaf or the option, raised when the step is traced.
+"""
+
+import functools
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from optax import contrib
+
+import optax8
+from optax8 import dispatch, maps
+from test_alias import NAMES, OPTIMIZERS
+
+FMAX = float(np.finfo(np.float32).max)
+IS_Q = lambda x: isinstance(x, optax8.QuantizedArray)
+
+
+@pytest.fixture(params=["native", "jax"])
+def backend(request, monkeypatch):
+  """Runs a test on the native kernels and again on the pure-JAX backend."""
+  if request.param == "jax":
+    monkeypatch.setattr(dispatch, "_native_branches", lambda fn: {})
+    jax.clear_caches()   # traces made with the native branches must not be reused
+  yield request.param
+  if request.param == "jax":
+    jax.clear_caches()
+
+
+def run(tx, params, grads, steps=1, state=None):
+  """``steps`` jitted update + apply_updates steps; returns (params, state, last update)."""
+  state = tx.init(params) if state is None else state
+  step = jax.jit(tx.update)
+  u = None
+  for i in range(steps):
+    g = grads(i) if callable(grads) else grads
+    u, state = step(g, state, params)
+    params = optax.apply_updates(params, u)
+  return params, state, u
+
+
+def dequantized(state):
+  """The state with every QuantizedArray as its float32 values (the bits=32 state's structure)."""
+  return jax.tree.map(lambda l: optax8.dequantize(l) if IS_Q(l) else l, state, is_leaf=IS_Q)
+
+
+# ---- 1. a diverging gradient --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spike", [1e19, 1e20, 3e38])
+def test_one_huge_gradient_moves_params_no_more_than_optax(name, spike):
+  """A single huge finite gradient element, then ordinary steps: every element moves as far as
+  with optax's float32 optimizer (up to quantization error), never by ~spike."""
+  ours, ref, _ = OPTIMIZERS[name]
+  lr_steps = 5e-2   # slack: 5 steps of a learning rate up to 1e-2 (LARS: the trust ratio keeps it small)
+  params = {"w": jnp.ones((8192,), jnp.float32)}
+
+  def grads(i):
+    g = jnp.full((8192,), 1e-2, jnp.float32).at[1::2].set(-1e-2)
+    return {"w": g.at[5].set(spike) if i == 0 else g}
+
+  p8, state, _ = run(ours(min_8bit_size=0), params, grads, steps=5)
+  p32, _, _ = run(ref(), params, grads, steps=5)
+  moved8 = np.abs(np.asarray(p8["w"]) - 1)
+  moved32 = np.abs(np.asarray(p32["w"]) - 1)
+  assert np.all(np.isfinite(moved8))
+  assert np.all(moved8 <= 1.05 * moved32 + lr_steps), (moved8.max(), moved32.max())
+  for leaf in jax.tree.leaves(state, is_leaf=IS_Q):
+    if IS_Q(leaf):
+      assert np.all(np.isfinite(np.asarray(leaf.absmax)))
+
+
+SPECIALS = [0.0, 1e-45, -1e-40, 1.17e-38, 1e-30, 1e-8, 1.8e19, -1.85e19, 1e30, 3.4e38, -FMAX, np.inf, -np.inf,
+            np.nan]
+VALUES = st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                   st.sampled_from(SPECIALS))
+
+
+@st.composite
+def gradients(draw):
+  """(2, 256) float32: normal values at a scale from 1e-40 to 1e30, with up to 32 elements anywhere in
+  float32's range (subnormals, values that square to inf, inf, NaN) at drawn places."""
+  scale = draw(st.sampled_from([1e-40, 1e-30, 1e-8, 1e-2, 1.0, 1e10, 1e19, 1e30]))
+  g = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(512) * scale
+  for i, v in draw(st.lists(st.tuples(st.integers(0, 511), VALUES), max_size=32)):
+    g[i] = v
+  return g.astype(np.float32).reshape(2, 256)
+
+
+def _half_gap(kind: str) -> float:
+  m = maps.dynamic_map(kind).astype(np.float64)
+  return float(np.max(np.diff(m)) / 2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@hypothesis.given(g=gradients())
+@hypothesis.settings(max_examples=25, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+def test_any_gradient_gives_a_finite_step_and_a_state_within_the_quantization_bound(name, g):
+  """Gradients from the whole float32 range (subnormals, values that square to inf, inf, NaN):
+
+  - from a fresh state, the 8-bit update and new params are finite wherever optax's float32
+    ones are (they are finite everywhere);
+  - from a warm state, the 8-bit step equals the float32 step (bits=32) taken from the
+    dequantized state up to float32 rounding (XLA may contract the float32 rule's multiply-adds),
+    on both paths, and each new 8-bit state is within half a code gap (times its block's absmax)
+    of the float32 step's state.
+  """
+  ours, ref, _ = OPTIMIZERS[name]
+  tx8, tx32 = ours(min_8bit_size=0), ours(bits=32)
+  f8, f32, fref = _compiled(name)
+  params = {"w": jnp.asarray(np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256))}
+  grads = {"w": jnp.asarray(g)}
+
+  u8, s8, p8 = f8(grads, tx8.init(params), params)
+  uref, _, pref = fref(grads, ref().init(params), params)
+  for ours_, theirs in ((u8, uref), (p8, pref)):
+    finite = np.isfinite(np.asarray(theirs["w"]))
+    assert np.all(np.isfinite(np.asarray(ours_["w"]))[finite])
+  assert np.all(np.isfinite(np.asarray(u8["w"]))) and np.all(np.isfinite(np.asarray(p8["w"])))
+
+  warm = {"w": jnp.asarray(np.cos(np.arange(512, dtype=np.float32)).reshape(2, 256) * 1e-2)}
+  _, s8, _ = f8(warm, tx8.init(params), params)
+  u8, new8, p8 = f8(grads, s8, params)
+  u32, new32, p32 = f32(grads, dequantized(s8), params)
+  for a, b in ((u8, u32), (p8, p32)):   # roundings of a multiply-add can cancel: atol scales with the step
+    b = np.asarray(b["w"])
+    np.testing.assert_allclose(np.asarray(a["w"]), b, rtol=2e-6, atol=2e-6 * np.max(np.abs(b)))
+  for q, x in zip(jax.tree.leaves(new8, is_leaf=IS_Q), jax.tree.leaves(new32)):
+    if not IS_Q(q):   # the step count, clipping history
+      continue
+    absmax = np.repeat(np.asarray(q.absmax), 256, axis=-1)
+    assert np.all(np.isfinite(absmax))
+    error = np.abs(np.asarray(optax8.dequantize(q), np.float64) - np.asarray(x, np.float64))
+    bound = (_half_gap(q.kind) + 2.0**-20) * absmax + np.finfo(np.float32).tiny   # + a few roundings
+    assert np.all(error <= bound), (q.kind, error.max())
+
+
+@functools.cache
+def _compiled(name):
+  """Jitted (update, state, new params) of the 8-bit, 32-bit and optax optimizers."""
+  ours, ref, _ = OPTIMIZERS[name]
+
+  def make(tx):
+    def f(g, s, p):
+      u, s = tx.update(g, s, p)
+      return u, s, optax.apply_updates(p, u)
+    return jax.jit(f)
+
+  return make(ours(min_8bit_size=0)), make(ours(bits=32)), make(ref())
+
+
+# ---- 2. mixed precision -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "sgd", "lamb", "ademamix"])
+@pytest.mark.parametrize("pdtype", [jnp.float16, jnp.bfloat16])
+def test_apply_gradients_uses_float32_gradients_as_given(name, pdtype, backend):
+  """16-bit params with float32 grads: apply_gradients and update + apply_updates give the same
+  state bit for bit, and params that differ at most by the final rounding to the param dtype."""
+  tx = OPTIMIZERS[name][0](min_8bit_size=0)
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 300)), pdtype)}
+  g = rng.standard_normal((4, 300)).astype(np.float32) * 1e-3
+  g[0, :5] = [1e5, -1e5, 7e4, 3e-9, 1.0001]   # beyond float16's range, below its precision
+  grads = {"w": jnp.asarray(g)}
+  state = tx.init(params)
+  p_apply, s_apply = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, state, params)
+  u, s_update = jax.jit(tx.update)(grads, state, params)
+  assert u["w"].dtype == jnp.float32
+  for a, b in zip(jax.tree.leaves(s_apply), jax.tree.leaves(s_update)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  exact = np.asarray(params["w"], np.float32) + np.asarray(u["w"])
+  assert p_apply["w"].dtype == pdtype
+  np.testing.assert_array_equal(np.asarray(p_apply["w"], np.float32), np.asarray(exact.astype(pdtype), np.float32))
+  # the state saw the float32 gradient: its first moment's absmax follows 1e5, not float16's inf
+  first = jax.tree.leaves(s_update, is_leaf=IS_Q)[1]
+  assert np.all(np.isfinite(np.asarray(first.absmax))) and float(np.max(first.absmax)) >= 1e2
+
+
+# ---- 3, 7. empty and scalar leaves ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_and_python_scalar_leaves_work_as_in_optax(name):
+  ours, ref, _ = OPTIMIZERS[name]
+  params = {"empty": jnp.zeros((0, 8), jnp.float32), "scalar": 0.5, "w": jnp.ones((64, 80), jnp.float32)}
+  grads = {"empty": jnp.zeros((0, 8), jnp.float32), "scalar": 0.25, "w": jnp.full((64, 80), 1e-2, jnp.float32)}
+  for kwargs in (dict(min_8bit_size=0), dict(min_8bit_size=0, percentile_clipping=5)):
+    tx = ours(**kwargs)
+    state = tx.init(params)
+    u, _ = jax.jit(tx.update)(grads, state, params)
+    new, _ = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, state, params)
+    arrays = lambda t: jax.tree.map(jnp.asarray, t)   # some of optax's optimizers need arrays
+    u_ref, _ = ref().update(arrays(grads), ref().init(arrays(params)), arrays(params))
+    assert u["empty"].shape == (0, 8) and new["empty"].shape == (0, 8)
+    assert u["scalar"].shape == () and u["scalar"].dtype == jnp.float32
+    np.testing.assert_allclose(float(u["scalar"]), float(u_ref["scalar"]), rtol=1e-5)
+    np.testing.assert_allclose(float(new["scalar"]), 0.5 + float(u["scalar"]), rtol=1e-6)
+
+
+def test_percentile_clipping_passes_an_empty_leaf_through():
+  tx = optax8.percentile_clipping(5)
+  tree = {"empty": jnp.zeros((0, 3)), "w": jnp.ones(3)}
+  out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+  assert out["empty"].shape == (0, 3)
+  global_tx = optax8.percentile_clipping(5, per_leaf=False)
+  out, _ = jax.jit(global_tx.update)({"empty": jnp.zeros((0,))}, global_tx.init({"empty": jnp.zeros((0,))}))
+  assert out["empty"].shape == (0,)
+
+
+# ---- 4, 5, 6. shard_map, disable_jit, vmap -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "sgd", "rmsprop", "adagrad", "ademamix"])
+def test_inside_shard_map_the_step_equals_the_unsharded_one(name, backend):
+  """A manual-parallel train step (shard_map, check_vma on): the element-wise optimizers give
+  the unsharded result (LAMB's and LARS's norms are the shard's there, as with optax)."""
+  mesh = jax.make_mesh((8,), ("x",))
+  rows = NamedSharding(mesh, P("x"))
+  rng = np.random.default_rng(1)
+  params = jax.device_put(jnp.asarray(rng.standard_normal((16, 512)), jnp.float32), rows)
+  grads = jax.device_put(jnp.asarray(rng.standard_normal((16, 512)) * 1e-2, jnp.float32), rows)
+  tx = OPTIMIZERS[name][0](min_8bit_size=0)
+  state = tx.init(params)
+  specs = jax.tree.map(lambda a: P("x") if a.ndim == 2 else P(), state)
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(P("x"), specs, P("x")), out_specs=(P("x"), specs)))
+  u, new = step(grads, state, params)
+  u0, new0 = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(u), np.asarray(u0))
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new0)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  quant = jax.jit(jax.shard_map(lambda x: optax8.dequantize(optax8.quantize(x)), mesh=mesh, in_specs=P("x"),
+                                out_specs=P("x")))
+  np.testing.assert_array_equal(np.asarray(quant(params)), np.asarray(optax8.dequantize(optax8.quantize(params))))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lars", "ademamix"])
+def test_under_disable_jit_the_step_runs_eagerly_and_equals_the_jitted_one(name, backend):
+  tx = OPTIMIZERS[name][0](min_8bit_size=0, percentile_clipping=50)
+  params = {"a": jnp.linspace(-1, 1, 600).reshape(2, 300), "b": jnp.ones(7)}
+  grads = jax.tree.map(lambda p: jnp.cos(p * 7) * 1e-2, params)
+  state = tx.init(params)
+  jitted = jax.jit(tx.update)(grads, state, params)
+  with jax.disable_jit():
+    eager = tx.update(grads, tx.init(params), params)
+    applied, _ = optax8.apply_gradients(tx, grads, state, params)
+    x = optax8.dequantize(optax8.quantize(params["a"]))
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    if backend == "native":
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:   # jitted, XLA may contract the pure-JAX rule's multiply-adds (openxla/xla#41579); eager it cannot
+      b = np.asarray(b, np.float32)
+      np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=1e-6, atol=1e-6 * np.max(np.abs(b)))
+  np.testing.assert_allclose(np.asarray(applied["a"]), np.asarray(params["a"] + jitted[0]["a"]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(optax8.dequantize(optax8.quantize(params["a"]))))
+
+
+def test_vmap_over_an_empty_batch_gives_the_empty_result(backend):
+  roundtrip = jax.vmap(lambda x: optax8.dequantize(optax8.quantize(x)))
+  assert roundtrip(jnp.ones((0, 256))).shape == (0, 256)
+  codes = jax.vmap(lambda x: optax8.quantize(x, 64).absmax)(jnp.ones((0, 3, 200), jnp.bfloat16))
+  assert codes.shape == (0, 3, 4)
+  assert roundtrip(jnp.ones((3, 256))).shape == (3, 256)
+
+
+# ---- 8. LARS's max_unorm -----------------------------------------------------------------
+
+
+def test_lars_max_unorm_bounds_the_update_but_not_the_momentum():
+  lr, bound = 1e-1, 1e-3
+  params = {"w": jnp.linspace(0.5, 1.5, 8192)}
+  grads = {"w": jnp.linspace(-1, 1, 8192)}
+  free = optax8.lars8bit(lr, trust_coefficient=1.0)
+  clipped = optax8.lars8bit(lr, trust_coefficient=1.0, max_unorm=bound)
+  _, s_free, u_free = run(free, params, grads)
+  _, s_clip, u_clip = run(clipped, params, grads)
+  p_norm = float(jnp.linalg.norm(params["w"]))
+  assert float(jnp.linalg.norm(u_free["w"])) > 2 * lr * bound * p_norm
+  np.testing.assert_allclose(float(jnp.linalg.norm(u_clip["w"])), lr * bound * p_norm, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s_free), jax.tree.leaves(s_clip)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- 9, 10. dtypes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_float64_gradients_are_used_in_float32(x64, backend):
+  """jax_enable_x64 with float32 params: the step computes in float32, the update keeps float64."""
+  tx = optax8.adamw8bit(1e-3, min_8bit_size=0)
+  params = {"layer": {"kernel": jnp.linspace(-1, 1, 512, dtype=jnp.float32).reshape(2, 256)}}
+  g32 = {"layer": {"kernel": jnp.linspace(1, -1, 512, dtype=jnp.float32).reshape(2, 256) * 1e-2}}
+  g64 = jax.tree.map(lambda x: x.astype(jnp.float64), g32)
+  state = tx.init(params)
+  u64, s64 = jax.jit(tx.update)(g64, state, params)
+  u32, s32 = jax.jit(tx.update)(g32, state, params)
+  assert u64["layer"]["kernel"].dtype == jnp.float64
+  np.testing.assert_array_equal(np.asarray(u64["layer"]["kernel"]), np.asarray(u32["layer"]["kernel"], np.float64))
+  new, _ = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g64, state, params)
+  assert new["layer"]["kernel"].dtype == jnp.float32
+  for a, b in zip(jax.tree.leaves(s64), jax.tree.leaves(s32)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_integer_leaves_are_refused_by_path_at_trace_time(name):
+  tx = OPTIMIZERS[name][0]()
+  params = {"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)}}
+  with pytest.raises(TypeError, match=r"leaf \['layer'\]\['step'\] has dtype int32: only floating-point leaves"):
+    tx.init(params)
+  state = tx.init({"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros(())}})
+  bad = {"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)}}
+  with pytest.raises(TypeError, match=r"\['layer'\]\['step'\].*only floating-point leaves"):
+    jax.jit(tx.update).lower(bad, state, bad)
+
+
+# ---- 11. options: one rule -------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ("max_unorm", "0.1", TypeError, r"max_unorm must be a number, got str"),
+    ("max_unorm", math.nan, ValueError, r"max_unorm must be a finite number >= 0, got nan"),
+    ("max_unorm", -1.0, ValueError, r"max_unorm must be a finite number >= 0"),
+    ("bits", True, TypeError, r"bits must be an int, got bool"),
+    ("bits", "8", TypeError, r"bits must be an int, got str"),
+    ("bits", 4, ValueError, r"bits must be 8 or 32, got 4"),
+    ("block_size", 100, ValueError, r"block_size.*power of two"),
+    ("block_size", 256.5, TypeError, r"block_size must be an int"),
+    ("min_8bit_size", -1, ValueError, r"min_8bit_size must be an int >= 0"),
+    ("min_8bit_size", "4096", TypeError, r"min_8bit_size must be a number, got str"),
+    ("percentile_clipping", 101, ValueError, r"percentile_clipping must be in \[0, 100\]"),
+    ("percentile_clipping", math.nan, ValueError, r"percentile_clipping must be in \[0, 100\], got nan"),
+    ("learning_rate", "1e-3", TypeError, r"learning_rate must be a number, got str"),
+    ("learning_rate", math.nan, ValueError, r"learning_rate must be a finite number >= 0, got nan"),
+    ("learning_rate", math.inf, ValueError, r"learning_rate must be a finite number >= 0, got inf"),
+    ("learning_rate", False, TypeError, r"learning_rate must be a number, got bool"),
+    ("b1", 1.0, ValueError, r"b1 must be in \[0, 1\), got 1.0"),
+    ("b1", np.float32(np.nan), ValueError, r"b1 must be in \[0, 1\), got nan"),
+    ("b2", "0.999", TypeError, r"b2 must be a number, got str"),
+    ("eps", -1e-8, ValueError, r"eps must be a finite number >= 0"),
+    ("weight_decay", math.nan, ValueError, r"weight_decay must be a finite number >= 0, got nan"),
+    ("b1", jnp.ones(3), TypeError, r"b1 must be a number \(a numeric scalar\), got an array of shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("option,value,error,match", BAD_OPTIONS,
+                         ids=[f"{o}={v!r}"[:40] for o, v, _, _ in BAD_OPTIONS])
+def test_bad_options_are_refused_where_the_optimizer_is_built(option, value, error, match):
+  kwargs = {"learning_rate": 1e-3, option: value}
+  with pytest.raises(error, match="adamw8bit: " + match):
+    optax8.adamw8bit(**kwargs)
+
+
+@pytest.mark.parametrize("factory,option,value,match", [
+    (optax8.sgd8bit, "momentum", 1.5, r"sgd8bit: momentum must be in \[0, 1\]"),
+    (optax8.rmsprop8bit, "decay", -0.1, r"rmsprop8bit: decay must be in \[0, 1\]"),
+    (optax8.adagrad8bit, "initial_accumulator_value", -1.0, r"initial_accumulator_value must be a finite"),
+    (optax8.lars8bit, "trust_coefficient", math.nan, r"lars8bit: trust_coefficient must be"),
+    (optax8.ademamix8bit, "alpha", math.inf, r"ademamix8bit: alpha must be a finite number"),
+    (optax8.lion8bit, "b2", 1.0, r"lion8bit: b2 must be in \[0, 1\)"),
+])
+def test_each_optimizer_checks_its_hyperparameters(factory, option, value, match):
+  with pytest.raises(ValueError, match=match):
+    factory(1e-2, **{option: value})
+
+
+def test_traced_hyperparameters_are_checked_for_shape_and_dtype_only():
+  tx = optax.inject_hyperparams(optax8.adamw8bit)(learning_rate=1e-3, b1=0.9, max_unorm=0.5)
+  params = {"w": jnp.ones((64, 80))}
+  state = tx.init(params)
+  u, state = jax.jit(tx.update)(params, state, params)
+  assert np.all(np.isfinite(np.asarray(u["w"])))
+  schedule = optax8.adamw8bit(optax.linear_schedule(1e-3, 0.0, 100), min_8bit_size=0)
+  assert schedule.init(params) is not None
