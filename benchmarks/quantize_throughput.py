@@ -8,7 +8,7 @@ per-tensor int8 round trip (``round(x / s)`` and ``codes * s``) and a copy
 (``x + 1``). Where torch and bitsandbytes are installed, their
 ``quantize_blockwise`` / ``dequantize_blockwise`` run on the same data.
 
-    python benchmarks/quantize_throughput.py [--elements 16777216] [--block-size 256]
+    python benchmarks/quantize_throughput.py [--elements 16777216] [--block-size 256] [--platforms cpu,cuda]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main():
   parser.add_argument("--elements", type=int, default=1 << 24)
   parser.add_argument("--block-size", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--platforms", default="cpu,cuda", help="comma list of the platforms to measure (where present)")
   args = parser.parse_args()
   n, block = args.elements, args.block_size
   cols = 4096
@@ -91,12 +92,13 @@ def main():
   n = shape[0] * shape[1]
   print(f"optax8 {optax8.__version__}, jax {jax.__version__}, {platform.machine()}, "
         f"{datetime.date.today().isoformat()}; {n} elements, block {block}")
-  platforms = ["cpu"]
-  try:
-    jax.devices("cuda")
-    platforms.append("cuda")
-  except RuntimeError:
-    pass
+  platforms = []
+  for plat in args.platforms.split(","):
+    try:
+      jax.devices(plat)
+      platforms.append(plat)
+    except RuntimeError:
+      pass
   for plat in platforms:
     device = jax.devices(plat)[0]
     x = jax.device_put(np.random.default_rng(0).standard_normal(shape).astype(np.float32), device)

@@ -67,10 +67,12 @@ def _mlp_loss(params, batch):
 
 
 def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_inside: bool = False,
-              loss=_loss) -> float:
+              loss=_loss, chain: int = 1) -> float:
   """Median seconds of one donated jitted step (``data``: the grads, or the loss's data).
 
   With ``tx=None`` the step computes the gradients and adds them to the params.
+  Each timed sample runs ``chain`` steps back to back and waits once (on a
+  GPU this keeps the host's wait out of the step time).
   """
   def step(params, state, data):
     grads = jax.grad(loss)(params, data) if grads_inside else data
@@ -88,45 +90,58 @@ def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_i
   jax.block_until_ready((params, state))
   for i in range(repeats + 2):
     t0 = time.perf_counter()
-    params, state = fn(params, state, data)
+    for _ in range(chain):
+      params, state = fn(params, state, data)
     # one output is ready when the whole computation is (walking a tree of
     # hundreds of leaves in Python would be timed too)
     jax.tree.leaves(params)[0].block_until_ready()
     if i >= 2:
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / chain)
   return float(np.median(times))
 
 
-def time_copy(params, repeats: int) -> float:
+def time_copy(params, repeats: int, chain: int = 1) -> float:
   fn = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
   x = jax.tree.map(jnp.copy, params)
   times = []
   for i in range(repeats + 2):
     jax.block_until_ready(x)
     t0 = time.perf_counter()
-    x = fn(x)
+    for _ in range(chain):
+      x = fn(x)
     jax.block_until_ready(x)
     if i >= 2:
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / chain)
   return float(np.median(times))
 
 
-def bnb_adamw8bit(total: int, repeats: int):
-  """bitsandbytes' AdamW8bit step on the CPU with torch, or None if not installed."""
+def torch_adamw(total: int, repeats: int, eight_bit: bool, chain: int = 1):
+  """Seconds of one step of bitsandbytes' AdamW8bit (``eight_bit``) or torch's
+  own AdamW (fused on a GPU) on one tensor, on the GPU where JAX has one,
+  else on the CPU; None if torch (or bitsandbytes) is not installed."""
   try:
-    import bitsandbytes as bnb
     import torch
+    if eight_bit:
+      import bitsandbytes as bnb
   except ImportError:
     return None
-  p = torch.nn.Parameter(torch.randn(total) * 0.1)
-  p.grad = torch.randn(total) * 0.01
-  opt = bnb.optim.AdamW8bit([p], lr=1e-3, weight_decay=1e-2, min_8bit_size=0)
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  p = torch.nn.Parameter(torch.randn(total, device=device) * 0.1)
+  p.grad = torch.randn(total, device=device) * 0.01
+  if eight_bit:
+    opt = bnb.optim.AdamW8bit([p], lr=1e-3, weight_decay=1e-2, min_8bit_size=0)
+  else:
+    opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=1e-2, fused=device == "cuda")
   times = []
   for i in range(repeats + 2):
+    sync()
     t0 = time.perf_counter()
-    opt.step()
+    for _ in range(chain):
+      opt.step()
+    sync()
     if i >= 2:
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / chain)
   return float(np.median(times))
 
 
@@ -137,7 +152,9 @@ def main():
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--optimizers", default="adamw", help="comma list of " + ",".join(PAIRS) + " or all")
-  ap.add_argument("--bnb", action="store_true", help="also time bitsandbytes' CPU AdamW8bit")
+  ap.add_argument("--bnb", action="store_true",
+                  help="also time bitsandbytes' AdamW8bit and torch's AdamW (on the GPU where JAX has one)")
+  ap.add_argument("--chain", type=int, default=1, help="steps per timed sample (one wait each)")
   ap.add_argument("--grads-inside", action="store_true", help="compute the gradient inside the step")
   ap.add_argument("--mlp", type=int, default=0, help="time a train step of an MLP of this width")
   ap.add_argument("--batch", type=int, default=32, help="batch rows of --mlp")
@@ -162,14 +179,14 @@ def main():
   print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
         f"{n} params in {args.leaves} leaves, {args.dtype}, {what}")
   if args.mlp:
-    t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss)
+    t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss, chain=args.chain)
     print(f"gradients only (p + grad, no optimizer): {t / n * 1e9:.3f} ns/param")
-  copy = time_copy(params, args.repeats)
+  copy = time_copy(params, args.repeats, args.chain)
   print(f"copy (x + 1): {copy / n * 1e9:.3f} ns/param, {2 * n * jnp.dtype(args.dtype).itemsize / copy / 1e9:.1f} GB/s")
   rows = []
   for name in names:
     ref, ours = PAIRS[name]
-    kw = dict(grads_inside=args.grads_inside, loss=loss)
+    kw = dict(grads_inside=args.grads_inside, loss=loss, chain=args.chain)
     t_ref = time_step(ref(), params, data, args.repeats, **kw)
     t_ours = time_step(ours(), params, data, args.repeats, **kw)
     t_apply = time_step(ours(), params, data, args.repeats, fused_apply=True, **kw)
@@ -179,13 +196,21 @@ def main():
     print(f"{name:9s} optax {row['ns_optax']:6.3f} ns/param | optax8 update {row['ns_optax8_update']:6.3f} "
           f"({row['ratio_update']:.2f}x) | optax8 apply_gradients {row['ns_optax8_apply']:6.3f} "
           f"({row['ratio_apply']:.2f}x)")
+  extra = dict(copy_ns=copy / n * 1e9, params=n, leaves=args.leaves, dtype=args.dtype,
+               device=jax.devices()[0].device_kind)
   if args.bnb:
-    t = bnb_adamw8bit(n, max(3, args.repeats // 3))
-    if t is None:
-      print("bitsandbytes: not installed")
-    else:
-      print(f"bitsandbytes AdamW8bit (torch CPU): {t / n * 1e9:.3f} ns/param")
+    for key, label, eight_bit in (("bnb_adamw8bit_ns", "bitsandbytes AdamW8bit", True),
+                                  ("torch_adamw_ns", "torch AdamW", False)):
+      t = torch_adamw(n, max(3, args.repeats // 3), eight_bit, args.chain)
+      if t is None:
+        print(f"{label}: not installed")
+      else:
+        extra[key] = t / n * 1e9
+        ref = rows[0]["ns_optax"] if rows else float("nan")
+        print(f"{label} (torch): {t / n * 1e9:.3f} ns/param ({t / n * 1e9 / ref:.2f}x optax {rows[0]['optimizer']})"
+              if rows else f"{label} (torch): {t / n * 1e9:.3f} ns/param")
   print("JSON " + json.dumps(rows))
+  print("JSON_EXTRA " + json.dumps(extra))
 
 
 if __name__ == "__main__":

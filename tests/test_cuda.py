@@ -254,6 +254,6 @@ def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
     state = tx.init(p)
     for _ in range(3):
       p, state = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g, state, p)
-    results[device.platform] = jax.tree.map(np.asarray, p)
+    results[device.platform] = jax.tree.map(np.asarray, p)   # "cpu" and "gpu"
   for k in params:
-    np.testing.assert_allclose(results["cuda"][k], results["cpu"][k], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results["gpu"][k], results["cpu"][k], rtol=1e-5, atol=1e-7)
