@@ -5,11 +5,11 @@
 // block with coalesced loads, the group reduces absmax in registers (warp
 // shuffles) and shared memory, then requantizes by binary search over the
 // 256 decision points held in shared memory.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
+#include "optax8/cuda_platform.h"
 #include "optax8/ffi_common.h"
 #include "optax8/quantize.h"
 #include "xla/ffi/api/ffi.h"
@@ -74,8 +74,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const float
   }
 }
 
-ffi::Error launch_status() {
-  const cudaError_t err = cudaGetLastError();
+ffi::Error launch_status(cudaError_t err) {
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("optax8 CUDA: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -92,10 +91,9 @@ ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buff
   if (grid > 0x7fffffff) return ffi::Error::InvalidArgument("optax8 CUDA: too many blocks for one launch");
   auto run = [&](auto tag) {
     using In = decltype(tag);
-    quantize_kernel<In><<<unsigned(grid), kThreads, 0, stream>>>(
-        reinterpret_cast<const typename In::T*>(x.untyped_data()), codes->typed_data(), absmax->typed_data(), l,
-        group, int(map_kind));
-    return launch_status();
+    return launch_status(launch(quantize_kernel<In>, unsigned(grid), kThreads, stream,
+                                reinterpret_cast<const typename In::T*>(x.untyped_data()), codes->typed_data(),
+                                absmax->typed_data(), l, group, int(map_kind)));
   };
   return by_float_dtype(x.element_type(), run);
 }
@@ -110,10 +108,9 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buff
   const int64_t grid = std::min<int64_t>((l.elements() + kThreads - 1) / kThreads, 65536);
   auto run = [&](auto tag) {
     using Out = decltype(tag);
-    dequantize_kernel<Out><<<unsigned(grid), kThreads, 0, stream>>>(
-        codes.typed_data(), absmax.typed_data(), reinterpret_cast<typename Out::T*>(out->untyped_data()), l,
-        int(map_kind));
-    return launch_status();
+    return launch_status(launch(dequantize_kernel<Out>, unsigned(grid), kThreads, stream, codes.typed_data(),
+                                absmax.typed_data(), reinterpret_cast<typename Out::T*>(out->untyped_data()), l,
+                                int(map_kind)));
   };
   return by_float_dtype(out->element_type(), run);
 }
@@ -123,7 +120,7 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cuda, optax8::Quantize,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<optax8::CudaContext>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -132,7 +129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cuda, optax8::Quantize,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cuda, optax8::Dequantize,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<optax8::CudaContext>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()

@@ -19,13 +19,13 @@
 // Exactness: the rule (step_rule.inc) runs with IEEE division and square root
 // and this file is compiled with -fmad=false (CMakeLists.txt), so no
 // multiply-add is contracted and results match the CPU handler to the bit.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "optax8/cuda_platform.h"
 #include "optax8/ffi_common.h"
 #include "optax8/quantize.h"
 #include "optax8/step.h"
@@ -188,26 +188,21 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   }
 }
 
-ffi::Error launch_status() {
-  const cudaError_t err = cudaGetLastError();
+template <int A, typename G, int E>
+ffi::Error launch_step(cudaStream_t stream, const StepArgs& a, unsigned grid) {
+  const cudaError_t err = launch(step_kernel<A, G, E>, grid, kThreads, stream, a);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("optax8 CUDA step: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
-}
-
-template <int A, typename G, int E>
-ffi::Error launch(cudaStream_t stream, const StepArgs& a, unsigned grid) {
-  step_kernel<A, G, E><<<grid, kThreads, 0, stream>>>(a);
-  return launch_status();
 }
 
 template <int A, typename G>
 ffi::Error launch_per_thread(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread) {
   switch (per_thread) {
-    case 1: return launch<A, G, 1>(stream, a, grid);
-    case 2: return launch<A, G, 2>(stream, a, grid);
-    case 4: return launch<A, G, 4>(stream, a, grid);
-    case 8: return launch<A, G, 8>(stream, a, grid);
-    default: return launch<A, G, 16>(stream, a, grid);
+    case 1: return launch_step<A, G, 1>(stream, a, grid);
+    case 2: return launch_step<A, G, 2>(stream, a, grid);
+    case 4: return launch_step<A, G, 4>(stream, a, grid);
+    case 8: return launch_step<A, G, 8>(stream, a, grid);
+    default: return launch_step<A, G, 16>(stream, a, grid);
   }
 }
 
@@ -223,10 +218,8 @@ ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, in
   }
 }
 
+// Launches the step of one leaf (checked by Step).
 ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
-  if (s.l.block > kMaxBlock)
-    return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
-                                       " is not supported");
   if (s.l.elements() == 0) return ffi::Error::Success();
   StepArgs a;
   a.l = s.l;
@@ -247,7 +240,6 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   a.apply = s.apply;
   const int64_t per_group = kThreads / a.group;
   const int64_t grid = (s.l.blocks() + per_group - 1) / per_group;
-  if (grid > 0x7fffffff) return ffi::Error::InvalidArgument("optax8 CUDA step: too many blocks for one launch");
   const int64_t per_thread = s.l.block / a.group;
   switch (s.dtype) {
     case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, s.algo);
@@ -256,19 +248,29 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   }
 }
 
-// One launch per leaf, all on the call's stream.
+// One launch per leaf, all on the call's stream, after every leaf is checked:
+// a bad leaf fails the call before any kernel has written anything.
 ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
                 int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode) {
   if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
+  if (block_size > kMaxBlock)
+    return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
+                                       " is not supported");
+  std::vector<StepBuffers> bufs(leaves);
   for (int64_t i = 0; i < leaves; ++i) {
-    StepBuffers s;
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &s); e.failure()) return e;
-    if (auto e = StepLeaf(stream, s); e.failure()) return e;
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &bufs[i]); e.failure())
+      return e;
+    const int64_t group = std::min<int64_t>(block_size, kThreads);
+    if ((bufs[i].l.blocks() + kThreads / group - 1) / (kThreads / group) > 0x7fffffff)
+      return ffi::Error::InvalidArgument("optax8 CUDA step (leaf " + std::to_string(i) +
+                                         "): too many blocks for one launch");
   }
+  for (const StepBuffers& s : bufs)
+    if (auto e = StepLeaf(stream, s); e.failure()) return e;
   return ffi::Error::Success();
 }
 
 }  // namespace
 }  // namespace optax8
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::Step, optax8::step_binding<ffi::PlatformStream<cudaStream_t>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::Step, optax8::step_binding<optax8::CudaContext>());

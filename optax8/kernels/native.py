@@ -171,20 +171,24 @@ def _varying(results, operands):
   return [lax.pcast(r, tuple(sorted(axes)), to="varying") for r in results]
 
 
-def quantize(x, block_size: int, map_id: int):
-  """FFI call: (codes, absmax) of ``x`` (rank >= 1)."""
+def quantize(x, block_size: int, map_id: int, target: str = "optax8_quantize"):
+  """FFI call: (codes, absmax) of ``x`` (rank >= 1).
+
+  ``target`` (here and below) names the registered handler: tests pass the
+  emulated CUDA handlers' names.
+  """
   _ensure_registered()
   sharding = _sharding_of(x)
   out = (jax.ShapeDtypeStruct(x.shape, np.uint8, sharding=sharding),
          jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32, sharding=sharding))
-  call = jax.ffi.ffi_call("optax8_quantize", out, vmap_method="broadcast_all")
+  call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
   return tuple(_varying(call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id)), [x]))
 
 
-def dequantize(codes, absmax, block_size: int, map_id: int, dtype):
+def dequantize(codes, absmax, block_size: int, map_id: int, dtype, target: str = "optax8_dequantize"):
   """FFI call: ``map[codes] * absmax`` as ``dtype``."""
   _ensure_registered()
-  call = jax.ffi.ffi_call("optax8_dequantize", jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
                           vmap_method="broadcast_all")
   return _varying([call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))],
                   [codes, absmax])[0]
@@ -199,7 +203,7 @@ def _kernel_dtype(g, p):
   return jnp.dtype(jnp.float32)
 
 
-def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step"):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -236,7 +240,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
         aliases[len(operands)] = len(out)
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
-  call = jax.ffi.ffi_call("optax8_step", out, vmap_method="broadcast_all", input_output_aliases=aliases)
+  call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
   results = _varying(call(*operands, algo=np.int64(algo), block_size=np.int64(block_size),
                           leaves=np.int64(len(leaves)), params_mode=np.int64(mode)), operands)
   per_leaf, k = [], 0
@@ -248,6 +252,6 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
   return per_leaf
 
 
-def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False):
+def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False, target: str = "optax8_step"):
   """The fused step of one leaf (``hyper`` of shape (NUM_HYPER,)): ``(output, new states)``."""
-  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply)[0]
+  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply, target)[0]

@@ -1,0 +1,194 @@
+"""The CUDA handlers without a GPU: compiled for the host against the CUDA
+emulation (ffi/emulation: one fiber per CUDA thread, real barriers and warp
+shuffles, a random order between barriers), registered as CPU FFI targets
+and compared with the CPU handlers bit for bit.
+
+The library is built with ``OPTAX8_CUDA_EMULATION=ON`` (CI sets it). The
+kernels run with the FFI thread's flush-to-zero mode, which XLA:CPU sets as
+the CUDA build's ``-ftz=true`` does on a GPU.
+"""
+
+import ctypes
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax8
+from optax8 import maps
+from optax8.kernels import jax_step, native
+from helpers import DTYPES
+from test_alias import NAMES, OPTIMIZERS
+
+pytestmark = pytest.mark.cuda_emulated
+
+LIB = native.LIB_DIR / "liboptax8_cuda_emulated.so"
+SUFFIX = "_emulated"
+Algo = jax_step.Algo
+
+if not LIB.exists():
+  if os.environ.get("OPTAX8_EXPECT_NATIVE", "") not in ("", "0"):
+    raise RuntimeError(f"{LIB} is missing: build with OPTAX8_CUDA_EMULATION=ON")
+  pytest.skip("the emulated CUDA library is not built (OPTAX8_CUDA_EMULATION=ON)", allow_module_level=True)
+
+
+@functools.cache
+def library():
+  """Loads the emulated CUDA handlers and registers them as CPU targets ``optax8_*_emulated``."""
+  assert native.available("cpu")
+  lib = ctypes.CDLL(str(LIB))
+  for target in native.TARGETS:
+    jax.ffi.register_ffi_target(target + SUFFIX, jax.ffi.pycapsule(getattr(lib, target + "_cuda")), platform="cpu")
+  return lib
+
+
+def both(fn, *args):
+  """fn(target_suffix)(*args) jitted with the CPU handlers and with the emulated CUDA ones, as numpy."""
+  library()
+  return [jax.tree.map(np.asarray, jax.jit(fn(suffix))(*args)) for suffix in ("", SUFFIX)]
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8))
+
+
+# ---- quantize and dequantize -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,block", [((300, 777), 256), ((3, 5000), 2048), ((7, 33), 16), ((257,), 64),
+                                         ((2, 8192), 4096), ((64, 100), 1), ((4, 1024), 128)])
+def test_quantize_and_dequantize_match_the_cpu_handlers(kind, dtype, shape, block):
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3
+  x.flat[::97] = np.nan
+  x.flat[::89] = np.inf
+  x.flat[::83] = 1e-40   # subnormal: flushed on both
+  x = np.asarray(x.astype(dtype))
+  map_id = maps.map_id(kind)
+  q_cpu, q_emu = both(lambda s: lambda x: native.quantize(x, block, map_id, "optax8_quantize" + s), x)
+  assert_same(q_cpu, q_emu)
+  for out in DTYPES:
+    d_cpu, d_emu = both(lambda s: lambda c, a: native.dequantize(c, a, block, map_id, out, "optax8_dequantize" + s),
+                        *q_cpu)
+    assert_same(d_cpu, d_emu)
+
+
+# ---- the fused step ------------------------------------------------------------------
+
+HYPER = dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8, weight_decay=1e-2, alpha=5.0, coupled_decay=1e-3,
+             pre_scale=-1e-2, inv_bias1=1 / (1 - 0.9**3), inv_bias2=1 / (1 - 0.999**3), inv_bias1_next=1 / (1 - 0.9**4))
+STEP_CASES = [((64, 1000), 256), ((3, 5, 513), 64), ((5, 8200), 4096), ((7, 33), 16), ((10, 3), 1),
+              ((8, 2048), 256), ((4, 4096), 2048)]
+
+
+def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
+  g = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+  if special:   # NaN, inf, a gradient whose square overflows, subnormals
+    g.flat[3::97], g.flat[5::89], g.flat[7::83], g.flat[11::79] = np.nan, -np.inf, 1e20, 1e-40
+  p = rng.standard_normal(shape).astype(np.float32).astype(dtype) if with_params else None
+  states = []
+  for kind in jax_step.STATE_KINDS[algo]:
+    x = rng.standard_normal(shape).astype(np.float32)
+    x = x * 0.1 if kind == maps.SIGNED else x * x * 1e-2
+    x.flat[:7] = 0
+    codes, absmax = jax.jit(lambda x: native.quantize(x, block, maps.map_id(kind)))(x)
+    states.append((np.asarray(codes), np.asarray(absmax)))
+  with np.errstate(over="ignore"):   # 1e20 is inf in float16
+    g = g.astype(dtype)
+  return np.asarray(g), None if p is None else np.asarray(p), tuple(states)
+
+
+def _hypers(n, nesterov=0.0):
+  return np.stack([np.asarray(jax_step.hyper_vector(**HYPER, nesterov=nesterov))] * n)
+
+
+@pytest.mark.parametrize("shape,block", STEP_CASES)
+@pytest.mark.parametrize("mode", ["update", "params", "apply"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algo", list(Algo))
+def test_step_matches_the_cpu_handler(algo, dtype, mode, shape, block):
+  rng = np.random.default_rng(int(algo) * 7 + len(shape))
+  leaf = _leaf(rng, algo, dtype, shape, block, mode != "update", special=block == 256)
+  apply = mode == "apply"
+  out = both(lambda s: lambda h, l: native.step(int(algo), h[0], *l, block, apply, "optax8_step" + s),
+             _hypers(1, nesterov=float(block == 64)), leaf)
+  assert_same(*out)
+
+
+@pytest.mark.parametrize("leaves", [1, 64, 500])
+def test_a_group_of_leaves_matches_the_cpu_handler(leaves):
+  """One call over many leaves of odd sizes, some smaller than a block; apply mode."""
+  rng = np.random.default_rng(leaves)
+  group = [_leaf(rng, Algo.ADAM, np.float32, (int(rng.integers(1, 4)), int(rng.integers(1, 700))), 256, True)
+           for _ in range(leaves)]
+  out = both(lambda s: lambda h, ls: native.step_group(int(Algo.ADAM), h, ls, 256, True, "optax8_step" + s),
+             _hypers(leaves), group)
+  assert_same(*out)
+
+
+@pytest.fixture
+def cuda_handlers(monkeypatch):
+  """The whole library (dispatch, optimizers) on the emulated CUDA handlers instead of the CPU ones."""
+  library()
+  for name in ("quantize", "dequantize", "step_group"):
+    target = "optax8_" + name.removesuffix("_group") + SUFFIX
+    monkeypatch.setattr(native, name, functools.partial(getattr(native, name), target=target))
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizers_on_the_emulated_handlers_match_the_cpu_ones(name, request):
+  """The nine optimizers (grouped leaves, 8-bit and 32-bit leaves, update and apply) for three steps."""
+  tx = OPTIMIZERS[name][0](min_8bit_size=256)
+  rng = np.random.default_rng(3)
+  params = {f"p{i}": (rng.standard_normal((i + 1, 300 * i + 7)) * 0.1).astype(np.float32) for i in range(6)}
+  grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
+
+  def three_steps():
+    p, state, out = params, tx.init(params), []
+    for _ in range(3):
+      u, state = jax.jit(tx.update)(grads, state, p)
+      p = optax.apply_updates(p, u)
+      out.append(jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, state, p))
+    return jax.tree.map(np.asarray, (p, state, out))
+
+  want = three_steps()
+  request.getfixturevalue("cuda_handlers")
+  got = three_steps()
+  assert_same(got, want)
+
+
+def test_a_bad_leaf_fails_the_call_before_any_kernel_runs():
+  """Every leaf of a call is checked before the first launch, so an error leaves nothing half-updated."""
+  lib = library()
+  lib.optax8_emulation_launches.restype = ctypes.c_int64
+  rng = np.random.default_rng(0)
+  good = _leaf(rng, Algo.LION, np.float32, (4, 512), 256, True)
+  codes, absmax = good[2][0]
+  bad = (good[0], good[1], ((codes, absmax[:, :1]),))   # an absmax of the wrong shape
+  before = lib.optax8_emulation_launches()
+  with pytest.raises(Exception, match=r"leaf 1\b|absmax shape"):
+    jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(int(Algo.LION), h, ls, 256, False,
+                                                                  "optax8_step" + SUFFIX))(_hypers(3), [good, bad, good]))
+  assert lib.optax8_emulation_launches() == before
+
+
+# ---- the emulation itself catches synchronisation bugs ---------------------------------
+
+
+@pytest.mark.parametrize("which,bug", [(0, "a missing __syncthreads"), (1, "a wrong shuffle mask"),
+                                       (2, "an overwrite race")])
+def test_the_emulation_catches_planted_bugs(which, bug):
+  lib = library()
+  assert lib.optax8_emulation_planted(which, 0) == 0, f"the correct kernel for {bug} failed"
+  results = [lib.optax8_emulation_planted(which, 1) for _ in range(5)]
+  assert all(r != 0 for r in results), (bug, results)
