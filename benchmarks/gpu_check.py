@@ -13,7 +13,8 @@ Runs from a source checkout with the prebuilt libraries in ``optax8/_lib``
    against optax.adamw and a plain copy of the same bytes, one tensor per
    leaf and 500 leaves, all nine optimizers, bfloat16 params, and
    bitsandbytes' AdamW8bit and torch's fused AdamW where installed;
-5. ``gpu_check.json``: all of it, one object.
+5. with ``--ncu``, Nsight Compute's view of one fused AdamW step launch;
+6. ``gpu_check.json``: all of it, one object, and ``logs.txt``: every log.
 
 Each stage has a time limit and a failing stage does not stop the others;
 the tests and sanitizers run side by side, the benchmarks one at a time.
@@ -37,8 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Test modules that also run with the GPU as the default device: the whole
 # optimizers (grouped leaves, apply_gradients, options) through the CUDA step.
-GPU_DEFAULT_TESTS = ["tests/test_alias.py", "tests/test_transforms.py", "tests/test_apply.py",
-                     "tests/test_quantize.py", "tests/test_step_kernels.py", "tests/test_options.py"]
+GPU_DEFAULT_TESTS = ["tests/test_alias.py", "tests/test_transforms.py", "tests/test_apply.py", "tests/test_inputs.py"]
 
 
 def start(name: str, cmd: list[str], out: pathlib.Path, env=None):
@@ -110,6 +110,9 @@ def main():
   ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer stages")
   ap.add_argument("--test-limit", type=float, default=200, help="seconds for the tests and sanitizers")
   ap.add_argument("--cases", default="", help="comma list of the step-time cases to run (default: all)")
+  ap.add_argument("--gpu-default-tests", default=",".join(GPU_DEFAULT_TESTS),
+                  help="test modules to run with the GPU as the default device")
+  ap.add_argument("--ncu", action="store_true", help="profile one step launch with Nsight Compute")
   ap.add_argument("--bench-limit", type=float, default=100, help="seconds for each benchmark")
   args = ap.parse_args()
   out = pathlib.Path(args.out)
@@ -125,8 +128,8 @@ def main():
   jobs = [start("tests_gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "4", "-m", "gpu", "tests/"],
                 out)]
   if not args.quick:
-    jobs.append(start("tests_gpu_default", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "4", "-m",
-                                            "not gpu", *GPU_DEFAULT_TESTS], out))
+    jobs.append(start("tests_gpu_default", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "6", "-m",
+                                            "not gpu", "-rf", *args.gpu_default_tests.split(",")], out))
   sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
   if os.path.exists(sanitizer):
     for tool in ("memcheck", "racecheck"):
@@ -162,10 +165,22 @@ def main():
             args.bench_limit)
     result[f"step_{name}"] = {**t, **step_json(t["tail"])}
     save(out, result)
-  t = run("quantize_throughput", [py, "benchmarks/quantize_throughput.py", "--elements", str(big), "--platforms",
-                                  "cuda"], out, args.bench_limit)
-  result["quantize_throughput"] = t
+  if not args.cases or "quantize" in args.cases.split(","):
+    t = run("quantize_throughput", [py, "benchmarks/quantize_throughput.py", "--elements", str(big), "--platforms",
+                                    "cuda"], out, args.bench_limit)
+    result["quantize_throughput"] = t
+  ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+  if args.ncu and os.path.exists(ncu):   # one launch of the fused AdamW step, 16.8M params
+    t = run("ncu", [ncu, "--clock-control", "none", "--kernel-name", "regex:step_", "--launch-count", "1",
+                    "--section", "SpeedOfLight", "--section", "Occupancy", "--section", "LaunchStats",
+                    "--section", "MemoryWorkloadAnalysis", py, "benchmarks/step_time.py", "--params", str(1 << 24),
+                    "--leaves", "1", "--optimizers", "adamw", "--repeats", "1"], out, args.bench_limit)
+    result["ncu"] = t
   save(out, result)
+  with open(out / "logs.txt", "w") as f:   # one file: what comes back from a device call is limited in number
+    for log in sorted(out.glob("*.log")):
+      f.write(f"===== {log.name}\n{log.read_text(errors='replace')}\n")
+      log.unlink()
   print("\n=== summary")
   for k, v in result.items():
     if isinstance(v, dict) and "rc" in v:

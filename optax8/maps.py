@@ -106,6 +106,36 @@ def bucket_midpoints(kind: str = SIGNED) -> np.ndarray:
   return out
 
 
+# The buckets (top 16 bits without the sign) where some code changes: below
+# BUCKET_LO every float of either sign rounds to one code per sign and map,
+# and from BUCKET_HI up (|v| >= 1) to another, with no midpoint in between.
+BUCKET_LO, BUCKET_HI = 0x3400, 0x3F80
+BUCKET_COUNT = (BUCKET_HI - BUCKET_LO + 1 + 3) // 4 * 4   # padded to whole 32-bit words
+
+
+@functools.cache
+def compact_buckets(kind: str = SIGNED) -> np.ndarray:
+  """uint8[2, BUCKET_COUNT]: `bucket_table` for positive (row 0) and negative (row 1) floats whose
+  bucket magnitude ``m = (bits >> 16) & 0x7fff`` is clamped to ``[BUCKET_LO, BUCKET_HI]``.
+
+  ``code(v) = c + (mid[c] < v)`` with ``c = compact_buckets(kind)[sign, clamp(m) - BUCKET_LO]``
+  for every float32 ``v`` that is not NaN (the CUDA step's lookup, 5.9 KB a map in shared
+  memory). Raises if a bucket outside the range changes the code or holds a midpoint.
+  """
+  table, mids_bits = bucket_table(kind), midpoints(kind)[:255].view(np.uint32) >> 16
+  out = np.zeros((2, BUCKET_COUNT), np.uint8)
+  for sign in (0, 1):
+    m = np.arange(0x8000)
+    codes = table[m | (sign << 15)]
+    outside = (m < BUCKET_LO) | (m > BUCKET_HI)
+    clamped = codes[np.clip(m, BUCKET_LO, BUCKET_HI)]
+    if np.any(codes[outside] != clamped[outside]) or np.isin(m[outside] | (sign << 15), mids_bits).any():
+      raise AssertionError(f"{kind} map: a code changes outside buckets [{BUCKET_LO:#x}, {BUCKET_HI:#x}]")
+    out[sign, :BUCKET_HI - BUCKET_LO + 1] = codes[BUCKET_LO:BUCKET_HI + 1]
+  out.setflags(write=False)
+  return out
+
+
 def cxx_header() -> str:
   """C++ source of ``ffi/include/optax8/maps.h`` (maps and midpoints as hex floats)."""
 
@@ -125,6 +155,13 @@ def cxx_header() -> str:
     name = kind.upper()
     parts.append(f"#define OPTAX8_{name}_MAP \\\n    {values(dynamic_map(kind))}")
     parts.append(f"#define OPTAX8_{name}_MIDS \\\n    {values(midpoints(kind))}")
+  parts.append("// The compact bucket tables (optax8.maps.compact_buckets): positive, then negative floats.")
+  parts.append(f"#define OPTAX8_BUCKET_LO {BUCKET_LO:#x}\n#define OPTAX8_BUCKET_HI {BUCKET_HI:#x}\n"
+               f"#define OPTAX8_BUCKET_COUNT {BUCKET_COUNT}")
+  for kind in MAP_KINDS:
+    codes = [str(int(c)) for c in compact_buckets(kind).reshape(-1)]
+    lines = [",".join(codes[i:i + 32]) for i in range(0, len(codes), 32)]
+    parts.append(f"#define OPTAX8_{kind.upper()}_BUCKETS \\\n    " + ", \\\n    ".join(lines))
   return "\n".join(parts) + "\n"
 
 

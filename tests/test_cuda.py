@@ -54,8 +54,10 @@ STEP_HYPER = {
     Algo.ADEMAMIX: dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=0.01,
                         inv_bias1=1 / (1 - 0.9**5), inv_bias2=1 / (1 - 0.999**5)),
 }
+# Rows of whole blocks of 128 to 4096 elements take the whole-blocks kernel, the others the general one.
 STEP_CASES = [((64, 1000), 64), ((64, 1000), 256), ((64, 1000), 2048), ((3, 5, 513), 64), ((3, 5, 513), 256),
-              ((3, 5, 513), 2048), ((7, 33), 16), ((5, 8200), 4096), ((10, 3), 1)]
+              ((3, 5, 513), 2048), ((7, 33), 16), ((5, 8200), 4096), ((10, 3), 1), ((3, 1024), 128),
+              ((1000, 2048), 256), ((6, 1024), 512), ((2, 3072), 1024), ((4, 4096), 2048), ((2, 8192), 4096)]
 
 
 def _cpu():
@@ -219,9 +221,10 @@ def test_cuda_step_nonfinite_gradients(algo, dtype):
     assert np.all(values[bad] == 0)
 
 
-def test_cuda_step_vmapped_hyperparameters():
+@pytest.mark.parametrize("shape", [(3, 8, 600), (3, 8, 512)])
+def test_cuda_step_vmapped_hyperparameters(shape):
   """A batch of hyperparameter rows (vmap): each applies to its own slice of the rows."""
-  algo, block, shape = Algo.ADAM, 256, (3, 8, 600)
+  algo, block = Algo.ADAM, 256
   _, g, p, states = _step_inputs(algo, np.float32, shape, block, seed=60)
   hyper = np.stack([_hyper(algo, scale=-1e-2 * (i + 1), b1=0.8 + 0.05 * i) for i in range(shape[0])])
   fn = jax.vmap(lambda h, g, p, s: native.step(algo, h, g, p, s, block))

@@ -84,8 +84,11 @@ def test_quantize_and_dequantize_match_the_cpu_handlers(kind, dtype, shape, bloc
 
 HYPER = dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8, weight_decay=1e-2, alpha=5.0, coupled_decay=1e-3,
              pre_scale=-1e-2, inv_bias1=1 / (1 - 0.9**3), inv_bias2=1 / (1 - 0.999**3), inv_bias1_next=1 / (1 - 0.9**4))
+# Rows of whole blocks of 128 to 4096 take the whole-blocks kernel (one to eight warps a block), the
+# others the general one.
 STEP_CASES = [((64, 1000), 256), ((3, 5, 513), 64), ((5, 8200), 4096), ((7, 33), 16), ((10, 3), 1),
-              ((8, 2048), 256), ((4, 4096), 2048)]
+              ((3, 1024), 128), ((40, 2048), 256), ((6, 1024), 512), ((2, 3072), 1024), ((4, 4096), 2048),
+              ((2, 8192), 4096)]
 
 
 def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
@@ -93,13 +96,12 @@ def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
   if special:   # NaN, inf, a gradient whose square overflows, subnormals
     g.flat[3::97], g.flat[5::89], g.flat[7::83], g.flat[11::79] = np.nan, -np.inf, 1e20, 1e-40
   p = rng.standard_normal(shape).astype(np.float32).astype(dtype) if with_params else None
-  states = []
-  for kind in jax_step.STATE_KINDS[algo]:
-    x = rng.standard_normal(shape).astype(np.float32)
-    x = x * 0.1 if kind == maps.SIGNED else x * x * 1e-2
-    x.flat[:7] = 0
-    codes, absmax = jax.jit(lambda x: native.quantize(x, block, maps.map_id(kind)))(x)
-    states.append((np.asarray(codes), np.asarray(absmax)))
+  states = []   # any codes, and absmax over many magnitudes (with all-zero blocks)
+  for _ in jax_step.STATE_KINDS[algo]:
+    codes = rng.integers(0, 256, shape, dtype=np.uint8)
+    absmax = (10.0 ** rng.uniform(-8, 1, shape[:-1] + (-(-shape[-1] // block),))).astype(np.float32)
+    absmax.flat[::5] = 0
+    states.append((codes, absmax))
   with np.errstate(over="ignore"):   # 1e20 is inf in float16
     g = g.astype(dtype)
   return np.asarray(g), None if p is None else np.asarray(p), tuple(states)
@@ -122,14 +124,27 @@ def test_step_matches_the_cpu_handler(algo, dtype, mode, shape, block):
   assert_same(*out)
 
 
-@pytest.mark.parametrize("leaves", [1, 64, 500])
+@pytest.mark.parametrize("leaves", [1, 64, 200])
 def test_a_group_of_leaves_matches_the_cpu_handler(leaves):
-  """One call over many leaves of odd sizes, some smaller than a block; apply mode."""
+  """One call over many leaves of odd sizes, some smaller than a block; apply mode. (optax8 groups at most
+  64 leaves a call; XLA takes about 40 ms per leaf to compile a call, hence 200 and not more.)"""
   rng = np.random.default_rng(leaves)
   group = [_leaf(rng, Algo.ADAM, np.float32, (int(rng.integers(1, 4)), int(rng.integers(1, 700))), 256, True)
            for _ in range(leaves)]
   out = both(lambda s: lambda h, ls: native.step_group(int(Algo.ADAM), h, ls, 256, True, "optax8_step" + s),
              _hypers(leaves), group)
+  assert_same(*out)
+
+
+@pytest.mark.parametrize("shape,block", [((3, 8, 600), 256), ((4, 6, 512), 256), ((2, 3, 2048), 1024)])
+def test_vmapped_hyperparameters_match_the_cpu_handler(shape, block):
+  """A batch of hyperparameter rows (vmap): each applies to its own slice of the rows."""
+  rng = np.random.default_rng(11)
+  g, p, states = _leaf(rng, Algo.ADAM, np.float32, shape, block, True)
+  hypers = np.stack([np.asarray(jax_step.hyper_vector(**{**HYPER, "scale": -1e-2 * (i + 1), "b1": 0.8 + 0.05 * i}))
+                     for i in range(shape[0])])
+  out = both(lambda s: jax.vmap(lambda h, g, p, st: native.step(int(Algo.ADAM), h, g, p, st, block, False,
+                                                                "optax8_step" + s)), hypers, g, p, states)
   assert_same(*out)
 
 

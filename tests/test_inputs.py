@@ -134,9 +134,11 @@ def test_any_gradient_gives_a_finite_step_and_a_state_within_the_quantization_bo
   _, s8, _ = f8(warm, tx8.init(params), params)
   u8, new8, p8 = f8(grads, s8, params)
   u32, new32, p32 = f32(grads, dequantized(s8), params)
-  for a, b in ((u8, u32), (p8, p32)):   # roundings of a multiply-add can cancel: atol scales with the step
+  # Roundings of a multiply-add can cancel, so atol scales with the step; 1e-30 covers XLA's GPU backend,
+  # which keeps subnormals where the kernels flush them (a subnormal gradient's update is below 1e-30).
+  for a, b in ((u8, u32), (p8, p32)):
     b = np.asarray(b["w"])
-    np.testing.assert_allclose(np.asarray(a["w"]), b, rtol=2e-6, atol=2e-6 * np.max(np.abs(b)))
+    np.testing.assert_allclose(np.asarray(a["w"]), b, rtol=2e-6, atol=2e-6 * np.max(np.abs(b)) + 1e-30)
   for q, x in zip(jax.tree.leaves(new8, is_leaf=IS_Q), jax.tree.leaves(new32)):
     if not IS_Q(q):   # the step count, clipping history
       continue
@@ -223,6 +225,7 @@ def test_percentile_clipping_passes_an_empty_leaf_through():
 # ---- 4, 5, 6. shard_map, disable_jit, vmap -------------------------------------------------
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py makes 8 CPU devices)")
 @pytest.mark.parametrize("name", ["adamw", "lion", "sgd", "rmsprop", "adagrad", "ademamix"])
 def test_inside_shard_map_the_step_equals_the_unsharded_one(name, backend):
   """A manual-parallel train step (shard_map, check_vma on): the element-wise optimizers give
@@ -258,9 +261,10 @@ def test_under_disable_jit_the_step_runs_eagerly_and_equals_the_jitted_one(name,
     applied, _ = optax8.apply_gradients(tx, grads, state, params)
     x = optax8.dequantize(optax8.quantize(params["a"]))
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-    if backend == "native":
+    if backend == "native" and jax.default_backend() == "cpu":
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    else:   # jitted, XLA may contract the pure-JAX rule's multiply-adds (openxla/xla#41579); eager it cannot
+    else:   # jitted, XLA may contract the pure-JAX rule's multiply-adds (openxla/xla#41579) and, on a GPU,
+      # sum the clipping norms in another order; eager it cannot
       b = np.asarray(b, np.float32)
       np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=1e-6, atol=1e-6 * np.max(np.abs(b)))
   np.testing.assert_allclose(np.asarray(applied["a"]), np.asarray(params["a"] + jitted[0]["a"]), rtol=1e-6)

@@ -80,3 +80,22 @@ def test_cxx_header_is_generated_from_the_maps():
 def test_unknown_map_kind():
   with pytest.raises(ValueError, match="map kind"):
     maps.map_id("dynamic")
+
+
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+def test_compact_bucket_table_gives_the_nearest_code(kind):
+  """The CUDA step's lookup: clamp the bucket magnitude to [BUCKET_LO, BUCKET_HI], one byte, one comparison."""
+  table, mids = maps.compact_buckets(kind), maps.midpoints(kind)
+  rng = np.random.default_rng(1)
+  mid_bits = mids[:255].view(np.uint32)
+  bits = np.concatenate([
+      mid_bits, mid_bits - 1, mid_bits + 1, mid_bits ^ 0x80000000,            # on and around every midpoint
+      (np.arange(0x10000, dtype=np.uint32) << 16), (np.arange(0x10000, dtype=np.uint32) << 16) | 0xFFFF,  # bucket edges
+      rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32)])
+  v = bits.view(np.float32)
+  v = v[~np.isnan(v)]
+  b = v.view(np.uint32)
+  m = np.clip((b >> 16) & 0x7FFF, maps.BUCKET_LO, maps.BUCKET_HI) - maps.BUCKET_LO
+  c = table[(b >> 31).astype(np.int64), m.astype(np.int64)].astype(np.int64)
+  code = c + (mids[c] < v)
+  np.testing.assert_array_equal(code, maps.nearest_code(v, kind))

@@ -37,6 +37,17 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+struct float4 {
+  float x, y, z, w;
+};
+struct uint2 {
+  unsigned x, y;
+};
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
 // The current fiber's indices (set by the scheduler before it runs a fiber).
 extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -93,6 +104,21 @@ inline cudaError_t cudaGetLastError() { return optax8_emulation::last_error(); }
 inline const char* cudaGetErrorString(cudaError_t err) { return optax8_emulation::error_string(err); }
 inline cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
+  return cudaSuccess;
+}
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+// Two "multiprocessors": kernels that size their grid by them loop over their work.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 2;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = 2;
   return cudaSuccess;
 }
 template <typename Kernel>

@@ -1,8 +1,10 @@
 // CUDA FFI handler of the fused optimizer step (see optax8/step.h).
 //
-// Like the quantize kernel (cuda_quantize.cu), a group of min(block, 256)
-// threads owns one quantization block and a 256-thread CTA holds 256 / group
-// blocks. Thread `lane` of a group owns the elements lane, lane + group, ...
+// Two kernels: step_whole_blocks (cuda_step_whole.cu) for rows of whole blocks of 128 to
+// 4096 elements, the usual case, and a general one for every layout. In the
+// general kernel, like the quantize kernel (cuda_quantize.cu), a group of
+// min(block, 256) threads owns one quantization block and a 256-thread CTA
+// holds 256 / group blocks. Thread `lane` of a group owns the elements lane, lane + group, ...
 // (E = block / group <= 16 of them) of its block: it loads all their inputs
 // at once (coalesced across the group), applies the rule, writes the update
 // and keeps the new float32 states in registers while the group reduces each
@@ -17,7 +19,7 @@
 // and nothing aliased is read through the non-coherent cache.
 //
 // Exactness: the rule (step_rule.inc) runs with IEEE division and square root
-// and this file is compiled with -fmad=false (CMakeLists.txt), so no
+// and both step files are compiled with -fmad=false (CMakeLists.txt), so no
 // multiply-add is contracted and results match the CPU handler to the bit.
 #include <algorithm>
 #include <cfloat>
@@ -25,60 +27,14 @@
 #include <string>
 #include <vector>
 
-#include "optax8/cuda_platform.h"
+#include "optax8/cuda_step.h"
 #include "optax8/ffi_common.h"
-#include "optax8/quantize.h"
-#include "optax8/step.h"
-#include "optax8/step_ffi.h"
-#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace optax8 {
-
-namespace cuda_rule {
-
-__device__ __forceinline__ float vsqrt(float x) { return __fsqrt_rn(x); }
-__device__ __forceinline__ float vsign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
-__device__ __forceinline__ float vselect(bool m, float a, float b) { return m ? a : b; }
-__device__ __forceinline__ bool vfinite(float x) { return fabsf(x) <= FLT_MAX; }
-__device__ __forceinline__ bool vpositive(float x) { return x > 0.0f; }
-__device__ __forceinline__ bool vand(bool a, bool b) { return a && b; }
-
-#define OPTAX8_RULE __device__ __forceinline__
-#include "optax8/step_rule.inc"
-#undef OPTAX8_RULE
-
-}  // namespace cuda_rule
-
+namespace cuda_step {
 namespace {
-
-__constant__ float kStepMapValues[2][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGNED_MAP}};
-__constant__ float kStepMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}};
-
-constexpr int kThreads = 256;
-constexpr int kMaxPerThread = 16;  // elements of a block per thread: block <= 16 * 256
-constexpr int64_t kMaxBlock = int64_t{kMaxPerThread} * kThreads;
-
-// What the kernel reads of StepBuffers (a plain struct, passed by value).
-struct StepArgs {
-  BlockLayout l;
-  const float* hyper;
-  int64_t rows_per_hyper;
-  int64_t hyper_stride;
-  const void* g;
-  const void* p;
-  void* u;
-  const uint8_t* codes_in[kMaxStates];
-  const float* absmax_in[kMaxStates];
-  uint8_t* codes_out[kMaxStates];
-  float* absmax_out[kMaxStates];
-  int group;
-  bool with_params;
-  bool apply;
-};
-
-constexpr int num_states(int algo) { return algo == kAdam ? 2 : algo == kAdemamix ? 3 : 1; }
 
 // Max of each v[i] over the `group` consecutive threads (a power of two)
 // that share a block. Every thread of the CTA must call it.
@@ -188,6 +144,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   }
 }
 
+// ---- launches ----------------------------------------------------------------------------
+
 template <int A, typename G, int E>
 ffi::Error launch_step(cudaStream_t stream, const StepArgs& a, unsigned grid) {
   const cudaError_t err = launch(step_kernel<A, G, E>, grid, kThreads, stream, a);
@@ -195,8 +153,10 @@ ffi::Error launch_step(cudaStream_t stream, const StepArgs& a, unsigned grid) {
   return ffi::Error::Success();
 }
 
+// The whole-blocks kernel, or the general one with per_thread elements per thread.
 template <int A, typename G>
-ffi::Error launch_per_thread(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread) {
+ffi::Error launch_rule(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread, bool whole) {
+  if (whole) return launch_whole_blocks<A, G>(stream, a);
   switch (per_thread) {
     case 1: return launch_step<A, G, 1>(stream, a, grid);
     case 2: return launch_step<A, G, 2>(stream, a, grid);
@@ -207,14 +167,15 @@ ffi::Error launch_per_thread(cudaStream_t stream, const StepArgs& a, unsigned gr
 }
 
 template <typename G>
-ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread, int64_t algo) {
+ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread, bool whole,
+                       int64_t algo) {
   switch (algo) {
-    case kAdam: return launch_per_thread<kAdam, G>(stream, a, grid, per_thread);
-    case kLion: return launch_per_thread<kLion, G>(stream, a, grid, per_thread);
-    case kMomentum: return launch_per_thread<kMomentum, G>(stream, a, grid, per_thread);
-    case kRms: return launch_per_thread<kRms, G>(stream, a, grid, per_thread);
-    case kRss: return launch_per_thread<kRss, G>(stream, a, grid, per_thread);
-    default: return launch_per_thread<kAdemamix, G>(stream, a, grid, per_thread);
+    case kAdam: return launch_rule<kAdam, G>(stream, a, grid, per_thread, whole);
+    case kLion: return launch_rule<kLion, G>(stream, a, grid, per_thread, whole);
+    case kMomentum: return launch_rule<kMomentum, G>(stream, a, grid, per_thread, whole);
+    case kRms: return launch_rule<kRms, G>(stream, a, grid, per_thread, whole);
+    case kRss: return launch_rule<kRss, G>(stream, a, grid, per_thread, whole);
+    default: return launch_rule<kAdemamix, G>(stream, a, grid, per_thread, whole);
   }
 }
 
@@ -241,10 +202,11 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   const int64_t per_group = kThreads / a.group;
   const int64_t grid = (s.l.blocks() + per_group - 1) / per_group;
   const int64_t per_thread = s.l.block / a.group;
+  const bool whole = whole_blocks(s);
   switch (s.dtype) {
-    case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, s.algo);
-    case ffi::DataType::BF16: return launch_algo<BF16>(stream, a, unsigned(grid), per_thread, s.algo);
-    default: return launch_algo<F16>(stream, a, unsigned(grid), per_thread, s.algo);
+    case ffi::DataType::F32: return launch_algo<F32>(stream, a, unsigned(grid), per_thread, whole, s.algo);
+    case ffi::DataType::BF16: return launch_algo<BF16>(stream, a, unsigned(grid), per_thread, whole, s.algo);
+    default: return launch_algo<F16>(stream, a, unsigned(grid), per_thread, whole, s.algo);
   }
 }
 
@@ -271,6 +233,7 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::Remaining
 }
 
 }  // namespace
+}  // namespace cuda_step
 }  // namespace optax8
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::Step, optax8::step_binding<optax8::CudaContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::cuda_step::Step, optax8::step_binding<optax8::CudaContext>());

@@ -1,0 +1,243 @@
+// CUDA step kernel for rows of whole blocks (see cuda_step.cu for the
+// handler, the general kernel and the aliasing and exactness rules, which
+// hold here too). A translation unit of its own so that the two kernels
+// compile in parallel.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "optax8/cuda_step.h"
+
+namespace ffi = xla::ffi;
+
+namespace optax8 {
+namespace cuda_step {
+namespace {
+
+// ---- whole blocks: the fast path ---------------------------------------------------------
+//
+// A leaf whose rows are whole blocks of 128 to 4096 elements (any such block
+// size that divides the last axis: the usual case) is a flat run of blocks.
+// W = max(1, block / 512) warps own a block; a CTA of 8 warps holds 8 / W
+// blocks at a time and strides over the leaf's blocks, so it loads the
+// tables into shared memory once. Each thread owns C = block / (128 W)
+// chunks of 4 consecutive elements: one 16-byte load of g and of p (8 bytes
+// in 16-bit dtypes) and one 4-byte load of codes per state and chunk, and the
+// same stores. absmax is reduced by warp shuffles (for W > 1, then across the
+// block's warps in shared memory). A new code is looked up in the compact
+// bucket table (optax8.maps.compact_buckets): one byte and one comparison
+// with a decision point, the CPU handler's rule. Aliasing as in cuda_step.cu: each
+// thread reads its chunks before it writes them, and the absmax is written
+// after the reduction that every thread of the block joins after reading it.
+
+constexpr int kWarps = kThreads / 32;
+
+alignas(16) __device__ const uint8_t kBuckets[2][2 * OPTAX8_BUCKET_COUNT] = {{OPTAX8_SIGNED_BUCKETS},
+                                                                            {OPTAX8_UNSIGNED_BUCKETS}};
+
+struct Tables {
+  float values[2][256];
+  float mids[2][256];
+  alignas(16) uint8_t buckets[2][2 * OPTAX8_BUCKET_COUNT];
+};
+
+// #{j : mids[j] < v} from the compact bucket table of one map.
+__device__ __forceinline__ int table_code(float v, const uint8_t* buckets, const float* mids) {
+  const uint32_t bits = float_bits(v);
+  const int bucket = min(max(int((bits >> 16) & 0x7fffu), OPTAX8_BUCKET_LO), OPTAX8_BUCKET_HI) - OPTAX8_BUCKET_LO;
+  const int c = buckets[(bits >> 31) * OPTAX8_BUCKET_COUNT + bucket];
+  return c + (mids[c] < v ? 1 : 0);
+}
+
+// Four consecutive elements of a g, p or u buffer as floats.
+template <typename G>
+struct Chunk4 {  // 16-bit dtypes: one 8-byte access
+  __device__ static void load(const void* base, int64_t e, float (&v)[4]) {
+    const uint2 r = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(base) + e);
+    v[0] = G::load(uint16_t(r.x));
+    v[1] = G::load(uint16_t(r.x >> 16));
+    v[2] = G::load(uint16_t(r.y));
+    v[3] = G::load(uint16_t(r.y >> 16));
+  }
+  __device__ static void store(void* base, int64_t e, const float (&v)[4]) {
+    uint2 r;
+    r.x = uint32_t(G::store(v[0])) | (uint32_t(G::store(v[1])) << 16);
+    r.y = uint32_t(G::store(v[2])) | (uint32_t(G::store(v[3])) << 16);
+    *reinterpret_cast<uint2*>(static_cast<uint16_t*>(base) + e) = r;
+  }
+};
+template <>
+struct Chunk4<F32> {  // one 16-byte access
+  __device__ static void load(const void* base, int64_t e, float (&v)[4]) {
+    const float4 r = *reinterpret_cast<const float4*>(static_cast<const float*>(base) + e);
+    v[0] = r.x;
+    v[1] = r.y;
+    v[2] = r.z;
+    v[3] = r.w;
+  }
+  __device__ static void store(void* base, int64_t e, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(static_cast<float*>(base) + e) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+
+// blocks_per_hyper: consecutive blocks that share a hyperparameter row (vmap).
+template <int A, typename G, int C, int W>
+__global__ void __launch_bounds__(kThreads, 2)
+    step_whole_blocks(const StepArgs a, int64_t nblocks, int64_t blocks_per_hyper) {
+  constexpr int n = num_states(A);
+  constexpr int kBlock = 128 * C * W, kPerCta = kWarps / W;
+  __shared__ Tables t;
+  __shared__ float scratch[kMaxStates][kWarps];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    t.values[k][threadIdx.x] = kStepMapValues[k][threadIdx.x];
+    t.mids[k][threadIdx.x] = kStepMapMids[k][threadIdx.x];
+  }
+  const uint4* src = reinterpret_cast<const uint4*>(&kBuckets[0][0]);
+  uint4* dst = reinterpret_cast<uint4*>(&t.buckets[0][0]);
+  for (int w = threadIdx.x; w < int(sizeof(kBuckets) / 16); w += kThreads) dst[w] = src[w];
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int part = warp % W;           // this warp's part of its block
+  const int tb = part * 32 + lane;     // this thread's index among the block's W warps
+  HyperF<float> h;
+  h.one = 1.0f;
+  int64_t hyper_row = -1;
+  // The same trip count for every thread of the CTA (its barriers), inactive warps included.
+  for (int64_t first = int64_t(blockIdx.x) * kPerCta; first < nblocks; first += int64_t(gridDim.x) * kPerCta) {
+    const int64_t b = first + warp / W;
+    const bool active = b < nblocks;
+    const int64_t row = active && blocks_per_hyper < nblocks ? b / blocks_per_hyper : 0;
+    if (row != hyper_row) {
+      hyper_row = row;
+      const float* hr = a.hyper + row * a.hyper_stride;
+#pragma unroll
+      for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
+    }
+    float old_absmax[n], m[n], st[n][C][4];
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      old_absmax[i] = active ? a.absmax_in[i][b] : 0.0f;
+      m[i] = 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int64_t e = b * kBlock + 4 * (tb + 32 * W * c);
+      float gv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4];
+      uint32_t code[n];
+#pragma unroll
+      for (int i = 0; i < n; ++i) code[i] = active ? *reinterpret_cast<const uint32_t*>(a.codes_in[i] + e) : 0u;
+      if (active) {
+        Chunk4<G>::load(a.g, e, gv);
+        if (a.with_params) Chunk4<G>::load(a.p, e, pv);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float s[n];
+#pragma unroll
+        for (int i = 0; i < n; ++i)
+          s[i] = scale_value(t.values[state_map(A, i)][(code[i] >> (8 * k)) & 0xffu], old_absmax[i]);
+        const float uk = cuda_rule::step_rule<A>(h, gv[k], pv[k], s);
+        u[k] = a.apply ? pv[k] + uk : uk;
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+          st[i][c][k] = s[i];
+          m[i] = fmaxf(m[i], absmax_term(s[i]));
+        }
+      }
+      if (active) Chunk4<G>::store(a.u, e, u);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+      for (int i = 0; i < n; ++i) m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], offset));
+    }
+    if constexpr (W > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < n; ++i) scratch[i][warp] = m[i];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < n; ++i) {
+        float x = scratch[i][warp - part];
+        for (int w = 1; w < W; ++w) x = fmaxf(x, scratch[i][warp - part + w]);
+        m[i] = x;
+      }
+      __syncthreads();   // scratch is free for the next blocks
+    }
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const Normalizer normalize(m[i]);
+      const uint8_t* buckets = t.buckets[state_map(A, i)];
+      const float* mids = t.mids[state_map(A, i)];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        uint32_t packed = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) packed |= uint32_t(table_code(normalize(st[i][c][k]), buckets, mids)) << (8 * k);
+        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + b * kBlock + 4 * (tb + 32 * W * c)) = packed;
+      }
+      if (active && tb == 0) a.absmax_out[i][b] = m[i];
+    }
+  }
+}
+
+template <int A, typename G, int C, int W>
+ffi::Error launch_whole(cudaStream_t stream, const StepArgs& a, int64_t nblocks, int64_t blocks_per_hyper) {
+  constexpr int kPerCta = kWarps / W;
+  // One wave of resident CTAs (more would leave a partial second wave behind).
+  int device = 0, sms = 1, resident = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, step_whole_blocks<A, G, C, W>, kThreads, 0);
+  const int64_t grid = std::min<int64_t>((nblocks + kPerCta - 1) / kPerCta,
+                                         int64_t(std::max(sms, 1)) * std::max(resident, 1));
+  const cudaError_t err = launch(step_whole_blocks<A, G, C, W>, unsigned(grid), kThreads, stream, a, nblocks,
+                                 blocks_per_hyper);
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("optax8 CUDA step: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The fast path applies: whole blocks of 128 to 4096 elements and aligned buffers.
+bool whole_blocks(const StepBuffers& s) {
+  const int64_t block = s.l.block;
+  if (block < 128 || block > kMaxBlock || s.l.cols % block != 0) return false;
+  const uintptr_t width = s.dtype == ffi::DataType::F32 ? 16 : 8;
+  auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+  bool ok = aligned(s.g, width) && aligned(s.u, width) && (!s.with_params || aligned(s.p, width));
+  for (int i = 0; i < s.n_states; ++i)
+    ok = ok && aligned(s.codes_in[i], 4) && aligned(s.codes_out[i], 4);
+  return ok;
+}
+
+template <int A, typename G>
+ffi::Error launch_whole_blocks(cudaStream_t stream, const StepArgs& a) {
+  const int64_t nblocks = a.l.blocks(), bph = a.l.row_blocks * a.rows_per_hyper;
+  switch (a.l.block) {
+    case 128: return launch_whole<A, G, 1, 1>(stream, a, nblocks, bph);
+    case 256: return launch_whole<A, G, 2, 1>(stream, a, nblocks, bph);
+    case 512: return launch_whole<A, G, 4, 1>(stream, a, nblocks, bph);
+    case 1024: return launch_whole<A, G, 4, 2>(stream, a, nblocks, bph);
+    case 2048: return launch_whole<A, G, 4, 4>(stream, a, nblocks, bph);
+    default: return launch_whole<A, G, 4, 8>(stream, a, nblocks, bph);
+  }
+}
+
+#define OPTAX8_WHOLE_BLOCKS(A)                                                           \
+  template ffi::Error launch_whole_blocks<A, F32>(cudaStream_t, const StepArgs&);         \
+  template ffi::Error launch_whole_blocks<A, BF16>(cudaStream_t, const StepArgs&);        \
+  template ffi::Error launch_whole_blocks<A, F16>(cudaStream_t, const StepArgs&);
+OPTAX8_WHOLE_BLOCKS(kAdam)
+OPTAX8_WHOLE_BLOCKS(kLion)
+OPTAX8_WHOLE_BLOCKS(kMomentum)
+OPTAX8_WHOLE_BLOCKS(kRms)
+OPTAX8_WHOLE_BLOCKS(kRss)
+OPTAX8_WHOLE_BLOCKS(kAdemamix)
+#undef OPTAX8_WHOLE_BLOCKS
+
+}  // namespace cuda_step
+}  // namespace optax8
