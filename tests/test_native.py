@@ -90,4 +90,25 @@ def test_expected_native_libraries_are_built_and_used():
   if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
     info = native.build_info()
     assert info["cuda"]["built"], info
-    assert native.library("cuda").path is not None
+    assert (native.LIB_DIR / "liboptax8_cuda.so").exists()
+
+
+@pytest.mark.skipif(not (native.LIB_DIR / "liboptax8_cuda.so").exists(), reason="no CUDA library built")
+def test_the_cuda_library_is_not_loaded_without_a_jax_cuda_backend(tmp_path):
+  """On a machine where JAX has no CUDA backend the CUDA runtime is not even loaded (no probe, no log noise)."""
+  r = _run("""
+      import jax, optax8
+      from optax8.kernels import native
+      try:
+        has_cuda = bool(jax.devices("cuda"))
+      except RuntimeError:
+        has_cuda = False
+      lib = native.library("cuda")
+      loaded = "liboptax8_cuda.so" in open("/proc/self/maps").read()
+      print("state", has_cuda, lib.available, loaded, lib.reason)
+      """, tmp_path)
+  assert r.returncode == 0, r.stderr
+  has_cuda, available, loaded = r.stdout.split("state ")[1].split()[:3]
+  if has_cuda == "False":
+    assert (available, loaded) == ("False", "False"), r.stdout
+    assert "JAX has no CUDA backend" in r.stdout

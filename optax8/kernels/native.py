@@ -110,6 +110,9 @@ def _load(platform: str) -> Library:
   if info is None or not path.exists():
     return Library(platform, False, "not built")
   built = tuple(info["ffi_api"])
+  if platform == "cuda" and not _jax_has_cuda():   # nothing to run it on: do not load the CUDA runtime
+    return Library(platform, False, "JAX has no CUDA backend here (jax[cuda12] or jax[cuda13] adds one)",
+                   str(path), built)
   runtime = runtime_ffi_api()
   if not compatible(built, runtime):
     return Library(platform, False,
@@ -128,6 +131,9 @@ def _load(platform: str) -> Library:
       err = handle.optax8_cuda_probe()
       if err:
         reason = handle.optax8_cuda_error_string(err).decode()
+        if "driver" in reason.lower():
+          reason += (f" (this library has the CUDA {info['cuda'].get('compiler_version') or ''} runtime: update the "
+                     "NVIDIA driver, or reinstall optax8 with the nvcc of a CUDA toolkit the driver supports)")
         return Library(platform, False, f"built, but its kernels cannot run here: {reason}", str(path), built)
     for target in TARGETS:
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target + suffix)),
