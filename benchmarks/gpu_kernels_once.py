@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax8 import maps
-from optax8.kernels import jax_step, native
+from optax8.kernels import algorithms, jax_step, native
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _states(rng, algo, shape, block):
   out = []
-  for kind in jax_step.STATE_KINDS[algo]:
+  for kind in algo.states:
     x = rng.standard_normal(shape).astype(np.float32)
     x = x * 0.1 if kind == maps.SIGNED else x * x * 1e-2
     codes, absmax = native.quantize(jax.device_put(x, jax.devices("cpu")[0]), block, maps.map_id(kind))
@@ -59,7 +59,7 @@ def main():
     codes, absmax = _run(cpu, lambda x: native.quantize(x, block, map_id), x)
     compare(lambda c, a: native.dequantize(c, a, block, map_id, dtype), codes, absmax)
 
-  for algo, dtype, mode, block in itertools.product(list(jax_step.Algo), DTYPES, ("update", "params", "apply"),
+  for algo, dtype, mode, block in itertools.product(algorithms.table(), DTYPES, ("update", "params", "apply"),
                                                     (16, 256, 4096)):
     shapes = [(3, 2 * block + 7), (1, 5), (4, block)]
     leaves = []
@@ -67,7 +67,7 @@ def main():
       g = np.asarray((rng.standard_normal(shape) * 0.5).astype(np.float32).astype(dtype))
       p = None if mode == "update" else np.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype))
       leaves.append((g, p, _states(rng, algo, shape, block)))
-    hypers = np.stack([np.asarray(jax_step.hyper_vector(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8,
+    hypers = np.stack([np.asarray(algorithms.hyper_vector(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8,
                                                         weight_decay=1e-2, alpha=5.0, pre_scale=1.0))] * len(leaves))
     apply = mode == "apply"
     compare(lambda h, ls: native.step_group(int(algo), h, ls, block, apply), hypers, leaves)

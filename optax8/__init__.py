@@ -10,21 +10,18 @@ The Flax layers live in the submodules `optax8.linen` and
 
 import importlib
 
-from optax8.alias import (adagrad8bit, adam8bit, adamw8bit, ademamix8bit, lamb8bit, lars8bit, lion8bit,
-                          rmsprop8bit, sgd8bit)
 from optax8.apply import apply_gradients
 from optax8.checkpoint import check_state
 from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
-from optax8.fused import (FusedGradientTransformation, ScaleByAdam8bitState, ScaleByAdemamix8bitState, ScaleByLion8bitState,
-                          ScaleByRms8bitState, ScaleByRss8bitState, Trace8bitState)
+from optax8.fused import FusedGradientTransformation
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
 from optax8.offload import offload
 from optax8.options import STABLE_EMBEDDING
 from optax8.quantize import QuantizedArray, dequantize, quantize
-from optax8.transforms import (scale_by_adam8bit, scale_by_ademamix8bit, scale_by_lion8bit, scale_by_rms8bit,
-                               scale_by_rss8bit, trace8bit)
+from optax8 import optimizers
+from optax8.optimizers import *  # noqa: F403  (every optimizer module's __all__)
 
 __version__ = "0.1.0"
 
@@ -34,31 +31,10 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "FusedGradientTransformation",
     "PercentileClippingState",
-    "ScaleByAdam8bitState",
-    "ScaleByAdemamix8bitState",
-    "ScaleByLion8bitState",
-    "ScaleByRms8bitState",
-    "ScaleByRss8bitState",
-    "Trace8bitState",
-    "adagrad8bit",
-    "adam8bit",
-    "adamw8bit",
-    "ademamix8bit",
     "apply_gradients",
     "check_state",
-    "lamb8bit",
-    "lars8bit",
-    "lion8bit",
     "offload",
     "percentile_clipping",
-    "rmsprop8bit",
-    "scale_by_adam8bit",
-    "scale_by_ademamix8bit",
-    "scale_by_lion8bit",
-    "scale_by_rms8bit",
-    "scale_by_rss8bit",
-    "sgd8bit",
-    "trace8bit",
     "QuantizedArray",
     "SIGNED",
     "STABLE_EMBEDDING",
@@ -69,7 +45,7 @@ __all__ = [
     "dequantize",
     "dynamic_map",
     "quantize",
-]
+] + optimizers.__all__
 
 
 def __getattr__(name: str):

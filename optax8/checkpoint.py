@@ -13,14 +13,17 @@ optimizer makes, leaf by leaf::
     optax8.check_state(checkpointer.metadata(path).item_metadata, expected)   # before restoring
     optax8.check_state(restored, expected)                                    # or after
 
-Importing optax8 where flax is installed registers QuantizedArray with
-``flax.serialization`` (state dict ``{'codes', 'absmax'}``; restoring checks
-both shapes against the target's).
+QuantizedArray is registered with ``flax.serialization`` (state dict
+``{'codes', 'absmax'}``; restoring checks both shapes against the target's)
+when ``flax.serialization`` is imported, before or after optax8; importing
+optax8 does not import flax.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -157,5 +160,26 @@ def _register_flax() -> None:
   serialization.register_serialization_state(QuantizedArray, to_state_dict, from_state_dict, override=True)
 
 
-if importlib.util.find_spec("flax") is not None:
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+  """Runs `_register_flax` right after ``flax.serialization`` is first imported."""
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != "flax.serialization":
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(fullname)
+    if spec is not None and spec.loader is not None:
+      exec_module = spec.loader.exec_module
+
+      def exec_and_register(module):
+        exec_module(module)
+        _register_flax()
+
+      spec.loader.exec_module = exec_and_register
+    return spec
+
+
+if "flax.serialization" in sys.modules:
   _register_flax()
+else:
+  sys.meta_path.insert(0, _RegisterOnImport())

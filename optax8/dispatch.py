@@ -16,10 +16,10 @@ from jax import lax
 
 from optax8 import sharding
 from optax8.kernels import jax_backend, jax_step, native
+from optax8.kernels.algorithms import CUDA_MAX_STEP_BLOCK
 from optax8.sharding import ABSMAX, ELEMENTS, REPLICATED
 
 NATIVE_PLATFORMS = tuple(native.PLATFORMS)
-CUDA_MAX_STEP_BLOCK = 4096  # larger blocks take the pure-JAX step on GPUs
 
 
 def backends() -> dict[str, str]:
@@ -104,7 +104,7 @@ def _step_group(*flat, algo: int, block_size: int, apply: bool, structure):
     hypers, group = unflatten(args)
     return _flat([jax_step.step(algo, hypers[i], g, p, s, block_size, apply) for i, (g, p, s) in enumerate(group)])
 
-  branches = _native_branches(native_fn)
+  branches = {p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, algo)}
   if block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

@@ -1,16 +1,17 @@
-"""The fused optimizer engine: one GradientTransformation per algorithm.
+"""The fused optimizer engine: the GradientTransformation of an algorithm.
 
-Every optax8 optimizer is a `fused` transformation: per parameter
-leaf, one kernel call (`optax8.dispatch.step`) dequantizes the leaf's
-8-bit states, applies the optimizer's rule, requantizes the new states and
-writes the update in the gradient's dtype::
+Every optax8 optimizer (`optax8.optimizers`) is a `fused` transformation:
+per parameter leaf, one kernel call (`optax8.dispatch.step_group`)
+dequantizes the leaf's 8-bit states, applies the optimizer's rule,
+requantizes the new states and writes the update in the gradient's dtype::
 
     u = scale * (d(g + wd_c * p, states) + wd * p)
 
 where ``d`` is the algorithm's direction (Adam's ``m_hat / (sqrt(v_hat) +
 eps)``, Lion's ``sign(...)``, ...), ``scale`` is ``-learning_rate`` for the
-optimizers of `optax8.alias` and 1 for the ``scale_by_*`` building
-blocks, ``wd`` the decoupled and ``wd_c`` the coupled weight decay. Leaves
+optimizers and 1 for the ``scale_by_*`` building blocks, ``wd`` the
+decoupled and ``wd_c`` the coupled weight decay. Hooks over whole leaves
+(`Rule`'s ``pre`` and ``post``) run in JAX around the kernel. Leaves
 smaller than ``min_8bit_size`` elements (or with ``bits`` 32; the options
 may be set per leaf, see `optax8.options`) keep float32 state and run
 the same rule in JAX.
@@ -34,7 +35,8 @@ import numpy as np
 import optax
 
 from optax8 import clipping, dispatch, maps
-from optax8.kernels.jax_step import STATE_KINDS, Algo, hyper_vector, rule
+from optax8.kernels.algorithms import Algorithm, hyper_vector
+from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape
 from optax8.options import Options, as_array, is_static_zero, key_paths, path_str, unbox
 from optax8.quantize import QuantizedArray
@@ -43,57 +45,15 @@ from optax8.sharding import state_shardings, zero_count
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
 GROUP_LEAVES = 64         # and up to this many leaves (XLA's compile time grows with a call's operands)
 
-# ---- states -----------------------------------------------------------------
-# Each moment field is a pytree like the params whose leaves are
-# QuantizedArray (8-bit leaves) or float32 arrays (32-bit leaves).
-
-
-class ScaleByAdam8bitState(NamedTuple):
-  count: jax.Array  # int32 scalar: steps taken
-  mu: Any           # first moment (signed map)
-  nu: Any           # second moment (unsigned map)
-
-
-class ScaleByLion8bitState(NamedTuple):
-  count: jax.Array
-  mu: Any
-
-
-class Trace8bitState(NamedTuple):
-  count: jax.Array
-  trace: Any
-
-
-class ScaleByRms8bitState(NamedTuple):
-  count: jax.Array
-  nu: Any
-
-
-class ScaleByRss8bitState(NamedTuple):
-  count: jax.Array
-  sum_of_squares: Any
-
-
-class ScaleByAdemamix8bitState(NamedTuple):
-  count: jax.Array
-  m1: Any  # fast EMA (signed)
-  m2: Any  # slow EMA (signed)
-  nu: Any  # second moment (unsigned)
-
-
-STATE_CLASSES = {
-    Algo.ADAM: ScaleByAdam8bitState,
-    Algo.LION: ScaleByLion8bitState,
-    Algo.MOMENTUM: Trace8bitState,
-    Algo.RMS: ScaleByRms8bitState,
-    Algo.RSS: ScaleByRss8bitState,
-    Algo.ADEMAMIX: ScaleByAdemamix8bitState,
-}
-
-
-def _value(x, count):
+def schedule_value(x, count):
   """A hyperparameter that may be a schedule of the step count."""
   return x(count) if callable(x) else x
+
+
+def check_state_dtype(dtype, name: str) -> None:
+  """optax's ``mu_dtype``/``accumulator_dtype``: optax8 states are float32 or 8-bit."""
+  if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f"{name}={dtype}: optax8 keeps states in 8 bits (or float32 with bits=32)")
 
 
 # ---- paths and checks -------------------------------------------------------
@@ -160,12 +120,13 @@ def _check_grad(name: str, path: str, g):
                     "optimized; leave it out with optax.masked or optax.partition (e.g. optax.set_to_zero())")
 
 
-def _norm(x):
+def norm(x):
+  """The Euclidean norm of a whole leaf in float32, non-finite elements counted as 0."""
   x = x.astype(jnp.float32)
   return jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0)))
 
 
-def _trust_ratio(param_norm, update_norm, coefficient=1.0, eps=0.0):
+def trust_ratio(param_norm, update_norm, coefficient=1.0, eps=0.0):
   """optax.scale_by_trust_ratio's factor: ``c ||p|| / (||u|| + eps)``, 1 where a norm is 0."""
   ratio = coefficient * param_norm / (update_norm + eps)
   return jnp.where((param_norm == 0) | (update_norm == 0), 1.0, ratio)
@@ -179,9 +140,11 @@ class Rule:
   """How an optimizer drives its algorithm's kernel.
 
   Attributes:
-    algo: the kernel algorithm.
+    algorithm: the row of `optax8.kernels.algorithms` whose rule runs.
+    state: the optimizer's state type: a NamedTuple of ``count`` and one
+      field per state of the algorithm, in kernel order.
     hyper: ``(count, count_inc) -> dict`` of hyperparameter slots (see
-      `optax8.kernels.jax_step.hyper_vector`) shared by all leaves.
+      `optax8.kernels.algorithms.hyper_vector`) shared by all leaves.
     initial: initial value of each state (a number, or an array under
       inject_hyperparams).
     learning_rate: None (the update is the direction) or a float/schedule
@@ -189,22 +152,30 @@ class Rule:
     weight_decay: decoupled (``coupled=False``: added to the direction) or
       coupled (added to the gradient) weight decay, a float or schedule.
     decay_mask: optax-style mask of the leaves that get weight decay.
-    trust: None, ``'lamb'`` (trust ratio of the direction plus weight decay)
-      or ``'lars'`` (trust ratio of the decayed gradient, before momentum).
-    trust_coefficient, trust_eps, trust_mask: LARS's options.
+    pre: hook over a whole gradient leaf, ``(g, p, wd) -> factor``: the
+      gradient (with coupled decay) is multiplied by ``-learning_rate *
+      factor`` before the rule (LARS's trust ratio, before momentum), and
+      the learning rate is not applied after it.
+    pre_mask: optax-style mask of the leaves that get ``pre`` (factor 1
+      elsewhere).
+    post: hook over a whole leaf's direction, ``(d, p, wd, arg) -> x``: the
+      update is ``-learning_rate * x`` (default ``x = d + wd * p``; LAMB's
+      trust ratio, Muon's orthogonalisation). ``d`` and ``p`` are float32.
+    post_args: ``updates -> list`` of one ``arg`` per leaf for ``post``.
   """
 
-  algo: Algo
+  algorithm: Algorithm
+  state: type
   hyper: Callable[[jax.Array, jax.Array], dict]
   initial: tuple = ()
   learning_rate: Any = None
   weight_decay: Any = None
   coupled: bool = False
   decay_mask: Any = None
-  trust: str | None = None
-  trust_coefficient: Any = 1.0
-  trust_eps: Any = 0.0
-  trust_mask: Any = True
+  pre: Callable | None = None
+  pre_mask: Any = True
+  post: Callable | None = None
+  post_args: Callable | None = None
 
 
 def _leaf_flags(mask, tree, treedef, name: str, what: str) -> list[bool]:
@@ -237,9 +208,9 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
   `with_percentile_clipping`).
   """
   options.check(name)
-  algo = Algo(r.algo)
-  kinds = STATE_KINDS[algo]
-  state_cls = STATE_CLASSES[algo]
+  algorithm = r.algorithm
+  kinds = algorithm.states
+  state_cls = r.state
   initial = r.initial or (0.0,) * len(kinds)
   needs_decay_params = not is_static_zero(r.weight_decay)
 
@@ -276,21 +247,22 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     configured = params if params is not None else updates   # what per-leaf options are resolved on
     unorms = options.leaf_max_unorms(name, configured)
     block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True)
-    needs_params = (apply or needs_decay_params or r.trust is not None
+    needs_params = (apply or needs_decay_params or r.pre is not None or r.post is not None
                     or any(m is not None for m in unorms))
     if needs_params and params is None:
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
     decay_flags = _leaf_flags(r.decay_mask, params if params is not None else updates, treedef, name,
                               "the weight-decay mask")
-    trust_flags = (_leaf_flags(r.trust_mask, params, treedef, name, "the trust-ratio mask")
-                   if r.trust == "lars" else [True] * len(grads))
+    pre_flags = (_leaf_flags(r.pre_mask, params, treedef, name, "the mask of the pre-scale")
+                 if r.pre is not None else [True] * len(grads))
+    post_args = r.post_args(updates) if r.post_args is not None else [None] * len(grads)
     traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((options.bits, options.min_8bit_size)))
     widths = [None] * len(grads) if traced else options.leaf_bits(name, configured)
 
-    lr = _value(r.learning_rate, count)
+    lr = schedule_value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
-    wd = _value(r.weight_decay, count) if needs_decay_params else 0.0
+    wd = schedule_value(r.weight_decay, count) if needs_decay_params else 0.0
     base = r.hyper(count, count_inc)
 
     calls, finish, vectors = [], [], {}
@@ -304,12 +276,12 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
         raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the gradient's "
                          f"{tuple(g.shape)}")
       wd_leaf = wd if decay_flags[i] else 0.0
-      post = r.trust == "lamb" or unorms[i] is not None
+      post = r.post is not None or unorms[i] is not None
       hyper = dict(base)
       if r.coupled:
         hyper["coupled_decay"] = wd_leaf
-      if r.trust == "lars":
-        hyper["pre_scale"] = scale * (_lars_ratio(r, g, p, wd_leaf) if trust_flags[i] else 1.0)
+      if r.pre is not None:
+        hyper["pre_scale"] = scale * (r.pre(g, p, wd_leaf) if pre_flags[i] else 1.0)
         hyper["scale"] = 1.0
       elif post:
         hyper["scale"] = 1.0
@@ -319,21 +291,21 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
           hyper["weight_decay"] = wd_leaf
       kernel_params = p if (r.coupled or not post) and needs_decay_params and decay_flags[i] else None
       fused_apply = apply and not post and isinstance(leaf_states[0], QuantizedArray)
-      if r.trust == "lars":
+      if r.pre is not None:
         vector = hyper_vector(**hyper)
       else:   # the same vector for every leaf with the same decay flag and post-processing
         if (decay_flags[i], post) not in vectors:
           vectors[decay_flags[i], post] = hyper_vector(**hyper)
         vector = vectors[decay_flags[i], post]
       calls.append(LeafCall(vector, g, p if fused_apply else kernel_params, tuple(leaf_states), fused_apply))
-      finish.append((g, p, wd_leaf, fused_apply, post, unorms[i]))
-    results = _run_leaves(algo, calls)
+      finish.append((g, p, wd_leaf, fused_apply, post, unorms[i], post_args[i]))
+    results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), (g, p, wd_leaf, fused_apply, post, max_unorm) in zip(results, finish):
-      if post and r.trust == "lars":   # the learning rate is in the direction already (before momentum)
-        u = _post(r, max_unorm, u, g, p, 1.0, 0.0, unorm_scale=jnp.abs(scale))
+    for (u, new), (g, p, wd_leaf, fused_apply, post, max_unorm, arg) in zip(results, finish):
+      if post and r.pre is not None:   # the learning rate is in the direction already (before momentum)
+        u = _post(r, max_unorm, u, g, p, 1.0, 0.0, arg, unorm_scale=jnp.abs(scale))
       elif post:
-        u = _post(r, max_unorm, u, g, p, scale, 0.0 if r.coupled else wd_leaf)
+        u = _post(r, max_unorm, u, g, p, scale, 0.0 if r.coupled else wd_leaf, arg)
       if apply and not fused_apply:
         u = jnp.asarray(p + u).astype(p.dtype)
       out_u.append(u)
@@ -388,7 +360,7 @@ class LeafCall(NamedTuple):
   apply: bool  # 8-bit leaves only: return p + update
 
 
-def _run_leaves(algo: Algo, calls: list[LeafCall]):
+def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   """(output, new states) per leaf: 8-bit leaves in one kernel call per group, float32 ones in JAX.
 
   8-bit leaves that share block size, params use and apply mode go through
@@ -404,7 +376,7 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
     if all(isinstance(s, QuantizedArray) for s in c.states):
       groups.setdefault((c.states[0].block_size, c.p is None, c.apply), []).append(i)
     else:
-      u, new = rule(algo, c.hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
+      u, new = rule(algorithm, c.hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
       results[i] = (u.astype(c.g.dtype), new)
   batches = []
@@ -430,7 +402,7 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
       hypers = jnp.broadcast_to(first, (len(idx),) + first.shape)
     else:
       hypers = jnp.stack([calls[i].hyper for i in idx])
-    for i, (u, new) in zip(idx, dispatch.step_group(int(algo), hypers, leaves, block_size, apply)):
+    for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply)):
       c = calls[i]
       shape = tuple(c.g.shape)
       results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)
@@ -438,14 +410,8 @@ def _run_leaves(algo: Algo, calls: list[LeafCall]):
   return results
 
 
-def _lars_ratio(r: Rule, g, p, wd):
-  """optax.scale_by_trust_ratio on g + wd * p (non-finite g counts as 0)."""
-  g = jnp.where(jnp.isfinite(g), g, 0).astype(jnp.float32)
-  return _trust_ratio(_norm(p), _norm(g + wd * p.astype(jnp.float32)), r.trust_coefficient, r.trust_eps)
-
-
-def _post(r: Rule, max_unorm, d, g, p, scale, wd, unorm_scale=1.0):
-  """Direction ``d`` -> update, with max_unorm, decoupled decay and LAMB's trust ratio.
+def _post(r: Rule, max_unorm, d, g, p, scale, wd, arg=None, unorm_scale=1.0):
+  """Direction ``d`` -> update, with max_unorm, then ``r.post`` (or decoupled decay).
 
   max_unorm (None: off) scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
   before the learning rate and decoupled weight decay, as bitsandbytes.
@@ -454,11 +420,9 @@ def _post(r: Rule, max_unorm, d, g, p, scale, wd, unorm_scale=1.0):
   d32 = d.astype(jnp.float32)
   p32 = p.astype(jnp.float32)
   if max_unorm is not None:
-    limit = max_unorm * unorm_scale * _norm(p32)
-    unorm = _norm(d32)
+    limit = max_unorm * unorm_scale * norm(p32)
+    unorm = norm(d32)
     d32 = d32 * jnp.where((max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
-  x = d32 + wd * p32
-  if r.trust == "lamb":
-    x = x * _trust_ratio(_norm(p32), _norm(x))
+  x = r.post(d32, p32, wd, arg) if r.post is not None else d32 + wd * p32
   bad = ~jnp.isfinite(g)
   return jnp.where(bad, 0, scale * x).astype(d.dtype)

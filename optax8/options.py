@@ -77,7 +77,9 @@ RANGES = {
     "alpha": NONNEGATIVE, "initial_scale": NONNEGATIVE, "initial_accumulator_value": NONNEGATIVE,
     "trust_coefficient": NONNEGATIVE, "max_unorm": NONNEGATIVE, "percentile_clipping": Range(0.0, 100.0),
     "percentile": Range(0.0, 100.0), "min_8bit_size": Range(0.0, integer=True),
-    "history": Range(1.0, integer=True),
+    "history": Range(1.0, integer=True), "beta": UNIT, "ns_steps": Range(1.0, integer=True),
+    "adam_b1": UNIT, "adam_b2": UNIT, "adam_eps_root": NONNEGATIVE, "adam_weight_decay": NONNEGATIVE,
+    "adam_learning_rate": NONNEGATIVE,
 }
 
 
@@ -111,7 +113,8 @@ def check_number(name: str, option: str, value, rule: Range | None = None):
 
 
 HYPERPARAMETERS = ("learning_rate", "b1", "b2", "b3", "eps", "eps_root", "weight_decay", "momentum", "decay",
-                   "alpha", "initial_scale", "initial_accumulator_value", "trust_coefficient")
+                   "alpha", "initial_scale", "initial_accumulator_value", "trust_coefficient", "beta", "ns_steps",
+                   "adam_b1", "adam_b2", "adam_eps_root", "adam_weight_decay", "adam_learning_rate")
 
 
 def check_hyperparameters(name: str, **arguments) -> None:

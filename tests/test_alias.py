@@ -1,4 +1,4 @@
-"""The nine optimizers against optax's float32 ones (bitsandbytes' own test protocol)."""
+"""The element-wise optimizers against optax's float32 ones (bitsandbytes' own test protocol)."""
 
 import io
 
@@ -6,27 +6,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from optax import contrib
+import pytest
 
 import optax8
+from optax8.optimizers import REGISTRY
 
-# name -> (optax8 factory, optax float32 reference, names of the state fields to compare)
-OPTIMIZERS = {
-    "adam": (lambda **k: optax8.adam8bit(1e-3, **k), lambda: optax.adam(1e-3), ("mu", "nu")),
-    "adamw": (lambda **k: optax8.adamw8bit(1e-3, weight_decay=1e-2, **k), lambda: optax.adamw(1e-3, weight_decay=1e-2),
-              ("mu", "nu")),
-    "lion": (lambda **k: optax8.lion8bit(1e-4, **k), lambda: optax.lion(1e-4), ("mu",)),
-    "sgd": (lambda **k: optax8.sgd8bit(1e-2, momentum=0.9, **k), lambda: optax.sgd(1e-2, momentum=0.9), ("trace",)),
-    "rmsprop": (lambda **k: optax8.rmsprop8bit(3e-4, **k), lambda: optax.rmsprop(3e-4), ("nu",)),
-    "adagrad": (lambda **k: optax8.adagrad8bit(1e-2, **k), lambda: optax.adagrad(1e-2), ("sum_of_squares",)),
-    "lamb": (lambda **k: optax8.lamb8bit(1e-3, weight_decay=1e-2, **k), lambda: optax.lamb(1e-3, weight_decay=1e-2),
-             ("mu", "nu")),
-    "lars": (lambda **k: optax8.lars8bit(1e-1, weight_decay=1e-3, **k), lambda: optax.lars(1e-1, weight_decay=1e-3),
-             ("trace",)),
-    "ademamix": (lambda **k: optax8.ademamix8bit(1e-3, weight_decay=1e-2, **k),
-                 lambda: contrib.ademamix(1e-3, weight_decay=1e-2), ("m1", "m2", "nu")),
+# The test arguments of each registered optimizer (learning rate first), given to it and to its optax namesake.
+ARGS = {
+    "adam8bit": (1e-3, {}),
+    "adamw8bit": (1e-3, dict(weight_decay=1e-2)),
+    "lion8bit": (1e-4, {}),
+    "sgd8bit": (1e-2, dict(momentum=0.9)),
+    "rmsprop8bit": (3e-4, {}),
+    "adagrad8bit": (1e-2, {}),
+    "lamb8bit": (1e-3, dict(weight_decay=1e-2)),
+    "lars8bit": (1e-1, dict(weight_decay=1e-3)),
+    "ademamix8bit": (1e-3, dict(weight_decay=1e-2)),
 }
+# Optimizers whose update is not element-wise are compared with their namesake in their own test module.
+ELSEWHERE = {"muon8bit": "test_muon.py (Newton-Schulz orthogonalises whole matrices)"}
+assert set(ARGS) | set(ELSEWHERE) == set(REGISTRY), "give every registered optimizer test arguments"
+
+
+def _entry(name):
+  """(optax8 factory of the 8-bit options, optax float32 reference, names of the state fields to compare)."""
+  entry, (lr, kwargs) = REGISTRY[name], ARGS[name]
+  return (lambda **k: entry.make(lr, **kwargs, **k), lambda: entry.reference(lr, **kwargs), entry.state_fields)
+
+
+OPTIMIZERS = {name.removesuffix("8bit"): _entry(name) for name in ARGS}
 NAMES = list(OPTIMIZERS)
 
 

@@ -2,6 +2,9 @@
 
 import gc
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -175,3 +178,22 @@ def test_check_state_finds_inconsistent_quantized_arrays():
     optax8.check_state(state._replace(count=jnp.zeros([], jnp.float32)), state)
   with pytest.raises(ValueError, match=r"\.mu\['w'\]: the state has a 32-bit array where the optimizer keeps 8-bit"):
     optax8.check_state(OPTIMIZERS["adamw8bit"](bits=32).init(params), state)
+
+
+@pytest.mark.parametrize("flax_first", [False, True], ids=["optax8-first", "flax-first"])
+def test_import_does_not_load_flax_and_serialization_works_in_either_order(flax_first):
+  script = textwrap.dedent(f"""
+      import sys
+      if {flax_first}:
+        from flax import serialization
+      import jax.numpy as jnp
+      import optax8
+      assert {flax_first} or not any(m == "flax" or m.startswith("flax.") for m in sys.modules)
+      from flax import serialization
+      q = optax8.quantize(jnp.arange(512.0).reshape(2, 256))
+      d = serialization.to_state_dict({{"q": q}})
+      assert set(d["q"]) == {{"codes", "absmax"}}, d
+      back = serialization.from_state_dict({{"q": q}}, d)["q"]
+      assert (back.codes == q.codes).all() and back.block_size == 256
+  """)
+  subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax8
+from optax8.optimizers import REGISTRY
 
 
 class Reference:
@@ -252,7 +253,7 @@ def test_option_keeps_apply_gradients_fused():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS) + ["adam8bit", "adagrad8bit", "lamb8bit", "ademamix8bit"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_default_and_100_leave_the_state_unchanged(name):
   make = lambda **k: getattr(optax8, name)(1e-2, **k)
   p = params()

@@ -38,22 +38,26 @@ def test_cuda_matches_cpu(kind, dtype, shape, block):
 
 import jax.numpy as jnp  # noqa: E402
 
-from optax8.kernels import jax_step, native  # noqa: E402
+from optax8.kernels import algorithms, jax_step, native  # noqa: E402
 
-Algo = jax_step.Algo
+ALGORITHMS = algorithms.table()
+ALGOS = {a.name: a for a in ALGORITHMS}
 
 # Hyperparameters of each algorithm (a few steps in, with weight decay), with
 # learning rates small enough that atol 1e-7 bounds a rounding difference.
-STEP_HYPER = {
-    Algo.ADAM: dict(scale=-1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, inv_bias1=1 / (1 - 0.9**3),
+STEP_HYPER = {name: dict(kw) for name, kw in {
+    "adam": dict(scale=-1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, inv_bias1=1 / (1 - 0.9**3),
                     inv_bias2=1 / (1 - 0.999**3), inv_bias1_next=1 / (1 - 0.9**4)),
-    Algo.LION: dict(scale=-1e-3, b1=0.9, b2=0.99, weight_decay=0.1),
-    Algo.MOMENTUM: dict(b1=0.9, pre_scale=-1e-2, nesterov=1, coupled_decay=1e-4),
-    Algo.RMS: dict(scale=-1e-2, b2=0.9, eps=1e-8, coupled_decay=1e-4),
-    Algo.RSS: dict(scale=-1e-1, eps_root=1e-7),
-    Algo.ADEMAMIX: dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=0.01,
-                        inv_bias1=1 / (1 - 0.9**5), inv_bias2=1 / (1 - 0.999**5)),
-}
+    "lion": dict(scale=-1e-3, b1=0.9, b2=0.99, weight_decay=0.1),
+    "momentum": dict(b1=0.9, pre_scale=-1e-2, nesterov=1, coupled_decay=1e-4),
+    "rms": dict(scale=-1e-2, b2=0.9, eps=1e-8, coupled_decay=1e-4),
+    "rss": dict(scale=-1e-1, eps_root=1e-7),
+    "ademamix": dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=0.01,
+                     inv_bias1=1 / (1 - 0.9**5), inv_bias2=1 / (1 - 0.999**5)),
+    "muon": dict(scale=-1e-2, b1=0.95, inv_bias1=1 / (1 - 0.95**3), inv_bias1_next=1 / (1 - 0.95**4), nesterov=1,
+                 weight_decay=0.01),
+}.items()}
+assert set(STEP_HYPER) == set(ALGOS), "every algorithm of the table needs hyperparameters here"
 # Rows of whole blocks of 128 to 4096 elements take the whole-blocks kernel, the others the general one.
 STEP_CASES = [((64, 1000), 64), ((64, 1000), 256), ((64, 1000), 2048), ((3, 5, 513), 64), ((3, 5, 513), 256),
               ((3, 5, 513), 2048), ((7, 33), 16), ((5, 8200), 4096), ((10, 3), 1), ((3, 1024), 128),
@@ -69,7 +73,7 @@ def _gpu():
 
 
 def _hyper(algo, **extra):
-  return np.asarray(jax_step.hyper_vector(**{**STEP_HYPER[algo], **extra}), np.float32)
+  return np.asarray(algorithms.hyper_vector(**{**STEP_HYPER[algo.name], **extra}), np.float32)
 
 
 def _step_inputs(algo, dtype, shape, block, seed=0, with_params=True):
@@ -78,7 +82,7 @@ def _step_inputs(algo, dtype, shape, block, seed=0, with_params=True):
   g = np.asarray((rng.standard_normal(shape) * 0.5).astype(np.float32).astype(dtype))
   p = np.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype)) if with_params else None
   states = []
-  for kind in jax_step.STATE_KINDS[algo]:
+  for kind in algo.states:
     x = rng.standard_normal(shape).astype(np.float32)
     x = x * 0.1 if kind == maps.SIGNED else (x * x) * 1e-2
     x.flat[:7] = 0  # a few zeros (and, for tiny blocks, all-zero blocks)
@@ -138,7 +142,7 @@ def _assert_same(out, ref):
 
 @pytest.mark.parametrize("shape,block", STEP_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("algo", list(Algo))
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_cuda_step_matches_oracle(algo, dtype, shape, block):
   assert native.available("cuda")
   inputs = _step_inputs(algo, dtype, shape, block, seed=int(algo))
@@ -151,7 +155,7 @@ def test_cuda_step_matches_oracle(algo, dtype, shape, block):
     _assert_same((u, states), _run_native_cpu(algo, block, *inputs))
 
 
-@pytest.mark.parametrize("algo", list(Algo))
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_cuda_step_without_params(algo):
   inputs = _step_inputs(algo, np.float32, (64, 1000), 256, seed=10 + int(algo), with_params=False)
   u, states = _run_native(algo, 256, *inputs)
@@ -161,7 +165,7 @@ def test_cuda_step_without_params(algo):
 
 
 @pytest.mark.parametrize("variant", [dict(nesterov=0), dict(nesterov=1)])
-@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.MOMENTUM])
+@pytest.mark.parametrize("algo", [ALGOS["adam"], ALGOS["momentum"]])
 def test_cuda_step_nesterov_variants(algo, variant):
   hyper, g, p, states = _step_inputs(algo, np.float32, (64, 1000), 256, seed=20)
   hyper = _hyper(algo, **variant)
@@ -173,16 +177,16 @@ def test_cuda_step_nesterov_variants(algo, variant):
 
 @pytest.mark.parametrize("eps", [dict(eps=1e-8, eps_root=0.0), dict(eps=0.0, eps_root=1e-8)])
 def test_cuda_step_rmsprop_eps_placement(eps):
-  hyper, g, p, states = _step_inputs(Algo.RMS, np.float32, (64, 1000), 256, seed=30)
-  hyper = _hyper(Algo.RMS, **eps)
-  u, new = _run_native(Algo.RMS, 256, hyper, g, p, states)
-  ref_u, ref_new = _run_oracle(Algo.RMS, 256, hyper, g, p, states)
+  hyper, g, p, states = _step_inputs(ALGOS["rms"], np.float32, (64, 1000), 256, seed=30)
+  hyper = _hyper(ALGOS["rms"], **eps)
+  u, new = _run_native(ALGOS["rms"], 256, hyper, g, p, states)
+  ref_u, ref_new = _run_oracle(ALGOS["rms"], 256, hyper, g, p, states)
   _assert_u_close(u, ref_u, np.float32)
   _assert_states_close(new, ref_new)
 
 
 @pytest.mark.parametrize("block", [16, 256, 2048, 4096])
-@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.ADEMAMIX, Algo.LION])
+@pytest.mark.parametrize("algo", [ALGOS["adam"], ALGOS["ademamix"], ALGOS["lion"]])
 def test_cuda_step_in_place(algo, block):
   """Donated inputs: the update overwrites the gradient and the states their old codes and absmax."""
   inputs = _step_inputs(algo, np.float32, (16, 3 * block + 5), block, seed=40)
@@ -190,7 +194,7 @@ def test_cuda_step_in_place(algo, block):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("algo", list(Algo))
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_cuda_step_nonfinite_gradients(algo, dtype):
   """A NaN or +-inf gradient zeroes its element's update and states, and no other element's."""
   shape, block = (8, 700), 256
@@ -214,7 +218,7 @@ def test_cuda_step_nonfinite_gradients(algo, dtype):
   g_zero[bad] = 0
   u_zero, _ = _run_native(algo, block, hyper, np.asarray(g_zero.astype(dtype)), p, states)
   np.testing.assert_array_equal(u32[~bad], np.asarray(u_zero, np.float32)[~bad])
-  for (codes, absmax), kind in zip(new, jax_step.STATE_KINDS[algo]):
+  for (codes, absmax), kind in zip(new, algo.states):
     assert np.all(np.isfinite(absmax))
     values = np.asarray(optax8.dequantize(optax8.QuantizedArray(jax.device_put(codes, _cpu()),
                                                                  jax.device_put(absmax, _cpu()), block, kind)))
@@ -224,7 +228,7 @@ def test_cuda_step_nonfinite_gradients(algo, dtype):
 @pytest.mark.parametrize("shape", [(3, 8, 600), (3, 8, 512)])
 def test_cuda_step_vmapped_hyperparameters(shape):
   """A batch of hyperparameter rows (vmap): each applies to its own slice of the rows."""
-  algo, block = Algo.ADAM, 256
+  algo, block = ALGOS["adam"], 256
   _, g, p, states = _step_inputs(algo, np.float32, shape, block, seed=60)
   hyper = np.stack([_hyper(algo, scale=-1e-2 * (i + 1), b1=0.8 + 0.05 * i) for i in range(shape[0])])
   fn = jax.vmap(lambda h, g, p, s: native.step(algo, h, g, p, s, block))
@@ -237,9 +241,9 @@ def test_cuda_step_vmapped_hyperparameters(shape):
 
 
 def test_cuda_step_rejects_blocks_above_4096():
-  inputs = _step_inputs(Algo.LION, np.float32, (2, 9000), 8192)
+  inputs = _step_inputs(ALGOS["lion"], np.float32, (2, 9000), 8192)
   with pytest.raises(Exception, match="above 4096"):
-    _run_native(Algo.LION, 8192, *inputs)
+    _run_native(ALGOS["lion"], 8192, *inputs)
 
 
 @pytest.mark.gpu

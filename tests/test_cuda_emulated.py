@@ -20,7 +20,7 @@ import pytest
 
 import optax8
 from optax8 import maps
-from optax8.kernels import jax_step, native
+from optax8.kernels import algorithms, jax_step, native
 from helpers import DTYPES
 from test_alias import NAMES, OPTIMIZERS
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.cuda_emulated
 
 LIB = native.LIB_DIR / "liboptax8_cuda_emulated.so"
 SUFFIX = "_emulated"
-Algo = jax_step.Algo
+ALGORITHMS = algorithms.table()
+ALGOS = {a.name: a for a in ALGORITHMS}
 
 if not LIB.exists():
   if os.environ.get("OPTAX8_EXPECT_NATIVE", "") not in ("", "0"):
@@ -97,7 +98,7 @@ def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
     g.flat[3::97], g.flat[5::89], g.flat[7::83], g.flat[11::79] = np.nan, -np.inf, 1e20, 1e-40
   p = rng.standard_normal(shape).astype(np.float32).astype(dtype) if with_params else None
   states = []   # any codes, and absmax over many magnitudes (with all-zero blocks)
-  for _ in jax_step.STATE_KINDS[algo]:
+  for _ in algo.states:
     codes = rng.integers(0, 256, shape, dtype=np.uint8)
     absmax = (10.0 ** rng.uniform(-8, 1, shape[:-1] + (-(-shape[-1] // block),))).astype(np.float32)
     absmax.flat[::5] = 0
@@ -108,13 +109,13 @@ def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
 
 
 def _hypers(n, nesterov=0.0):
-  return np.stack([np.asarray(jax_step.hyper_vector(**HYPER, nesterov=nesterov))] * n)
+  return np.stack([np.asarray(algorithms.hyper_vector(**HYPER, nesterov=nesterov))] * n)
 
 
 @pytest.mark.parametrize("shape,block", STEP_CASES)
 @pytest.mark.parametrize("mode", ["update", "params", "apply"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("algo", list(Algo))
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_step_matches_the_cpu_handler(algo, dtype, mode, shape, block):
   rng = np.random.default_rng(int(algo) * 7 + len(shape))
   leaf = _leaf(rng, algo, dtype, shape, block, mode != "update", special=block == 256)
@@ -129,9 +130,9 @@ def test_a_group_of_leaves_matches_the_cpu_handler(leaves):
   """One call over many leaves of odd sizes, some smaller than a block; apply mode. (optax8 groups at most
   64 leaves a call; XLA takes about 40 ms per leaf to compile a call, hence 200 and not more.)"""
   rng = np.random.default_rng(leaves)
-  group = [_leaf(rng, Algo.ADAM, np.float32, (int(rng.integers(1, 4)), int(rng.integers(1, 700))), 256, True)
+  group = [_leaf(rng, ALGOS["adam"], np.float32, (int(rng.integers(1, 4)), int(rng.integers(1, 700))), 256, True)
            for _ in range(leaves)]
-  out = both(lambda s: lambda h, ls: native.step_group(int(Algo.ADAM), h, ls, 256, True, "optax8_step" + s),
+  out = both(lambda s: lambda h, ls: native.step_group(int(ALGOS["adam"]), h, ls, 256, True, "optax8_step" + s),
              _hypers(leaves), group)
   assert_same(*out)
 
@@ -140,10 +141,10 @@ def test_a_group_of_leaves_matches_the_cpu_handler(leaves):
 def test_vmapped_hyperparameters_match_the_cpu_handler(shape, block):
   """A batch of hyperparameter rows (vmap): each applies to its own slice of the rows."""
   rng = np.random.default_rng(11)
-  g, p, states = _leaf(rng, Algo.ADAM, np.float32, shape, block, True)
-  hypers = np.stack([np.asarray(jax_step.hyper_vector(**{**HYPER, "scale": -1e-2 * (i + 1), "b1": 0.8 + 0.05 * i}))
+  g, p, states = _leaf(rng, ALGOS["adam"], np.float32, shape, block, True)
+  hypers = np.stack([np.asarray(algorithms.hyper_vector(**{**HYPER, "scale": -1e-2 * (i + 1), "b1": 0.8 + 0.05 * i}))
                      for i in range(shape[0])])
-  out = both(lambda s: jax.vmap(lambda h, g, p, st: native.step(int(Algo.ADAM), h, g, p, st, block, False,
+  out = both(lambda s: jax.vmap(lambda h, g, p, st: native.step(int(ALGOS["adam"]), h, g, p, st, block, False,
                                                                 "optax8_step" + s)), hypers, g, p, states)
   assert_same(*out)
 
@@ -187,12 +188,12 @@ def test_a_bad_leaf_fails_the_call_before_any_kernel_runs():
   lib = library()
   lib.optax8_emulation_launches.restype = ctypes.c_int64
   rng = np.random.default_rng(0)
-  good = _leaf(rng, Algo.LION, np.float32, (4, 512), 256, True)
+  good = _leaf(rng, ALGOS["lion"], np.float32, (4, 512), 256, True)
   codes, absmax = good[2][0]
   bad = (good[0], good[1], ((codes, absmax[:, :1]),))   # an absmax of the wrong shape
   before = lib.optax8_emulation_launches()
   with pytest.raises(Exception, match=r"leaf 1\b|absmax shape"):
-    jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(int(Algo.LION), h, ls, 256, False,
+    jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(int(ALGOS["lion"]), h, ls, 256, False,
                                                                   "optax8_step" + SUFFIX))(_hypers(3), [good, bad, good]))
   assert lib.optax8_emulation_launches() == before
 

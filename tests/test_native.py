@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import optax8
-from optax8.kernels import native
+from optax8 import dispatch
+from optax8.kernels import algorithms, jax_step, native
 from helpers import needs_native_cpu
 
 
@@ -112,3 +113,34 @@ def test_the_cuda_library_is_not_loaded_without_a_jax_cuda_backend(tmp_path):
   if has_cuda == "False":
     assert (available, loaded) == ("False", "False"), r.stdout
     assert "JAX has no CUDA backend" in r.stdout
+
+
+@needs_native_cpu
+def test_the_library_reports_the_rules_it_was_built_with():
+  for a in algorithms.table():
+    assert native.has_rule("cpu", a), a
+
+
+@needs_native_cpu
+def test_a_rule_the_library_was_not_built_with_runs_on_pure_jax_with_a_warning():
+  """A new (or changed) row runs on the pure-JAX backend until the library is rebuilt: never another rule."""
+  def direction(h, g, s):
+    s[0] = h[algorithms.Hyper.B1] * s[0] + g
+    return jnp.sign(s[0])
+
+  n = len(algorithms.table())
+  row = algorithms.register(algorithms.Algorithm(n, "signum_test", (optax8.SIGNED,), direction, "return g;"))
+  try:
+    hyper = algorithms.hyper_vector(scale=-1e-2, b1=0.9)
+    g = jax.random.normal(jax.random.key(0), (4, 512))
+    m = optax8.quantize(jax.random.normal(jax.random.key(1), (4, 512)) * 1e-2)
+    with pytest.warns(RuntimeWarning, match="without the current rule of algorithm 'signum_test'"):
+      u, ((codes, absmax),) = jax.jit(lambda h, g, c, a: dispatch.step(row.id, h, g, None, ((c, a),), 256))(
+          hyper, g, m.codes, m.absmax)
+    want_u, ((want_codes, want_absmax),) = jax_step.step(row, hyper, g, None, ((m.codes, m.absmax),), 256)
+    np.testing.assert_array_equal(u, want_u)
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(absmax, want_absmax)
+    assert not native.has_rule("cpu", row)
+  finally:
+    del algorithms._TABLE[row.id]

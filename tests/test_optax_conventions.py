@@ -1,4 +1,4 @@
-"""The nine optimizers follow optax's conventions: wrappers, jit, vmap, dtypes, errors.
+"""Every optimizer follows optax's conventions: wrappers, jit, vmap, dtypes, errors.
 
 Params are {"w": (64, 128), "b": (128,), "scalar": ()} with min_8bit_size=1024,
 so ``w`` has 8-bit state and the others float32 state.
@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import optax8
+from optax8.optimizers import REGISTRY
 
 MIN_8BIT = 1024
 LR = 1e-2
@@ -30,19 +31,27 @@ class Case(NamedTuple):
     return self.factory(learning_rate, **{**self.kwargs, "min_8bit_size": MIN_8BIT, **extra})
 
 
-CASES = [
-    Case("adam8bit", optax8.adam8bit, {}, optax.adam),
-    Case("adamw8bit", optax8.adamw8bit, dict(weight_decay=1e-2), optax.adamw),
-    Case("lion8bit", optax8.lion8bit, dict(weight_decay=1e-2), optax.lion),
-    Case("sgd8bit", optax8.sgd8bit, dict(momentum=0.9), optax.sgd),
-    Case("rmsprop8bit", optax8.rmsprop8bit, {}, optax.rmsprop),
-    Case("adagrad8bit", optax8.adagrad8bit, {}, optax.adagrad),
-    Case("lamb8bit", optax8.lamb8bit, dict(weight_decay=1e-2), optax.lamb),
-    Case("lars8bit", optax8.lars8bit, dict(weight_decay=1e-3, trust_coefficient=0.02), optax.lars),
-    Case("ademamix8bit", optax8.ademamix8bit, dict(b3=0.999, alpha=2.0), optax.contrib.ademamix),
-]
+# Small hyperparameters of each registered optimizer besides the learning rate (for it and its optax namesake).
+KWARGS = {
+    "adam8bit": {},
+    "adamw8bit": dict(weight_decay=1e-2),
+    "lion8bit": dict(weight_decay=1e-2),
+    "sgd8bit": dict(momentum=0.9),
+    "rmsprop8bit": {},
+    "adagrad8bit": {},
+    "lamb8bit": dict(weight_decay=1e-2),
+    "lars8bit": dict(weight_decay=1e-3, trust_coefficient=0.02),
+    "ademamix8bit": dict(b3=0.999, alpha=2.0),
+    "muon8bit": dict(weight_decay=1e-2),
+}
+assert set(KWARGS) == set(REGISTRY), f"give test arguments to {sorted(set(REGISTRY) - set(KWARGS))}"
+CASES = [Case(name, REGISTRY[name].make, KWARGS[name], REGISTRY[name].reference) for name in KWARGS]
 BY_NAME = {c.name: c for c in CASES}
 cases = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# Optimizers whose state is one fused state over all leaves (muon8bit's partitions matrices and the rest, and
+# test_muon.py compares it with optax.contrib.muon).
+FUSED = [c for c in CASES if c.name != "muon8bit"]
+fused_cases = pytest.mark.parametrize("case", FUSED, ids=[c.name for c in FUSED])
 
 
 def params(dtype=jnp.float32, seed=0):
@@ -336,7 +345,7 @@ def moment_fields(state):
   return [getattr(state, f) for f in state._fields if f != "count"]
 
 
-@cases
+@fused_cases
 def test_tree_map_params(case):
   p = params()
   opt = default_opt(case.name)
@@ -408,6 +417,7 @@ CONVERGENCE = {
     "lars8bit": (dict(trust_coefficient=0.02), 0.3, 0.3),
     "ademamix8bit": (dict(b3=0.999, alpha=2.0), 0.1, 0.1),
 }
+assert set(CONVERGENCE) == {c.name for c in FUSED}
 
 
 def final_loss(tx, loss, x0, steps=STEPS):
@@ -438,7 +448,7 @@ def rosenbrock(x):
   return jnp.sum((1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2)
 
 
-@cases
+@fused_cases
 def test_converges_on_a_parabola(case):
   kwargs, lr, _ = CONVERGENCE[case.name]
   opt, ref = both(case, lr, kwargs)
@@ -450,7 +460,7 @@ def test_converges_on_a_parabola(case):
   assert loss <= 2 * ref_loss + 1e-5 * loss0, (loss, ref_loss)
 
 
-@cases
+@fused_cases
 def test_converges_on_rosenbrock(case):
   kwargs, _, lr = CONVERGENCE[case.name]
   opt, ref = both(case, lr, kwargs)
@@ -464,7 +474,7 @@ def test_converges_on_rosenbrock(case):
   assert loss <= 2 * ref_loss + 1e-2 * loss0, (loss, ref_loss)
 
 
-@cases
+@fused_cases
 def test_converges_on_batched_rosenbrock(case):
   kwargs, _, lr = CONVERGENCE[case.name]
   opt, ref = both(case, lr, kwargs)

@@ -1,7 +1,6 @@
 """The fused step kernels: native CPU against the pure-JAX reference."""
 
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,31 +12,30 @@ from hypothesis import strategies as st
 import optax8
 from optax8 import dispatch
 from optax8.kernels import jax_step, native
-from optax8.kernels.jax_step import STATE_KINDS, Algo, Hyper, hyper_vector
+from optax8.kernels import algorithms
+from optax8.kernels.algorithms import Hyper, hyper_vector
 from helpers import DTYPES, needs_native_cpu
 
-HEADER = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "optax8" / "step.h"
+GENERATED = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "optax8"
+ALGORITHMS = algorithms.table()
+ALGOS = {a.name: a for a in ALGORITHMS}
 
 HYPER = dict(scale=-1e-3, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8, eps_root=1e-12, weight_decay=1e-2,
              coupled_decay=1e-3, inv_bias1=10.0, inv_bias2=1000.0, inv_bias1_next=5.26, alpha=5.0, pre_scale=0.5)
 
 
-def _enum(name):
-  text = HEADER.read_text()
-  body = re.search(r"enum %s : \w+ \{(.*?)\};" % name, text, re.S).group(1)
-  return {m.group(1): int(m.group(2)) for m in re.finditer(r"\bk(\w+) = (\d+)", body)}
+def test_the_generated_native_dispatch_is_up_to_date(tmp_path):
+  """ffi/include/optax8/algorithms.h and algorithm_rules.inc are what the table of algorithms writes."""
+  for path in algorithms.write(tmp_path):
+    checked_in = GENERATED / path.name
+    assert checked_in.read_text() == path.read_text(), "run: python -m optax8.kernels.algorithms"
 
 
-def _camel(name):
-  return "".join(w.capitalize() for w in name.lower().split("_"))
-
-
-def test_header_and_python_agree_on_algos_and_hyper_slots():
-  algos = _enum("Algo")
-  assert algos == {_camel(a.name).replace("Ademamix", "Ademamix"): int(a) for a in Algo}
-  slots = _enum("Hyper")
-  assert slots.pop("NumHyper") == len(Hyper)
-  assert slots == {_camel(h.name): int(h) for h in Hyper}
+def test_every_algorithm_has_a_dense_id_and_a_rule_in_both_languages():
+  assert [a.id for a in ALGORITHMS] == list(range(len(ALGORITHMS)))
+  rules = (GENERATED / "algorithm_rules.inc").read_text()
+  for a in ALGORITHMS:
+    assert f"A == {a.cxx_name})" in rules and callable(a.direction)
 
 
 def _case(algo, shape, dtype, block_size, seed=0, nonfinite=True):
@@ -49,7 +47,7 @@ def _case(algo, shape, dtype, block_size, seed=0, nonfinite=True):
   g = jnp.asarray(g, dtype)
   p = jnp.asarray(rng.standard_normal(shape) * 0.1, dtype)
   states = []
-  for kind in STATE_KINDS[algo]:
+  for kind in algo.states:
     x = rng.standard_normal(shape) * 0.01
     q = optax8.quantize(jnp.asarray(x**2 if kind == "unsigned" else x, jnp.float32), block_size, kind)
     states.append((q.codes, q.absmax))
@@ -77,7 +75,7 @@ def assert_steps_agree(a, b):
 
 
 @needs_native_cpu
-@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape,block_size", [((64, 1000), 256), ((3, 5, 513), 64), ((7,), 2048), ((4, 4096), 2048)])
 def test_native_step_matches_jax(algo, dtype, shape, block_size):
@@ -89,7 +87,7 @@ def test_native_step_matches_jax(algo, dtype, shape, block_size):
 
 @needs_native_cpu
 @settings(max_examples=25)
-@given(algo=st.sampled_from(list(Algo)), rows=st.integers(1, 4), cols=st.integers(1, 700),
+@given(algo=st.sampled_from(ALGORITHMS), rows=st.integers(1, 4), cols=st.integers(1, 700),
        log_block=st.integers(0, 11), seed=st.integers(0, 2**16), with_params=st.booleans())
 def test_native_step_matches_jax_on_any_layout(algo, rows, cols, log_block, seed, with_params):
   g, p, states = _case(algo, (rows, cols), jnp.float32, 2**log_block, seed)
@@ -103,7 +101,7 @@ CPU_ISAS = ("scalar", "avx2", "avx512")
 
 
 @needs_native_cpu
-@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_every_cpu_isa_gives_the_same_bits(algo, dtype, monkeypatch):
   """OPTAX8_CPU_ISA caps the CPU loops (scalar, AVX2, AVX-512, where the CPU has them): the same bits on each."""
@@ -123,7 +121,7 @@ def test_every_cpu_isa_gives_the_same_bits(algo, dtype, monkeypatch):
 
 @needs_native_cpu
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("algo", [Algo.ADAM, Algo.MOMENTUM], ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("algo", [ALGOS["adam"], ALGOS["momentum"]], ids=lambda a: a.name)
 def test_nan_states_are_quantized_as_zero(algo, isa, monkeypatch):
   """A NaN hyperparameter makes NaN states: they get the code of 0, as in the pure-JAX path."""
   monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
@@ -136,7 +134,7 @@ def test_nan_states_are_quantized_as_zero(algo, isa, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["jax", pytest.param("native", marks=needs_native_cpu)])
-@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
 def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):
   shape = (2, 512)
   g, p, states = _case(algo, shape, jnp.float32, 256, nonfinite=False)
@@ -146,7 +144,7 @@ def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):
   u, s = _run(backend, algo, hyper, bad, p, states, 256)
   u = np.asarray(u)
   assert u[0, 5] == 0 and u[1, 7] == 0 and np.isfinite(u).all()
-  for (codes, absmax), (codes_ok, absmax_ok), kind in zip(s, s_ok, STATE_KINDS[algo]):
+  for (codes, absmax), (codes_ok, absmax_ok), kind in zip(s, s_ok, algo.states):
     assert np.isfinite(np.asarray(absmax)).all() and (np.asarray(absmax) > 0).all()
     values = np.asarray(optax8.dequantize(optax8.QuantizedArray(codes, absmax, 256, kind)))
     assert values[0, 5] == 0 and values[1, 7] == 0
@@ -161,7 +159,7 @@ def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):
 
 @needs_native_cpu
 def test_vmapped_native_step_uses_each_members_hyperparameters():
-  algo = Algo.ADAM
+  algo = ALGOS["adam"]
   g, p, states = _case(algo, (3, 4, 256), jnp.float32, 64, nonfinite=False)
   hypers = jnp.stack([hyper_vector(**{**HYPER, "scale": s}) for s in (-1e-3, -2e-3, -3e-3)])
   u, _ = jax.jit(jax.vmap(lambda h, g, p, s: native.step(int(algo), h, g, p, s, 64)))(hypers, g, p, states)
@@ -172,7 +170,7 @@ def test_vmapped_native_step_uses_each_members_hyperparameters():
 
 @needs_native_cpu
 def test_step_aliases_state_and_gradient_buffers():
-  g, p, states = _case(Algo.ADAM, (8, 256), jnp.float32, 64, nonfinite=False)
+  g, p, states = _case(ALGOS["adam"], (8, 256), jnp.float32, 64, nonfinite=False)
   hyper = hyper_vector(**HYPER)
   fn = jax.jit(lambda h, g, p, s: native.step(0, h, g, p, s, 64), donate_argnums=(1, 3))
   text = fn.lower(hyper, g, p, states).as_text()
@@ -182,7 +180,7 @@ def test_step_aliases_state_and_gradient_buffers():
 @needs_native_cpu
 @pytest.mark.parametrize("bad", ["algo", "states", "absmax_shape", "params_shape"])
 def test_ffi_step_rejects_bad_buffers_with_an_error(bad):
-  g, p, states = _case(Algo.ADAM, (4, 256), jnp.float32, 64, nonfinite=False)
+  g, p, states = _case(ALGOS["adam"], (4, 256), jnp.float32, 64, nonfinite=False)
   hyper = hyper_vector(**HYPER)
   algo, block = 0, 64
   if bad == "algo":
@@ -198,19 +196,19 @@ def test_ffi_step_rejects_bad_buffers_with_an_error(bad):
 
 
 def test_dispatch_step_lowers_for_cpu_and_cuda():
-  g, p, states = _case(Algo.LION, (4, 256), jnp.float32, 64, nonfinite=False)
+  g, p, states = _case(ALGOS["lion"], (4, 256), jnp.float32, 64, nonfinite=False)
   hyper = hyper_vector(**HYPER)
   checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
   exported = jax.export.export(jax.jit(lambda h, g, p, s: dispatch.step(1, h, g, p, s, 64)),
                                platforms=("cpu", "cuda"), disabled_checks=checks)(hyper, g, p, states)
   assert exported.platforms == ("cpu", "cuda")
   u, _ = exported.call(hyper, g, p, states)
-  ref, _ = _run("jax", Algo.LION, hyper, g, p, states, 64)
+  ref, _ = _run("jax", ALGOS["lion"], hyper, g, p, states, 64)
   np.testing.assert_allclose(np.asarray(u), np.asarray(ref), rtol=1e-6, atol=1e-9)
 
 
 @needs_native_cpu
-@pytest.mark.parametrize("algo", list(Algo), ids=lambda a: a.name.lower())
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
 def test_native_step_matches_jax_on_extreme_values(algo):
   """Tiny blocks (subnormal products), overflowing states (g**2 = inf), huge and tiny gradients."""
   rng = np.random.default_rng(5)
@@ -219,7 +217,7 @@ def test_native_step_matches_jax_on_extreme_values(algo):
   g = jnp.asarray(rng.standard_normal(shape) * scales, jnp.float32)
   p = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   states = []
-  for kind in STATE_KINDS[algo]:
+  for kind in algo.states:
     x = rng.standard_normal(shape) * np.array([1e-36, 1e-33, 1e-2, 1e10, 1e30, 1e37])[:, None]
     q = optax8.quantize(jnp.asarray(np.abs(x) if kind == "unsigned" else x, jnp.float32), 128, kind)
     states.append((q.codes, q.absmax))

@@ -314,14 +314,11 @@ BlockFn pick_variant(Isa cap) {
 
 template <typename G>
 BlockFn pick(int64_t algo, Isa cap) {
-  switch (algo) {
-    case kAdam: return pick_variant<G, kAdam>(cap);
-    case kLion: return pick_variant<G, kLion>(cap);
-    case kMomentum: return pick_variant<G, kMomentum>(cap);
-    case kRms: return pick_variant<G, kRms>(cap);
-    case kRss: return pick_variant<G, kRss>(cap);
-    default: return pick_variant<G, kAdemamix>(cap);
-  }
+#define OPTAX8_CASE(A) \
+  case A: return pick_variant<G, A>(cap);
+  switch (Algo(algo)) { OPTAX8_FOR_EACH_ALGO(OPTAX8_CASE) }
+#undef OPTAX8_CASE
+  return nullptr;  // not an algorithm: check_step_call refused it
 }
 
 constexpr int64_t kGrainElements = 1 << 14;
@@ -362,5 +359,10 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remainin
 
 }  // namespace
 }  // namespace optax8
+
+// The fingerprint of the rule of algorithm `algo` compiled here (0: none).
+extern "C" uint32_t optax8_cpu_rule_fingerprint(int64_t algo) {
+  return algo >= 0 && algo < optax8::kNumAlgos ? optax8::kRuleFingerprints[algo] : 0u;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cpu, optax8::Step, optax8::step_binding<ffi::ThreadPool>());

@@ -64,7 +64,7 @@ __device__ __forceinline__ void group_max(float (&v)[N], int group, float (*scra
 template <int A, typename G, int E>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   using T = typename G::T;
-  constexpr int n = num_states(A);
+  constexpr int n = algo_states(A);
   __shared__ float values[2][256];
   __shared__ float mids[2][256];
   __shared__ float scratch[kMaxStates][kThreads / 32];
@@ -169,14 +169,11 @@ ffi::Error launch_rule(cudaStream_t stream, const StepArgs& a, unsigned grid, in
 template <typename G>
 ffi::Error launch_algo(cudaStream_t stream, const StepArgs& a, unsigned grid, int64_t per_thread, bool whole,
                        int64_t algo) {
-  switch (algo) {
-    case kAdam: return launch_rule<kAdam, G>(stream, a, grid, per_thread, whole);
-    case kLion: return launch_rule<kLion, G>(stream, a, grid, per_thread, whole);
-    case kMomentum: return launch_rule<kMomentum, G>(stream, a, grid, per_thread, whole);
-    case kRms: return launch_rule<kRms, G>(stream, a, grid, per_thread, whole);
-    case kRss: return launch_rule<kRss, G>(stream, a, grid, per_thread, whole);
-    default: return launch_rule<kAdemamix, G>(stream, a, grid, per_thread, whole);
-  }
+#define OPTAX8_CASE(A) \
+  case A: return launch_rule<A, G>(stream, a, grid, per_thread, whole);
+  switch (Algo(algo)) { OPTAX8_FOR_EACH_ALGO(OPTAX8_CASE) }
+#undef OPTAX8_CASE
+  return ffi::Error::InvalidArgument("optax8 CUDA step: unknown algo " + std::to_string(algo));
 }
 
 // Launches the step of one leaf (checked by Step).
@@ -235,5 +232,10 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::Remaining
 }  // namespace
 }  // namespace cuda_step
 }  // namespace optax8
+
+// The fingerprint of the rule of algorithm `algo` compiled here (0: none).
+extern "C" uint32_t optax8_cuda_rule_fingerprint(int64_t algo) {
+  return algo >= 0 && algo < optax8::kNumAlgos ? optax8::kRuleFingerprints[algo] : 0u;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_step_cuda, optax8::cuda_step::Step, optax8::step_binding<optax8::CudaContext>());

@@ -84,7 +84,7 @@ struct Chunk4<F32> {  // one 16-byte access
 template <int A, typename G, int C, int W>
 __global__ void __launch_bounds__(kThreads, 2)
     step_whole_blocks(const StepArgs a, int64_t nblocks, int64_t blocks_per_hyper) {
-  constexpr int n = num_states(A);
+  constexpr int n = algo_states(A);
   constexpr int kBlock = 128 * C * W, kPerCta = kWarps / W;
   __shared__ Tables t;
   __shared__ float scratch[kMaxStates][kWarps];
@@ -231,12 +231,7 @@ ffi::Error launch_whole_blocks(cudaStream_t stream, const StepArgs& a) {
   template ffi::Error launch_whole_blocks<A, F32>(cudaStream_t, const StepArgs&);         \
   template ffi::Error launch_whole_blocks<A, BF16>(cudaStream_t, const StepArgs&);        \
   template ffi::Error launch_whole_blocks<A, F16>(cudaStream_t, const StepArgs&);
-OPTAX8_WHOLE_BLOCKS(kAdam)
-OPTAX8_WHOLE_BLOCKS(kLion)
-OPTAX8_WHOLE_BLOCKS(kMomentum)
-OPTAX8_WHOLE_BLOCKS(kRms)
-OPTAX8_WHOLE_BLOCKS(kRss)
-OPTAX8_WHOLE_BLOCKS(kAdemamix)
+OPTAX8_FOR_EACH_ALGO(OPTAX8_WHOLE_BLOCKS)
 #undef OPTAX8_WHOLE_BLOCKS
 
 }  // namespace cuda_step

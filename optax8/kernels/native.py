@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optax8.kernels import algorithms
+
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
 TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
@@ -42,6 +44,7 @@ class Library:
   reason: str = ""
   path: str | None = None
   ffi_api: tuple[int, int] | None = None
+  rules: dict[int, int] = dataclasses.field(default_factory=dict)   # algorithm id -> compiled fingerprint
 
 
 def build_info() -> dict | None:
@@ -135,16 +138,43 @@ def _load(platform: str) -> Library:
           reason += (f" (this library has the CUDA {info['cuda'].get('compiler_version') or ''} runtime: update the "
                      "NVIDIA driver, or reinstall optax8 with the nvcc of a CUDA toolkit the driver supports)")
         return Library(platform, False, f"built, but its kernels cannot run here: {reason}", str(path), built)
+    fingerprint_fn = getattr(handle, f"optax8{suffix}_rule_fingerprint")
+    fingerprint_fn.restype, fingerprint_fn.argtypes = ctypes.c_uint32, [ctypes.c_int64]
+    rules = {a.id: int(fingerprint_fn(a.id)) for a in algorithms.table()}
     for target in TARGETS:
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target + suffix)),
                                   platform=xla_platform)
   except (OSError, AttributeError, ValueError, RuntimeError) as e:
     return Library(platform, False, f"failed to load: {e}", str(path), built)
-  return Library(platform, True, "", str(path), built)
+  return Library(platform, True, "", str(path), built, rules)
 
 
 def available(platform: str) -> bool:
   return library(platform).available
+
+
+_stale_warned: set = set()
+
+
+def has_rule(platform: str, algo) -> bool:
+  """Whether ``platform``'s library was built with the current rule of ``algo`` (its row's fingerprint).
+
+  A row added or changed after the build runs on the pure-JAX backend
+  (with one warning) until the library is rebuilt.
+  """
+  lib = library(platform)
+  algorithm = algorithms.get(algo)
+  if not lib.available:
+    return False
+  if lib.rules.get(algorithm.id) == algorithm.fingerprint:
+    return True
+  if (platform, algorithm.id) not in _stale_warned:
+    _stale_warned.add((platform, algorithm.id))
+    warnings.warn(f"optax8: the native {platform} library was built without the current rule of algorithm "
+                  f"{algorithm.name!r} ({'changed' if algorithm.id in lib.rules and lib.rules[algorithm.id] else 'new'}"
+                  " since the build); it runs on the pure-JAX backend until optax8 is rebuilt "
+                  "(pip install -e .)", RuntimeWarning, stacklevel=4)
+  return False
 
 
 def _ensure_registered():
@@ -247,7 +277,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
-  results = _varying(call(*operands, algo=np.int64(algo), block_size=np.int64(block_size),
+  results = _varying(call(*operands, algo=np.int64(int(algo)), block_size=np.int64(block_size),
                           leaves=np.int64(len(leaves)), params_mode=np.int64(mode)), operands)
   per_leaf, k = [], 0
   for (_, _, states), dtype in zip(leaves, out_dtypes):

@@ -40,6 +40,7 @@ __constant__ float kStepMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNE
 constexpr int kThreads = 256;
 constexpr int kMaxPerThread = 16;  // elements of a block per thread: block <= 16 * 256
 constexpr int64_t kMaxBlock = int64_t{kMaxPerThread} * kThreads;
+static_assert(kMaxBlock == kCudaMaxStepBlock, "CUDA_MAX_STEP_BLOCK (optax8/kernels/algorithms.py) is the CUDA step's largest block");
 
 // What the kernel reads of StepBuffers (a plain struct, passed by value).
 struct StepArgs {
@@ -58,8 +59,6 @@ struct StepArgs {
   bool with_params;
   bool apply;
 };
-
-constexpr int num_states(int algo) { return algo == kAdam ? 2 : algo == kAdemamix ? 3 : 1; }
 
 // The whole-blocks kernel (cuda_step_whole.cu): whether a leaf can take it,
 // and its launch for algorithm A and dtype G.
