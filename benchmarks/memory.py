@@ -29,6 +29,7 @@ PAIRS = {
     "lamb": (optax.lamb(1e-3), optax8.lamb8bit(1e-3)),
     "lars": (optax.lars(1e-2), optax8.lars8bit(1e-2)),
     "ademamix": (contrib.ademamix(1e-3), optax8.ademamix8bit(1e-3)),
+    "muon": (contrib.muon(2e-2), optax8.muon8bit(2e-2)),
 }
 
 

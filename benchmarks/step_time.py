@@ -43,6 +43,7 @@ PAIRS = {
     "lamb": (lambda: optax.lamb(1e-3), lambda: optax8.lamb8bit(1e-3)),
     "lars": (lambda: optax.lars(1e-2), lambda: optax8.lars8bit(1e-2)),
     "ademamix": (lambda: contrib.ademamix(1e-3), lambda: optax8.ademamix8bit(1e-3)),
+    "muon": (lambda: contrib.muon(2e-2), lambda: optax8.muon8bit(2e-2)),
 }
 
 

@@ -10,11 +10,10 @@ The Flax layers live in the submodules `optax8.linen` and
 
 import importlib
 
-from optax8.apply import apply_gradients
+from optax8.apply import FusedGradientTransformation, apply_gradients, chain, fused_apply
 from optax8.checkpoint import check_state
 from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
-from optax8.fused import FusedGradientTransformation
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
 from optax8.offload import offload
@@ -32,6 +31,7 @@ __all__ = [
     "FusedGradientTransformation",
     "PercentileClippingState",
     "apply_gradients",
+    "chain",
     "check_state",
     "offload",
     "percentile_clipping",
@@ -44,6 +44,7 @@ __all__ = [
     "backends",
     "dequantize",
     "dynamic_map",
+    "fused_apply",
     "quantize",
 ] + optimizers.__all__
 

@@ -2,16 +2,22 @@
 
 ``optax.apply_updates(params, tx.update(grads, state, params)[0])`` reads
 and writes every parameter twice (once for the update, once to add it).
-For optax8's fused optimizers, [`apply_gradients`][optax8.apply.apply_gradients] has each 8-bit
-leaf's kernel write ``p + update`` over the parameter instead (aliased, so a
-donated jitted step updates params, state and nothing else in place)::
+optax8's optimizers are `FusedGradientTransformation`s: their ``update``
+also carries a fused apply, in which each 8-bit leaf's kernel writes ``p +
+update`` over the parameter instead (aliased, so a donated jitted step
+updates params, state and nothing else in place)::
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def apply_step(params, state, grads):
       return optax8.apply_gradients(tx, grads, state, params)
 
-Any other transformation (an ``optax.chain``, optax's own optimizers) falls
-back to ``update`` plus ``optax.apply_updates``, with the same results.
+[`apply_gradients`][optax8.apply.apply_gradients] falls back to ``update``
+plus ``optax.apply_updates`` for any other transformation, with the same
+results. The fused apply lives on ``tx.update``, so it survives anything
+that rebuilds a transformation from its ``init`` and ``update``;
+[`fused_apply`][optax8.apply.fused_apply] asks for it, and
+[`chain`][optax8.apply.chain] is ``optax.chain`` keeping the last
+transformation's (``optax.chain`` itself hides its parts).
 
 It pays most in a step that receives the gradients (``(params, state,
 grads)``, for example after gradient accumulation): one read of the
@@ -24,19 +30,90 @@ copy there (its update is aliased to the gradient instead).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import optax
+
+
+class FusedUpdate:
+  """The ``update`` of a fused transformation, carrying its fused apply.
+
+  Calling it is calling ``update``. ``apply_gradients(grads, state, params,
+  **extra_args) -> (new_params, new_state)`` equals ``update`` followed by
+  ``optax.apply_updates``, with the kernels writing the new parameters.
+  """
+
+  __slots__ = ("_update", "apply_gradients", "__wrapped__", "__weakref__")
+
+  def __init__(self, update: Callable, apply_gradients: Callable):
+    self._update = update
+    self.apply_gradients = apply_gradients
+    self.__wrapped__ = update   # inspect.signature (and jax.jit) see the update function
+
+  def __call__(self, updates, state, params=None, **extra_args):
+    return self._update(updates, state, params, **extra_args)
+
+
+class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation whose kernels can also write the new parameters.
+
+  ``init`` and ``update`` are optax's; ``apply_gradients(grads, state,
+  params)`` returns ``(new_params, new_state)``, equal to ``update``
+  followed by ``optax.apply_updates``. Make one with `fused_transformation`.
+  """
+
+  __slots__ = ()
+
+  def apply_gradients(self, grads, state, params, **extra_args):
+    return self.update.apply_gradients(grads, state, params, **extra_args)
+
+
+def fused_transformation(init: Callable, update: Callable, apply_gradients: Callable) -> FusedGradientTransformation:
+  """A `FusedGradientTransformation` from its three functions."""
+  return FusedGradientTransformation(init, FusedUpdate(update, apply_gradients))
+
+
+def fused_apply(tx) -> Callable | None:
+  """``tx``'s fused apply, ``(grads, state, params, **extra_args) -> (new_params, new_state)``, or None."""
+  update = getattr(tx, "update", None)
+  return update.apply_gradients if isinstance(update, FusedUpdate) else None
+
+
+def chain(*transforms) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(*transforms)``, keeping the last transformation's fused apply.
+
+  Its ``apply_gradients`` runs the other transformations' ``update`` on the
+  gradients, then the last one's fused apply; without a fused last
+  transformation this is ``optax.chain``. The state is ``optax.chain``'s.
+  """
+  chained = optax.chain(*transforms)
+  last = fused_apply(transforms[-1]) if transforms else None
+  if last is None:
+    return chained
+  first = [optax.with_extra_args_support(tx) for tx in transforms[:-1]]
+
+  def apply_gradients(grads, state, params, **extra_args):
+    new_states = []
+    for tx, s in zip(first, state[:-1]):
+      grads, s = tx.update(grads, s, params, **extra_args)
+      new_states.append(s)
+    params, last_state = last(grads, state[-1], params, **extra_args)
+    return params, (*new_states, last_state)
+
+  return fused_transformation(chained.init, chained.update, apply_gradients)
 
 
 def apply_gradients(tx, grads, state, params, **extra_args):
   """Returns ``(new_params, new_state)`` for one optimizer step.
 
   Equals ``updates, state = tx.update(grads, state, params, **extra_args)``
-  then ``optax.apply_updates(params, updates)``; for optax8's optimizers
-  the sum ``p + update`` is formed in float32 inside the kernel and rounded
+  then ``optax.apply_updates(params, updates)``; where ``tx`` has a fused
+  apply (optax8's optimizers, and `chain` or `optax8.offload` of them) the
+  sum ``p + update`` is formed in float32 inside the kernel and rounded
   once to the parameter's dtype.
   """
-  fn = getattr(tx, "apply_gradients_fn", None)
+  fn = fused_apply(tx)
   if fn is None:
     updates, state = tx.update(grads, state, params, **extra_args)
     return optax.apply_updates(params, updates), state
-  return fn(grads, state, params)
+  return fn(grads, state, params, **extra_args)

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from optax8 import clipping, dispatch, maps
+from optax8.apply import FusedGradientTransformation, chain, fused_transformation
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape
@@ -190,16 +191,6 @@ def _leaf_flags(mask, tree, treedef, name: str, what: str) -> list[bool]:
   return [bool(f) for f in _flatten_like(treedef, full, what, name)]
 
 
-class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
-  """An optax transformation whose kernels can also write the new parameters.
-
-  ``init`` and ``update`` are optax's; ``apply_gradients_fn(grads, state,
-  params) -> (new_params, new_state)`` equals ``update`` followed by
-  ``optax.apply_updates``, but each 8-bit leaf's kernel writes ``p +
-  update`` over the parameter (see [`optax8.apply_gradients`][optax8.apply.apply_gradients]).
-  """
-
-
 def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
   """Builds the GradientTransformation of one fused optimizer.
 
@@ -318,36 +309,23 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     del extra_args
     return run(updates, state, params, apply=False)
 
-  def apply_gradients_fn(grads, state, params):
+  def apply_gradients_fn(grads, state, params, **extra_args):
+    del extra_args
     return run(grads, state, params, apply=True)
 
-  tx = FusedGradientTransformation(init_fn, update_fn)
-  tx.apply_gradients_fn = apply_gradients_fn
+  tx = fused_transformation(init_fn, update_fn, apply_gradients_fn)
   return with_percentile_clipping(name, options.percentile_clipping, tx)
 
 
 def with_percentile_clipping(name: str, percentile, tx):
-  """``optax.chain(percentile_clipping(percentile), tx)``, or ``tx`` where clipping is off.
+  """``chain(percentile_clipping(percentile), tx)``, or ``tx`` where clipping is off.
 
-  A fused ``tx`` stays fused: ``apply_gradients_fn`` clips, then lets the
-  kernels write the new parameters.
+  A fused ``tx`` stays fused (`optax8.apply.chain`): its fused apply clips,
+  then lets the kernels write the new parameters.
   """
   if not Options(percentile_clipping=percentile).check(name).clipping_active():
     return tx
-  clip = clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping")
-  chained = optax.chain(clip, tx)
-  if not isinstance(tx, FusedGradientTransformation):
-    return chained
-
-  def apply_gradients_fn(grads, state, params):
-    clip_state, inner = state
-    grads, clip_state = clip.update(grads, clip_state, params)
-    new_params, inner = tx.apply_gradients_fn(grads, inner, params)
-    return new_params, (clip_state, inner)
-
-  out = FusedGradientTransformation(chained.init, chained.update)
-  out.apply_gradients_fn = apply_gradients_fn
-  return out
+  return chain(clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping"), tx)
 
 
 class LeafCall(NamedTuple):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from optax8.fused import FusedGradientTransformation
+from optax8.apply import fused_apply, fused_transformation
 
 HOST_MEMORY_KIND = "pinned_host"
 _SPACES = {HOST_MEMORY_KIND: jax.memory.Space.Host}
@@ -84,7 +84,7 @@ def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIN
     A transformation with ``tx``'s state and results: ``init`` returns the
     state in ``memory_kind``; ``update`` moves it to the device, runs
     ``tx.update`` and returns the new state in ``memory_kind``. If ``tx``
-    is one of optax8's fused optimizers, so is the result
+    has a fused apply (`optax8.fused_apply`), so has the result
     ([`optax8.apply_gradients`][optax8.apply.apply_gradients] keeps writing the parameters in the
     kernel).
   """
@@ -98,14 +98,12 @@ def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIN
     updates, state = inner.update(updates, to_device(state), params, **extra_args)
     return updates, to_host(state, memory_kind)
 
-  apply = getattr(tx, "apply_gradients_fn", None)
+  apply = fused_apply(tx)
   if apply is None:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
-  def apply_gradients_fn(grads, state, params):
-    params, state = apply(grads, to_device(state), params)
+  def apply_gradients_fn(grads, state, params, **extra_args):
+    params, state = apply(grads, to_device(state), params, **extra_args)
     return params, to_host(state, memory_kind)
 
-  out = FusedGradientTransformation(init_fn, update_fn)
-  out.apply_gradients_fn = apply_gradients_fn
-  return out
+  return fused_transformation(init_fn, update_fn, apply_gradients_fn)

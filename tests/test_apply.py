@@ -1,5 +1,7 @@
 """apply_gradients: the kernel writes the new parameters; temporaries of a train step."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 import optax8
+from optax8 import dispatch
 from test_alias import NAMES, OPTIMIZERS
 
 
@@ -46,6 +49,52 @@ def test_apply_gradients_falls_back_for_other_transformations():
   u, _ = tx.update(grads, state, params)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(optax.apply_updates(params, u))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _fused_steps(tx, steps=3):
+  """(params, state) after ``steps`` of tx.update + apply_updates and of optax8.apply_gradients, jitted."""
+  params = _params()
+  out = []
+  for apply in (False, True):
+    p, s = params, tx.init(params)
+    for t in range(steps):
+      grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape) * 0.01, params)
+      if apply:
+        p, s = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, s, p)
+      else:
+        u, s = jax.jit(tx.update)(grads, s, p)
+        p = optax.apply_updates(p, u)
+    out.append((p, s))
+  return out
+
+
+def test_the_fused_apply_survives_rebuilding_the_transformation():
+  tx = optax8.adamw8bit(1e-3, min_8bit_size=1024)
+  assert isinstance(tx, optax8.FusedGradientTransformation) and optax8.fused_apply(tx) is not None
+  for rebuilt in (optax.GradientTransformationExtraArgs(tx.init, tx.update), tx._replace(init=tx.init),
+                  optax.with_extra_args_support(tx)):
+    assert optax8.fused_apply(rebuilt) is optax8.fused_apply(tx)
+  assert optax8.fused_apply(optax.adamw(1e-3)) is None
+  assert list(inspect.signature(tx.update).parameters)[:3] == ["updates", "state", "params"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax8.chain(optax.clip_by_global_norm(1e-3), optax8.adamw8bit(1e-3, min_8bit_size=1024)),
+    lambda: optax8.offload(optax8.chain(optax.scale(0.5), optax8.lion8bit(1e-3, min_8bit_size=1024))),
+    lambda: optax8.rmsprop8bit(1e-3, momentum=0.9, min_8bit_size=1024),
+], ids=["chain", "offload-chain", "rmsprop-momentum"])
+def test_chains_keep_the_fused_apply_with_the_same_results(make, monkeypatch):
+  tx = make()
+  assert optax8.fused_apply(tx) is not None
+  calls = []
+  real_step_group = dispatch.step_group
+  monkeypatch.setattr(dispatch, "step_group", lambda *a, **k: calls.append(a[4]) or real_step_group(*a, **k))
+  (p1, s1), (p2, s2) = _fused_steps(tx)
+  assert True in calls   # the kernels wrote the parameters
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(optax8.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params())) == \
+      jax.tree.structure(optax.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params()))
 
 
 def _mlp(params, x):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.apply import chain
 from optax8.fused import Options, Rule, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -82,8 +83,8 @@ def rmsprop8bit(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sq
               learning_rate=learning_rate, weight_decay=weight_decay, coupled=True)
   if momentum is None:
     return fused("rmsprop8bit", rule, opts)
-  tx = optax.chain(fused("rmsprop8bit", rule, dataclasses.replace(opts, percentile_clipping=None)),
-                   trace8bit(momentum, nesterov, bits=bits, block_size=block_size, min_8bit_size=min_8bit_size))
+  tx = chain(fused("rmsprop8bit", rule, dataclasses.replace(opts, percentile_clipping=None)),
+             trace8bit(momentum, nesterov, bits=bits, block_size=block_size, min_8bit_size=min_8bit_size))
   return with_percentile_clipping("rmsprop8bit", percentile_clipping, tx)   # in front of the whole chain
 
 
