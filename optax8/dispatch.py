@@ -9,6 +9,7 @@ device mesh each op runs on each device's shards (`optax8.sharding`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -62,6 +63,67 @@ def _dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
                                            dtype=dtype))),)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepGroup:
+  """One fused step call over a group of leaves: the contract from the engine to every backend.
+
+  Static and hashable: the engine builds it once per group and step, and it
+  goes unchanged through the shard-local wrapper (`optax8.sharding`) to the
+  backend that runs (native CPU or CUDA, or pure JAX). Its operands are
+  ``hypers`` (``(leaves, NUM_HYPER)`` float32) and, per leaf, ``g``, ``p``
+  (where ``with_params``) and ``(codes, absmax)`` per state; its results,
+  per leaf, the update (or with ``apply`` the new parameter ``p + update``)
+  and ``(codes, absmax)`` per state.
+  """
+
+  algo: int
+  block_size: int
+  apply: bool
+  with_params: bool
+  leaves: int   # how many
+  states: int   # states per leaf
+
+  @classmethod
+  def of(cls, algo, block_size: int, apply: bool, leaves) -> StepGroup:
+    """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none)."""
+    with_params = leaves[0][1] is not None
+    if any((p is not None) != with_params for _, p, _ in leaves):
+      raise ValueError("step_group: give p for every leaf or for none")
+    return cls(int(algo), int(block_size), bool(apply), with_params, len(leaves), len(leaves[0][2]))
+
+  def flatten(self, hypers, leaves) -> list:
+    return [hypers] + [x for g, p, states in leaves
+                       for x in (g, *((p,) if self.with_params else ()), *(a for pair in states for a in pair))]
+
+  def unflatten(self, flat):
+    """``(hypers, [(g, p, states)])`` from flat operands."""
+    it = iter(flat[1:])
+    leaves = []
+    for _ in range(self.leaves):
+      g = next(it)
+      p = next(it) if self.with_params else None
+      leaves.append((g, p, tuple((next(it), next(it)) for _ in range(self.states))))
+    return flat[0], leaves
+
+  @staticmethod
+  def flatten_results(per_leaf) -> list:
+    return [x for out, states in per_leaf for x in (out, *(a for pair in states for a in pair))]
+
+  def unflatten_results(self, flat) -> list:
+    """``[(output, ((codes, absmax), ...))]`` per leaf from flat results."""
+    it = iter(flat)
+    return [(next(it), tuple((next(it), next(it)) for _ in range(self.states))) for _ in range(self.leaves)]
+
+  def roles(self):
+    """The shard-local roles of the operands and results (`optax8.sharding.make_op`)."""
+    per_leaf = 2 if self.with_params else 1
+    operands, results = [(REPLICATED, 2)], []
+    for i in range(self.leaves):
+      operands += [(ELEMENTS, i)] * per_leaf + [(ELEMENTS, i), (ABSMAX, i)] * self.states
+      results += [(ELEMENTS, i)] + [(ELEMENTS, i), (ABSMAX, i)] * self.states
+    return operands, results
+
+
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
   """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
@@ -71,47 +133,30 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
   ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
   ``apply``. Natively the whole group is one kernel call.
   """
-  structure = tuple((p is not None, len(states)) for _, p, states in leaves)
-  flat, operands, results = [hypers], [(REPLICATED, 2)], []
-  for i, (g, p, states) in enumerate(leaves):
-    flat += [g] + ([p] if p is not None else []) + [x for pair in states for x in pair]
-    operands += [(ELEMENTS, i)] * (2 if p is not None else 1) + [(ELEMENTS, i), (ABSMAX, i)] * len(states)
-    results += [(ELEMENTS, i)] + [(ELEMENTS, i), (ABSMAX, i)] * len(states)
-  op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, algo=algo,
-                        block_size=block_size, apply=apply, structure=structure)
-  out = iter(sharding.shard_local(op, *flat))
-  return [(next(out), tuple((next(out), next(out)) for _ in range(n))) for _, n in structure]
+  group = StepGroup.of(algo, block_size, apply, leaves)
+  operands, results = group.roles()
+  op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
+                        group=group)
+  return group.unflatten_results(sharding.shard_local(op, *group.flatten(hypers, leaves)))
 
 
-def _step_group(*flat, algo: int, block_size: int, apply: bool, structure):
-  """`step_group` on flat operands ``hypers, (g, [p], codes, absmax, ...) per leaf``; flat results."""
-
-  def unflatten(args):
-    it = iter(args[1:])
-    out = []
-    for has_p, n in structure:
-      g = next(it)
-      p = next(it) if has_p else None
-      values = [next(it) for _ in range(2 * n)]
-      out.append((g, p, tuple(zip(values[::2], values[1::2]))))
-    return args[0], out
+def _step_group(*flat, group: StepGroup, block_size: int):
+  """`step_group` on flat operands; flat results."""
+  del block_size   # the group's, given to the sharding rule
 
   def native_fn(*args):
-    hypers, group = unflatten(args)
-    return _flat(native.step_group(algo, hypers, group, block_size, apply))
+    hypers, leaves = group.unflatten(args)
+    return group.flatten_results(native.step_group(group.algo, hypers, leaves, group.block_size, group.apply))
 
   def jax_fn(*args):
-    hypers, group = unflatten(args)
-    return _flat([jax_step.step(algo, hypers[i], g, p, s, block_size, apply) for i, (g, p, s) in enumerate(group)])
+    hypers, leaves = group.unflatten(args)
+    return group.flatten_results([jax_step.step(group.algo, hypers[i], g, p, s, group.block_size, group.apply)
+                                  for i, (g, p, s) in enumerate(leaves)])
 
-  branches = {p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, algo)}
-  if block_size > CUDA_MAX_STEP_BLOCK:
+  branches = {p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)}
+  if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)
-
-
-def _flat(per_leaf):
-  return [x for out, states in per_leaf for x in (out, *(a for pair in states for a in pair))]
 
 
 def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False):

@@ -191,6 +191,85 @@ def _leaf_flags(mask, tree, treedef, name: str, what: str) -> list[bool]:
   return [bool(f) for f in _flatten_like(treedef, full, what, name)]
 
 
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """How one leaf is stepped: decided from its path, shape and options and the `Rule`, before any value.
+
+  Attributes:
+    path: the leaf's key path, for errors.
+    bits, block_size: its state's width and block size (None where the
+      options are traced under inject_hyperparams: the state says).
+    decay: the weight-decay mask selects it.
+    pre: the ``pre`` hook applies to it (its mask).
+    max_unorm: None (off) or the bound.
+    post: its direction goes through `_post` (a ``post`` hook or max_unorm).
+    post_arg: its argument of the ``post`` hook.
+    coupled: the weight decay is added to the gradient (by the kernel).
+    has_pre_hook: the `Rule` has a ``pre`` hook (the learning rate then
+      scales the gradient, before the rule).
+  """
+
+  path: str
+  bits: int | None
+  block_size: int | None
+  decay: bool
+  pre: bool
+  max_unorm: Any
+  post: bool
+  post_arg: Any
+  coupled: bool
+  has_pre_hook: bool
+
+  @property
+  def needs_params(self) -> bool:
+    return self.has_pre_hook or self.post
+
+  @property
+  def kernel_params(self) -> bool:
+    """The kernel reads p for weight decay: coupled decay, or decoupled decay applied by the kernel."""
+    return self.decay and (self.coupled or not self.post)
+
+  @property
+  def hyper_key(self):
+    """Leaves with equal keys share a hyperparameter vector (None: the leaf's own, from its pre-scale)."""
+    return None if self.has_pre_hook else (self.decay, self.post)
+
+
+def plan_leaves(name: str, r: Rule, options: Options, treedef, updates, params) -> list[LeafPlan]:
+  """Each leaf's `LeafPlan`; per-leaf options are resolved on ``params`` (or ``updates`` without them)."""
+  configured = params if params is not None else updates
+  n = treedef.num_leaves
+  unorms = options.leaf_max_unorms(name, configured)
+  block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True)
+  traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((options.bits, options.min_8bit_size)))
+  bits = [None] * n if traced else options.leaf_bits(name, configured)
+  decay = _leaf_flags(r.decay_mask, configured, treedef, name, "the weight-decay mask")
+  pre = (_leaf_flags(r.pre_mask, configured, treedef, name, "the mask of the pre-scale") if r.pre is not None
+         else [False] * n)
+  post_args = r.post_args(updates) if r.post_args is not None else [None] * n
+  return [LeafPlan(path, bits[i], block_sizes[i], decay[i], pre[i], unorms[i],
+                   r.post is not None or unorms[i] is not None, post_args[i], r.coupled, r.pre is not None)
+          for i, path in enumerate(_paths(updates))]
+
+
+def _leaf_hyper(r: Rule, base: dict, plan: LeafPlan, scale, wd, g, p) -> dict:
+  """The hyperparameter slots of one leaf's kernel call."""
+  wd_leaf = wd if plan.decay else 0.0
+  hyper = dict(base)
+  if r.coupled:
+    hyper["coupled_decay"] = wd_leaf
+  if r.pre is not None:   # the learning rate scales the gradient, before the rule
+    hyper["pre_scale"] = scale * (r.pre(g, p, wd_leaf) if plan.pre else 1.0)
+    hyper["scale"] = 1.0
+  elif plan.post:         # the learning rate and the decoupled decay come after the hook
+    hyper["scale"] = 1.0
+  else:
+    hyper["scale"] = scale
+    if not r.coupled:
+      hyper["weight_decay"] = wd_leaf
+  return hyper
+
+
 def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
   """Builds the GradientTransformation of one fused optimizer.
 
@@ -231,73 +310,38 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     params = None if params is None else jax.tree.map(as_array, params)
     treedef = jax.tree.structure(updates)
     state_def = jax.tree.structure(unbox(updates))  # the state has no nnx Variable boxes
-    paths = _paths(updates)
     grads = treedef.flatten_up_to(updates)
     moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
-    configured = params if params is not None else updates   # what per-leaf options are resolved on
-    unorms = options.leaf_max_unorms(name, configured)
-    block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True)
-    needs_params = (apply or needs_decay_params or r.pre is not None or r.post is not None
-                    or any(m is not None for m in unorms))
-    if needs_params and params is None:
+    plans = plan_leaves(name, r, options, treedef, updates, params)
+    if params is None and (apply or needs_decay_params or any(plan.needs_params for plan in plans)):
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
-    decay_flags = _leaf_flags(r.decay_mask, params if params is not None else updates, treedef, name,
-                              "the weight-decay mask")
-    pre_flags = (_leaf_flags(r.pre_mask, params, treedef, name, "the mask of the pre-scale")
-                 if r.pre is not None else [True] * len(grads))
-    post_args = r.post_args(updates) if r.post_args is not None else [None] * len(grads)
-    traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((options.bits, options.min_8bit_size)))
-    widths = [None] * len(grads) if traced else options.leaf_bits(name, configured)
 
     lr = schedule_value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
     wd = schedule_value(r.weight_decay, count) if needs_decay_params else 0.0
     base = r.hyper(count, count_inc)
 
-    calls, finish, vectors = [], [], {}
-    for i, (path, g) in enumerate(zip(paths, grads)):
-      _check_grad(name, path, g)
-      leaf_states = [m[i] for m in moments]
+    calls = []
+    for i, (plan, g, p) in enumerate(zip(plans, grads, ps)):
+      _check_grad(name, plan.path, g)
+      leaf_states = tuple(m[i] for m in moments)
       for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, path, g, leaf, kind, block_sizes[i], widths[i])
-      p = ps[i]
+        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
       if p is not None and tuple(p.shape) != tuple(g.shape):
-        raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the gradient's "
+        raise ValueError(f"{name}: leaf {plan.path}: params shape {tuple(p.shape)} differs from the gradient's "
                          f"{tuple(g.shape)}")
-      wd_leaf = wd if decay_flags[i] else 0.0
-      post = r.post is not None or unorms[i] is not None
-      hyper = dict(base)
-      if r.coupled:
-        hyper["coupled_decay"] = wd_leaf
-      if r.pre is not None:
-        hyper["pre_scale"] = scale * (r.pre(g, p, wd_leaf) if pre_flags[i] else 1.0)
-        hyper["scale"] = 1.0
-      elif post:
-        hyper["scale"] = 1.0
-      else:
-        hyper["scale"] = scale
-        if not r.coupled:
-          hyper["weight_decay"] = wd_leaf
-      kernel_params = p if (r.coupled or not post) and needs_decay_params and decay_flags[i] else None
-      fused_apply = apply and not post and isinstance(leaf_states[0], QuantizedArray)
-      if r.pre is not None:
-        vector = hyper_vector(**hyper)
-      else:   # the same vector for every leaf with the same decay flag and post-processing
-        if (decay_flags[i], post) not in vectors:
-          vectors[decay_flags[i], post] = hyper_vector(**hyper)
-        vector = vectors[decay_flags[i], post]
-      calls.append(LeafCall(vector, g, p if fused_apply else kernel_params, tuple(leaf_states), fused_apply))
-      finish.append((g, p, wd_leaf, fused_apply, post, unorms[i], post_args[i]))
+      fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
+      kernel_p = p if fused_apply or (plan.kernel_params and needs_decay_params) else None
+      calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p), plan.hyper_key, g, kernel_p, leaf_states,
+                            fused_apply))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), (g, p, wd_leaf, fused_apply, post, max_unorm, arg) in zip(results, finish):
-      if post and r.pre is not None:   # the learning rate is in the direction already (before momentum)
-        u = _post(r, max_unorm, u, g, p, 1.0, 0.0, arg, unorm_scale=jnp.abs(scale))
-      elif post:
-        u = _post(r, max_unorm, u, g, p, scale, 0.0 if r.coupled else wd_leaf, arg)
-      if apply and not fused_apply:
+    for (u, new), plan, call, p in zip(results, plans, calls, ps):
+      if plan.post:
+        u = _post(r, plan, u, call.g, p, scale, wd)
+      if apply and not call.apply:
         u = jnp.asarray(p + u).astype(p.dtype)
       out_u.append(u)
       for j, s in enumerate(new):
@@ -329,9 +373,10 @@ def with_percentile_clipping(name: str, percentile, tx):
 
 
 class LeafCall(NamedTuple):
-  """One leaf's step: its hyperparameter vector, gradient, parameter (or None), states."""
+  """One leaf's step: its hyperparameter slots, gradient, parameter (or None), states."""
 
-  hyper: jax.Array
+  hyper: dict         # slots for `hyper_vector`
+  hyper_key: Any      # leaves with equal keys (not None) have equal slots
   g: jax.Array
   p: jax.Array | None
   states: tuple
@@ -348,13 +393,23 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   alive at once (a call reads all its gradients, so XLA keeps them until it
   runs).
   """
+  vectors = {}
+
+  def vector(c: LeafCall):
+    """The hyperparameter vector of a leaf, made once per key."""
+    if c.hyper_key is None:
+      return hyper_vector(**c.hyper)
+    if c.hyper_key not in vectors:
+      vectors[c.hyper_key] = hyper_vector(**c.hyper)
+    return vectors[c.hyper_key]
+
   results = [None] * len(calls)
   groups: dict[tuple, list[int]] = {}
   for i, c in enumerate(calls):
     if all(isinstance(s, QuantizedArray) for s in c.states):
       groups.setdefault((c.states[0].block_size, c.p is None, c.apply), []).append(i)
     else:
-      u, new = rule(algorithm, c.hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
+      u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
       results[i] = (u.astype(c.g.dtype), new)
   batches = []
@@ -375,11 +430,12 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       flat = tuple(c.g.shape) or (1,)
       leaves.append((c.g.reshape(flat), None if c.p is None else c.p.reshape(flat),
                      tuple((s.codes.reshape(flat), s.absmax) for s in c.states)))
-    first = calls[idx[0]].hyper
-    if all(calls[i].hyper is first for i in idx):
+    key = calls[idx[0]].hyper_key
+    if key is not None and all(calls[i].hyper_key == key for i in idx):
+      first = vector(calls[idx[0]])
       hypers = jnp.broadcast_to(first, (len(idx),) + first.shape)
     else:
-      hypers = jnp.stack([calls[i].hyper for i in idx])
+      hypers = jnp.stack([vector(calls[i]) for i in idx])
     for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply)):
       c = calls[i]
       shape = tuple(c.g.shape)
@@ -388,19 +444,24 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   return results
 
 
-def _post(r: Rule, max_unorm, d, g, p, scale, wd, arg=None, unorm_scale=1.0):
-  """Direction ``d`` -> update, with max_unorm, then ``r.post`` (or decoupled decay).
+def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd):
+  """Direction ``d`` -> update, with max_unorm, then ``r.post`` (or decoupled decay), then the learning rate.
 
-  max_unorm (None: off) scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
+  max_unorm scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
   before the learning rate and decoupled weight decay, as bitsandbytes.
-  ``unorm_scale`` is the factor already in ``d`` (LARS: the learning rate).
+  With a ``pre`` hook the learning rate is in ``d`` already (LARS), and
+  the bound is ``lr * max_unorm * ||p||``.
   """
+  if r.pre is not None:
+    scale, wd, unorm_scale = 1.0, 0.0, jnp.abs(scale)
+  else:
+    wd, unorm_scale = (wd if plan.decay and not r.coupled else 0.0), 1.0
   d32 = d.astype(jnp.float32)
   p32 = p.astype(jnp.float32)
-  if max_unorm is not None:
-    limit = max_unorm * unorm_scale * norm(p32)
+  if plan.max_unorm is not None:
+    limit = plan.max_unorm * unorm_scale * norm(p32)
     unorm = norm(d32)
-    d32 = d32 * jnp.where((max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
-  x = r.post(d32, p32, wd, arg) if r.post is not None else d32 + wd * p32
+    d32 = d32 * jnp.where((plan.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
+  x = r.post(d32, p32, wd, plan.post_arg) if r.post is not None else d32 + wd * p32
   bad = ~jnp.isfinite(g)
   return jnp.where(bad, 0, scale * x).astype(d.dtype)
