@@ -19,6 +19,12 @@ def _mlp(seed=0, width=128):
           "scale": jnp.ones((3, 4, 64))}   # rank 3: AdamW's part, as in optax
 
 
+# Muon on both matrices and on the rank-3 "scale" (its last two axes), AdamW on the biases.
+_DIMS = {"l1": {"kernel": contrib.MuonDimensionNumbers(), "bias": None},
+         "l2": {"kernel": contrib.MuonDimensionNumbers(), "bias": None},
+         "scale": contrib.MuonDimensionNumbers(1, 2)}
+
+
 def _loss(params, x, y):
   h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"])
   out = (h @ params["l2"]["kernel"] + params["l2"]["bias"]) * params["scale"].mean((0, 1))
@@ -65,8 +71,9 @@ def test_at_32_bits_twenty_steps_equal_optax_muon():
 
 
 @pytest.mark.parametrize("options", [dict(nesterov=False), dict(ns_coeffs="dion"), dict(adaptive=True),
-                                     dict(consistent_rms=0.2), dict(preconditioning="spectral")],
-                         ids=["plain", "dion", "adaptive", "consistent-rms", "spectral"])
+                                     dict(consistent_rms=0.2), dict(preconditioning="spectral"),
+                                     dict(muon_weight_dimension_numbers=_DIMS)],
+                         ids=["plain", "dion", "adaptive", "consistent-rms", "spectral", "dimension-numbers"])
 def test_at_32_bits_every_variant_equals_optax_muon(options):
   ours, _, _ = _train(optax8.muon8bit(0.02, bits=32, **options), 5)
   ref, _, _ = _train(contrib.muon(0.02, **options), 5)

@@ -55,22 +55,22 @@ def _hyper(beta, nesterov):
   return hyper
 
 
-def _coefficients(ns_coeffs, ns_steps):
+def _coefficients(name, ns_coeffs, ns_steps):
   """optax's Newton-Schulz coefficients: a preset name, (a, b, c) or one row (a, b, c) per step."""
   if isinstance(ns_coeffs, str):
     if ns_coeffs not in _muon._NS_COEFFS_PRESET_DICT:
-      raise ValueError(f"muon8bit: unknown ns_coeffs preset {ns_coeffs!r}; known: "
+      raise ValueError(f"{name}: unknown ns_coeffs preset {ns_coeffs!r}; known: "
                        f"{sorted(_muon._NS_COEFFS_PRESET_DICT)}")
     ns_coeffs = _muon._NS_COEFFS_PRESET_DICT[ns_coeffs]
   coeffs = jnp.asarray(ns_coeffs, jnp.float32)
   if coeffs.ndim > 2 or coeffs.shape[-1] != 3:
-    raise ValueError(f"muon8bit: ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}")
+    raise ValueError(f"{name}: ns_coeffs must have shape (3,) or (n, 3), got {coeffs.shape}")
   if coeffs.ndim == 2 and coeffs.shape[0] > ns_steps:   # as optax: one row per step, at most ns_steps rows
-    raise ValueError(f"muon8bit: ns_coeffs has {coeffs.shape[0]} rows, more than ns_steps={ns_steps}")
+    raise ValueError(f"{name}: ns_coeffs has {coeffs.shape[0]} rows, more than ns_steps={ns_steps}")
   return coeffs
 
 
-def _dimension_numbers(spec):
+def _dimension_numbers(name, spec):
   """``updates -> [MuonDimensionNumbers per leaf]`` from optax's argument.
 
   None: every leaf is a matrix. In a tree, None marks a leaf that Muon does
@@ -83,7 +83,7 @@ def _dimension_numbers(spec):
       return [dims or _muon.MuonDimensionNumbers()] * n
     leaves = jax.tree.leaves(dims, is_leaf=lambda x: isinstance(x, _muon.MuonDimensionNumbers))
     if len(leaves) != n or not all(isinstance(x, _muon.MuonDimensionNumbers) for x in leaves):
-      raise ValueError("muon8bit: the weight dimension numbers must give one MuonDimensionNumbers per leaf that "
+      raise ValueError(f"{name}: the weight dimension numbers must give one MuonDimensionNumbers per leaf that "
                        f"Muon updates ({n} leaves), got {len(leaves)}")
     return leaves
   return per_leaf
@@ -105,11 +105,11 @@ def _rule(name, ns_coeffs, ns_steps, beta, eps, nesterov, adaptive, precondition
           consistent_rms=None, shape_scale=False, **rule):
   if preconditioning not in _muon._PRECONDITIONINGS:
     raise ValueError(f"{name}: unknown preconditioning {preconditioning!r}; known: {_muon._PRECONDITIONINGS}")
-  post = functools.partial(_orthogonalize, coeffs=_coefficients(ns_coeffs, ns_steps), ns_steps=ns_steps, eps=eps,
-                           adaptive=adaptive, preconditioning=preconditioning, consistent_rms=consistent_rms,
-                           shape_scale=shape_scale)
+  post = functools.partial(_orthogonalize, coeffs=_coefficients(name, ns_coeffs, ns_steps), ns_steps=ns_steps,
+                           eps=eps, adaptive=adaptive, preconditioning=preconditioning,
+                           consistent_rms=consistent_rms, shape_scale=shape_scale)
   return Rule(MUON, ScaleByMuon8bitState, _hyper(beta, nesterov), post=post,
-              post_args=_dimension_numbers(dimension_numbers), **rule)
+              post_args=_dimension_numbers(name, dimension_numbers), **rule)
 
 
 def scale_by_muon8bit(ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95, eps=1e-8, mu_dtype=None, *,
