@@ -10,7 +10,7 @@ The Flax layers live in the submodules `optax8.linen` and
 
 import importlib
 
-from optax8.apply import FusedGradientTransformation, apply_gradients, chain, fused_apply
+from optax8.apply import FusedGradientTransformation, apply_gradients, chain, fused_apply, partition
 from optax8.checkpoint import check_state
 from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
@@ -34,6 +34,7 @@ __all__ = [
     "chain",
     "check_state",
     "offload",
+    "partition",
     "percentile_clipping",
     "QuantizedArray",
     "SIGNED",

@@ -16,8 +16,9 @@ plus ``optax.apply_updates`` for any other transformation, with the same
 results. The fused apply lives on ``tx.update``, so it survives anything
 that rebuilds a transformation from its ``init`` and ``update``;
 [`fused_apply`][optax8.apply.fused_apply] asks for it, and
-[`chain`][optax8.apply.chain] is ``optax.chain`` keeping the last
-transformation's (``optax.chain`` itself hides its parts).
+[`chain`][optax8.apply.chain] and [`partition`][optax8.apply.partition]
+are ``optax.chain`` and ``optax.partition`` keeping their transformations'
+(optax's own hide their parts).
 
 It pays most in a step that receives the gradients (``(params, state,
 grads)``, for example after gradient accumulation): one read of the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import optax
 
 
@@ -103,12 +105,40 @@ def chain(*transforms) -> optax.GradientTransformationExtraArgs:
   return fused_transformation(chained.init, chained.update, apply_gradients)
 
 
+def partition(transforms: dict, param_labels, *, mask_compatible_extra_args: bool = False):
+  """``optax.partition(transforms, param_labels)``, keeping the fused applies of its transformations.
+
+  Its ``apply_gradients`` runs each group's transformation on its masked
+  leaves with `apply_gradients` (the fused apply where it has one) and
+  merges the new parameters; without any fused transformation this is
+  ``optax.partition``. The state is ``optax.partition``'s.
+  """
+  partitioned = optax.partition(transforms, param_labels, mask_compatible_extra_args=mask_compatible_extra_args)
+  if all(fused_apply(tx) is None for tx in transforms.values()):
+    return partitioned
+
+  def apply_gradients_fn(grads, state, params, **extra_args):
+    labels = param_labels(grads) if callable(param_labels) else param_labels
+    new_params, inner_states = params, {}
+    for group, tx in transforms.items():
+      mask = jax.tree.map(lambda label: label == group, labels)
+      masked = lambda tree: jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask, tree)
+      group_params, inner = apply_gradients(optax.with_extra_args_support(tx), masked(grads),
+                                            state.inner_states[group].inner_state, masked(params), **extra_args)
+      new_params = jax.tree.map(lambda m, new, old: new if m else old, mask, group_params, new_params)
+      inner_states[group] = optax.MaskedState(inner_state=inner)
+    return new_params, optax.PartitionState(inner_states)
+
+  return fused_transformation(partitioned.init, partitioned.update, apply_gradients_fn)
+
+
 def apply_gradients(tx, grads, state, params, **extra_args):
   """Returns ``(new_params, new_state)`` for one optimizer step.
 
   Equals ``updates, state = tx.update(grads, state, params, **extra_args)``
   then ``optax.apply_updates(params, updates)``; where ``tx`` has a fused
-  apply (optax8's optimizers, and `chain` or `optax8.offload` of them) the
+  apply (optax8's optimizers, and `chain`, `partition` or `optax8.offload`
+  of them) the
   sum ``p + update`` is formed in float32 inside the kernel and rounded
   once to the parameter's dtype.
   """

@@ -78,12 +78,16 @@ def test_the_fused_apply_survives_rebuilding_the_transformation():
   assert list(inspect.signature(tx.update).parameters)[:3] == ["updates", "state", "params"]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: optax8.chain(optax.clip_by_global_norm(1e-3), optax8.adamw8bit(1e-3, min_8bit_size=1024)),
-    lambda: optax8.offload(optax8.chain(optax.scale(0.5), optax8.lion8bit(1e-3, min_8bit_size=1024))),
-    lambda: optax8.rmsprop8bit(1e-3, momentum=0.9, min_8bit_size=1024),
-], ids=["chain", "offload-chain", "rmsprop-momentum"])
-def test_chains_keep_the_fused_apply_with_the_same_results(make, monkeypatch):
+@pytest.mark.parametrize("make, exact", [
+    (lambda: optax8.chain(optax.clip_by_global_norm(1e-3), optax8.adamw8bit(1e-3, min_8bit_size=1024)), True),
+    (lambda: optax8.offload(optax8.chain(optax.scale(0.5), optax8.lion8bit(1e-3, min_8bit_size=1024))), True),
+    (lambda: optax8.rmsprop8bit(1e-3, momentum=0.9, min_8bit_size=1024), True),
+    (lambda: optax8.partition({"8bit": optax8.adamw8bit(1e-3, min_8bit_size=1024), "sgd": optax.sgd(1e-2, 0.9)},
+                              {"w": "8bit", "b": "sgd", "v": "8bit"}), False),
+], ids=["chain", "offload-chain", "rmsprop-momentum", "partition"])
+def test_chains_keep_the_fused_apply_with_the_same_results(make, exact, monkeypatch):
+  """Where pure-JAX code adds the update (optax.sgd), XLA may contract p + lr * m into one
+  multiply-add in one program and not in the other: equal to float32 rounding there."""
   tx = make()
   assert optax8.fused_apply(tx) is not None
   calls = []
@@ -92,7 +96,10 @@ def test_chains_keep_the_fused_apply_with_the_same_results(make, monkeypatch):
   (p1, s1), (p2, s2) = _fused_steps(tx)
   assert True in calls   # the kernels wrote the parameters
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if exact or a.dtype == jnp.uint8:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
   assert jax.tree.structure(optax8.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params())) == \
       jax.tree.structure(optax.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params()))
 

@@ -126,6 +126,7 @@ def test_apply_gradients_equals_update_and_apply_updates():
   grads = jax.grad(_loss)(params, x, y)
   state = tx.init(params)
   updates, want_state = tx.update(grads, state, params)
+  assert optax8.fused_apply(tx) is not None   # optax8.partition: AdamW's 8-bit leaves are written by the kernel
   got, got_state = optax8.apply_gradients(tx, grads, state, params)
   for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((optax.apply_updates(params, updates),
                                                                       want_state))):

@@ -18,6 +18,7 @@ import optax
 from optax.contrib import _muon
 
 from optax8 import maps
+from optax8.apply import partition
 from optax8.fused import Options, Rule, check_state_dtype, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -160,8 +161,7 @@ def muon8bit(learning_rate, ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta
                    eps=eps, eps_root=adam_eps_root, weight_decay=adam_weight_decay, nesterov=nesterov, bits=bits,
                    block_size=block_size, min_8bit_size=min_8bit_size, max_unorm=max_unorm)
   return with_percentile_clipping("muon8bit", percentile_clipping,
-                                  optax.partition({"muon": muon, "adam": adam},
-                                                  _muon_labels(muon_weight_dimension_numbers)))
+                                  partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers)))
 
 
 def _muon_labels(spec):
