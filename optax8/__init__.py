@@ -10,7 +10,8 @@ The Flax layers live in the submodules `optax8.linen` and
 
 import importlib
 
-from optax8.apply import FusedGradientTransformation, apply_gradients, chain, fused_apply, partition
+from optax8.apply import (FusedGradientTransformation, apply_gradients, chain, fused_apply, inject_hyperparams,
+                          partition)
 from optax8.checkpoint import check_state
 from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
@@ -46,6 +47,7 @@ __all__ = [
     "dequantize",
     "dynamic_map",
     "fused_apply",
+    "inject_hyperparams",
     "quantize",
 ] + optimizers.__all__
 

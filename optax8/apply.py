@@ -16,9 +16,10 @@ plus ``optax.apply_updates`` for any other transformation, with the same
 results. The fused apply lives on ``tx.update``, so it survives anything
 that rebuilds a transformation from its ``init`` and ``update``;
 [`fused_apply`][optax8.apply.fused_apply] asks for it, and
-[`chain`][optax8.apply.chain] and [`partition`][optax8.apply.partition]
-are ``optax.chain`` and ``optax.partition`` keeping their transformations'
-(optax's own hide their parts).
+[`chain`][optax8.apply.chain], [`partition`][optax8.apply.partition] and
+[`inject_hyperparams`][optax8.apply.inject_hyperparams] are
+``optax.chain``, ``optax.partition`` and ``optax.inject_hyperparams``
+keeping their transformations' (optax's own hide their parts).
 
 It pays most in a step that receives the gradients (``(params, state,
 grads)``, for example after gradient accumulation): one read of the
@@ -32,6 +33,8 @@ copy there (its update is aliased to the gradient instead).
 from __future__ import annotations
 
 from typing import Callable
+
+import functools
 
 import jax
 import optax
@@ -132,13 +135,61 @@ def partition(transforms: dict, param_labels, *, mask_compatible_extra_args: boo
   return fused_transformation(partitioned.init, partitioned.update, apply_gradients_fn)
 
 
+def inject_hyperparams(inner_factory: Callable, static_args=(), hyperparam_dtype=None) -> Callable:
+  """``optax.inject_hyperparams(inner_factory, ...)``, keeping the inner transformation's fused apply.
+
+  The returned factory takes ``inner_factory``'s arguments (schedules for
+  any numeric one) and builds ``optax.inject_hyperparams``'s transformation,
+  with the same state (``hyperparams`` may be changed between steps without
+  recompiling). Its ``apply_gradients`` computes the hyperparameters as
+  ``update`` does and runs the inner transformation's fused apply with them
+  (``update`` plus ``optax.apply_updates`` where it has none).
+  """
+  pending = []   # one slot per apply_gradients in progress, innermost last
+
+  @functools.wraps(inner_factory)
+  def capturing_factory(*args, **kwargs):
+    tx = inner_factory(*args, **kwargs)
+    if not pending or "params" in pending[-1]:
+      return tx
+    slot = pending[-1]
+
+    def update_writing_params(grads, state, params=None, **extra_args):
+      slot["params"], state = apply_gradients(tx, grads, state, params, **extra_args)
+      return grads, state   # not used: apply_gradients returns the parameters from the slot
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_writing_params)
+
+  injected_factory = optax.inject_hyperparams(capturing_factory, static_args, hyperparam_dtype)
+
+  @functools.wraps(inner_factory)
+  def factory(*args, **kwargs) -> FusedGradientTransformation:
+    injected = injected_factory(*args, **kwargs)
+
+    def apply_gradients_fn(grads, state, params, **extra_args):
+      pending.append({})
+      try:
+        _, state = injected.update(grads, state, params, **extra_args)
+        slot = pending[-1]
+      finally:
+        pending.pop()
+      if "params" not in slot:
+        raise RuntimeError("optax8.inject_hyperparams: optax.inject_hyperparams did not call the inner "
+                           "transformation's update")
+      return slot["params"], state
+
+    return fused_transformation(injected.init, injected.update, apply_gradients_fn)
+
+  return factory
+
+
 def apply_gradients(tx, grads, state, params, **extra_args):
   """Returns ``(new_params, new_state)`` for one optimizer step.
 
   Equals ``updates, state = tx.update(grads, state, params, **extra_args)``
   then ``optax.apply_updates(params, updates)``; where ``tx`` has a fused
-  apply (optax8's optimizers, and `chain`, `partition` or `optax8.offload`
-  of them) the
+  apply (optax8's optimizers, and `chain`, `partition`,
+  `inject_hyperparams` or `optax8.offload` of them) the
   sum ``p + update`` is formed in float32 inside the kernel and rounded
   once to the parameter's dtype.
   """

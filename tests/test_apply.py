@@ -84,7 +84,11 @@ def test_the_fused_apply_survives_rebuilding_the_transformation():
     (lambda: optax8.rmsprop8bit(1e-3, momentum=0.9, min_8bit_size=1024), True),
     (lambda: optax8.partition({"8bit": optax8.adamw8bit(1e-3, min_8bit_size=1024), "sgd": optax.sgd(1e-2, 0.9)},
                               {"w": "8bit", "b": "sgd", "v": "8bit"}), False),
-], ids=["chain", "offload-chain", "rmsprop-momentum", "partition"])
+    (lambda: optax8.inject_hyperparams(optax8.adamw8bit, static_args=("min_8bit_size",))(
+        learning_rate=optax.linear_schedule(1e-3, 1e-4, 3), min_8bit_size=1024), True),
+    (lambda: optax8.inject_hyperparams(lambda learning_rate: optax8.chain(
+        optax.clip(1e-3), optax8.lion8bit(learning_rate, min_8bit_size=1024)))(learning_rate=1e-3), True),
+], ids=["chain", "offload-chain", "rmsprop-momentum", "partition", "inject", "inject-chain"])
 def test_chains_keep_the_fused_apply_with_the_same_results(make, exact, monkeypatch):
   """Where pure-JAX code adds the update (optax.sgd), XLA may contract p + lr * m into one
   multiply-add in one program and not in the other: equal to float32 rounding there."""
@@ -102,6 +106,34 @@ def test_chains_keep_the_fused_apply_with_the_same_results(make, exact, monkeypa
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
   assert jax.tree.structure(optax8.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params())) == \
       jax.tree.structure(optax.chain(optax.identity(), optax8.adam8bit(1e-3)).init(_params()))
+
+
+def test_inject_hyperparams_is_optax_with_the_fused_apply():
+  """Same state as optax.inject_hyperparams; a changed learning rate reaches the fused apply
+  without retracing; update stays optax's update."""
+  make = lambda inject: inject(optax8.adamw8bit, static_args=("min_8bit_size",))(learning_rate=1e-3,
+                                                                                     min_8bit_size=1024)
+  tx, reference = make(optax8.inject_hyperparams), make(optax.inject_hyperparams)
+  params = _params()
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))
+  traces = []
+
+  @jax.jit
+  def step(g, s, p):
+    traces.append(1)
+    return optax8.apply_gradients(tx, g, s, p)
+
+  p1, s1 = p2, s2 = params, tx.init(params)
+  for t in range(3):
+    if t == 2:
+      s1.hyperparams["learning_rate"] = s2.hyperparams["learning_rate"] = jnp.asarray(2.5e-4, jnp.float32)
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape) * 0.01, params)
+    p1, s1 = step(grads, s1, p1)
+    u, s2 = jax.jit(reference.update)(grads, s2, p2)
+    p2 = optax.apply_updates(p2, u)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert len(traces) == 1 and int(s1.count) == 3
 
 
 def _mlp(params, x):
@@ -147,3 +179,14 @@ def test_separate_apply_step_writes_params_in_place():
   assert " copy(" not in compiled.as_text()
   n = sum(p.size for p in jax.tree.leaves(params))
   assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * n
+
+
+def test_inject_hyperparams_of_an_optax_optimizer_applies_its_updates():
+  tx = optax8.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  p, s = optax8.apply_gradients(tx, grads, state, params)
+  u, s_ref = tx.update(grads, state, params)
+  for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((optax.apply_updates(params, u), s_ref))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
