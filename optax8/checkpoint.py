@@ -42,15 +42,38 @@ def _name(key) -> str:
   return str(key)
 
 
+def _names(path) -> tuple[str, ...]:
+  """The names along a key path, without the ``value`` level of a box.
+
+  An nnx Variable (``codes.value``) or a linen ``Partitioned``
+  (``kernel.value.codes``) adds a ``value`` level, which orbax's metadata
+  keeps as a dict key: it is dropped where only ``codes`` or ``absmax`` (or
+  nothing) follow it, so boxed and plain states match (a submodule named
+  ``value``, as in attention, is followed by its own parameters).
+  """
+  names = [_name(k) for k in path]
+  return tuple(n for i, n in enumerate(names)
+               if not (n == "value" and all(m in ("codes", "absmax") for m in names[i + 1:])))
+
+
 def _flat(tree) -> dict[tuple[str, ...], tuple[tuple, object]]:
   """{names along the path: (key path, leaf)}; names match across NamedTuples, dataclasses, dicts and lists."""
-  return {tuple(_name(k) for k in path): (path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_names(path): (path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _quantized(tree) -> dict[tuple[str, ...], tuple[str, QuantizedArray]]:
   is_q = lambda x: isinstance(x, QuantizedArray)
-  return {tuple(_name(k) for k in path): (jax.tree_util.keystr(path), q)
+  return {_names(path): (jax.tree_util.keystr(path), q)
           for path, q in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0] if is_q(q)}
+
+
+def _optimizer_states(got: dict, want: dict) -> tuple[dict, dict]:
+  """Both sides' optimizer states: of a whole training state (``nnx.state(optimizer)``, a TrainState), its
+  ``opt_state`` entry and nothing else (the step and params are not the optimizer's)."""
+  def opt_state(flat):
+    inner = {names[1:]: v for names, v in flat.items() if names[:1] == ("opt_state",)}
+    return inner or flat
+  return opt_state(got), opt_state(want)
 
 
 def _shape_dtype(x) -> tuple[tuple[int, ...], np.dtype]:
@@ -69,7 +92,10 @@ def check_state(state, expected) -> None:
       checkpoint's metadata tree (orbax ``metadata(path).item_metadata``):
       any pytree whose leaves have ``shape`` and ``dtype``. Paths are
       compared by their names, so nested dicts match NamedTuples and
-      QuantizedArrays.
+      QuantizedArrays, and the ``value`` level of nnx Variables and linen
+      ``Partitioned`` boxes is ignored. A whole training state
+      (``nnx.state(optimizer)``, a ``TrainState`` or their metadata) is
+      checked by its ``opt_state``.
     expected: what the optimizer makes, ``jax.eval_shape(tx.init, params)``
       (or ``tx.init(params)``).
 
@@ -77,8 +103,8 @@ def check_state(state, expected) -> None:
   map, shapes, dtypes) and which optimizer option or parameter explains it.
   """
   problems = []
-  got, want = _flat(state), _flat(expected)
-  q_got, q_want = _quantized(state), _quantized(expected)
+  got, want = _optimizer_states(_flat(state), _flat(expected))
+  q_got, q_want = _optimizer_states(_quantized(state), _quantized(expected))
   for names, (path, q) in q_got.items():
     if tuple(q.absmax.shape) != absmax_shape(q.codes.shape, q.block_size):
       problems.append(f"{path}: absmax shape {tuple(q.absmax.shape)} does not fit codes shape "

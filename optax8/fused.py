@@ -39,7 +39,7 @@ from optax8.apply import FusedGradientTransformation, chain, fused_transformatio
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape
-from optax8.options import Options, as_array, is_static_zero, key_paths, path_str, unbox
+from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
 
@@ -293,10 +293,13 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     block_sizes = options.leaf_block_sizes(name, params)
     options.leaf_max_unorms(name, params)   # checked here, used by update
     states = []
-    for path, x, b, bs in zip(paths, leaves, bits, block_sizes):
+    for path, x, b, bs, box in zip(paths, leaves, bits, block_sizes, boxes(params)):
       shardings = state_shardings(name, path, x, b, bs)   # the state is sharded like the parameter
-      states.append(tuple(_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial)))
-    state_def = jax.tree.structure(unbox(params))  # the state has no nnx Variable boxes
+      leaf_states = (_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial))
+      states.append(tuple(leaf if box is None else jax.tree.map(box, leaf) for leaf in leaf_states))
+    # the state's structure is that of the unboxed params; its arrays are in their parameter's nnx
+    # Variables (if any), so that nnx.get_partition_spec gives them the parameter's spec
+    state_def = jax.tree.structure(unbox(params))
     fields = [state_def.unflatten([s[i] for s in states]) for i in range(len(kinds))]
     return state_cls(zero_count(leaves), *fields)   # replicated on the params' mesh (optax8.sharding)
 
@@ -304,6 +307,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     """The update (or with ``apply`` the new params) and the new state."""
     if not isinstance(state, state_cls):
       raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
+    boxed_def = jax.tree.structure(state)   # the arrays of init's state may be in nnx Variables:
+    state = unbox(state)                    # stepped without them, returned in them
     count = state.count
     count_inc = optax.safe_increment(count)
     updates = jax.tree.map(as_array, updates)
@@ -346,8 +351,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       out_u.append(u)
       for j, s in enumerate(new):
         out_states[j].append(s)
-    new_fields = [state_def.unflatten(s) for s in out_states]
-    return treedef.unflatten(out_u), state_cls(count_inc, *new_fields)
+    new_state = state_cls(count_inc, *[state_def.unflatten(s) for s in out_states])
+    if jax.tree.structure(new_state) != boxed_def:
+      new_state = boxed_def.unflatten(jax.tree.leaves(new_state))
+    return treedef.unflatten(out_u), new_state
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args

@@ -234,6 +234,28 @@ def unbox(tree):
   return jax.tree.map(lambda x: x.get_value() if boxed(x) else x, tree, is_leaf=boxed)
 
 
+def boxes(tree) -> list:
+  """Per leaf of ``unbox(tree)``: None, or a function that puts a state array in that leaf's nnx Variable.
+
+  The Variable keeps its type and metadata (its ``out_sharding`` names), so
+  ``nnx.get_partition_spec`` gives a state array the parameter's spec, as
+  optax's ``tree.zeros_like`` does for its float32 moments. Only arrays are
+  boxed: a QuantizedArray holds a boxed ``codes`` and a boxed ``absmax``.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return [None] * len(jax.tree.leaves(tree))
+  boxed = lambda x: isinstance(x, nnx.Variable)
+  out = []
+  for x in jax.tree.leaves(tree, is_leaf=boxed):
+    treedef = jax.tree.structure(x)
+    if boxed(x) and treedef.num_leaves == 1:
+      out.append(lambda array, treedef=treedef: treedef.unflatten([array]))
+    else:
+      out.extend([None] * treedef.num_leaves)
+  return out
+
+
 def key_name(key):
   """The name a key path element stands for: a dict key or attribute name (None for a sequence index)."""
   for attr in ("key", "name"):

@@ -197,3 +197,35 @@ def test_import_does_not_load_flax_and_serialization_works_in_either_order(flax_
       assert (back.codes == q.codes).all() and back.block_size == 256
   """)
   subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def _nnx_training_state(tx):
+  from flax import nnx
+  model = nnx.Linear(512, 1024, rngs=nnx.Rngs(0))
+  return nnx.state(nnx.Optimizer(model, tx, wrt=nnx.Param)), nnx.state(model, nnx.Param)
+
+
+def _linen_training_state(tx):
+  import flax.linen as nn
+  from flax.training import train_state
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+  params = nn.Dense(1024, kernel_init=init).init(jax.random.key(0), jnp.ones((1, 512)))["params"]
+  return train_state.TrainState.create(apply_fn=None, params=params, tx=tx), params
+
+
+@pytest.mark.parametrize("make", [_nnx_training_state, _linen_training_state], ids=["nnx.Optimizer", "TrainState"])
+def test_check_state_reads_flax_training_checkpoints(make, tmp_path):
+  """orbax's metadata of nnx.state(optimizer) (a 'value' level per Variable) and of a TrainState (with linen's
+  Partitioned boxes) fits the optimizer, boxed or plain params; other options are refused naming the leaf."""
+  make_tx = lambda **kw: optax8.adamw8bit(1e-3, **{"min_8bit_size": 1024, **kw})
+  training_state, params = make(make_tx())
+  metadata = _metadata(_save(tmp_path / "ckpt", training_state))
+  plain = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                       is_leaf=lambda x: hasattr(x, "unbox"))
+  for target in (params, plain):
+    optax8.check_state(metadata, jax.eval_shape(make_tx().init, target))
+  optax8.check_state(metadata, jax.eval_shape(lambda: make(make_tx())[0]))
+  kernel = r"\['kernel'\]"
+  for options, problem in (({"block_size": 128}, "block_size"), ({"bits": 32}, "bits or min_8bit_size")):
+    with pytest.raises(ValueError, match=f"(?s)check_state: the state does not fit the optimizer:\n.*{kernel}.*{problem}"):
+      optax8.check_state(metadata, jax.eval_shape(make_tx(**options).init, params))

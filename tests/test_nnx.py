@@ -147,22 +147,29 @@ def test_trains_through_nnx_optimizer():
 
 
 def test_state_of_boxed_params_without_nnx_optimizer():
-  """tx.init/update on an nnx.State of nnx.Param: the state holds plain arrays, the updates keep the boxes."""
+  """tx.init/update on an nnx.State of nnx.Param: codes and absmax each in their parameter's Param (its metadata),
+  as optax's moments are; update keeps the state's structure and the updates keep the boxes."""
   model = _Model(nnx.Rngs(0))
   tx = optax8.adamw8bit(1e-3)
   params = nnx.state(model, nnx.Param)
   state = tx.init(params)
-  assert not any(isinstance(x, nnx.Variable)
-                 for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  q = state.mu["hidden"]["kernel"]
+  assert isinstance(q, QuantizedArray) and isinstance(q.codes, nnx.Param) and isinstance(q.absmax, nnx.Param)
+  assert q.codes.get_metadata() == params["hidden"]["kernel"].get_metadata()
+  assert jax.tree.structure(state) == jax.tree.structure(optax8.adamw8bit(1e-3).init(params))
   grads = nnx.grad(lambda m: jnp.mean(m(_tokens()) ** 2))(model)
-  updates, state = jax.jit(tx.update)(nnx.state(grads, nnx.Param), state, params)
+  updates, new_state = jax.jit(tx.update)(nnx.state(grads, nnx.Param), state, params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  pure, _ = jax.jit(tx.update)(nnx.as_pure(nnx.state(grads, nnx.Param)), nnx.as_pure(state), nnx.as_pure(params))
+  for a, b in zip(jax.tree.leaves(pure), jax.tree.leaves(updates)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   nnx.update(model, optax.apply_updates(params, updates))
-  assert isinstance(state.mu["hidden"]["kernel"], QuantizedArray) and int(state.count) == 1
+  assert int(new_state.count) == 1
 
 
 def test_nnx_optimizer_state_has_the_structure_of_a_plain_params_state():
-  """Through nnx.Optimizer, after steps too: no Variable inside 8-bit state or the clipping history."""
+  """Through nnx.Optimizer, after steps too: the optax state of plain params, in nnx's OptState boxes."""
   model = _Model(nnx.Rngs(0))
   tx = optax8.adamw8bit(1e-3, percentile_clipping={"embed": 100, "hidden": 5, "head": 5})  # embed: no history
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

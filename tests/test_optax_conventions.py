@@ -555,3 +555,16 @@ def test_missing_params(name):
   opt = BY_NAME[name].make()
   with pytest.raises(ValueError, match="params"):
     opt.update(grads(1), opt.init(params()))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, o in REGISTRY.items() if o.reference is not None))
+def test_arguments_optax_annotates_as_scalar_or_schedule_are_annotated_so(name):
+  """optax's own tests (contrib) read the ScalarOrSchedule annotation to decide which arguments take schedules."""
+  optimizer = REGISTRY[name]
+  ours = inspect.signature(optimizer.make, eval_str=True).parameters
+  theirs = inspect.signature(optimizer.reference).parameters
+  scheduled = [arg for arg, p in theirs.items() if p.annotation == optax.ScalarOrSchedule]
+  assert "learning_rate" in scheduled
+  for arg in scheduled:
+    if arg in ours:
+      assert ours[arg].annotation == optax.ScalarOrSchedule, arg

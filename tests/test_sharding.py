@@ -1,5 +1,7 @@
 """optax8 on an 8-device CPU mesh: shard-local kernels, state shardings, Explicit-mode types."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,3 +222,113 @@ def test_a_gradient_split_finer_than_the_blocks_is_resharded_not_a_crash():
   updates, _ = jax.jit(tx.update)(grads_host, tx.init(params_host), params_host)
   for k in params_host:
     np.testing.assert_array_equal(np.asarray(new_params[k]), np.asarray(params_host[k] + updates[k]), err_msg=k)
+
+
+# ---- Flax's partitioning annotations (Flax's documented patterns) ----------------------------------------
+
+
+def _param_specs_of_state(state_specs, param_specs):
+  """{path: (spec of the state array, spec of its parameter)} for every codes, absmax and float32 state."""
+  out = {}
+  for field in ("mu", "nu"):
+    for path, spec in jax.tree_util.tree_flatten_with_path(state_specs[field], is_leaf=lambda x: isinstance(x, P))[0]:
+      names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+      param_path = [n for n in names if n not in ("codes", "absmax", "value")]
+      param_spec = param_specs
+      for n in param_path:
+        param_spec = param_spec[n]
+      out[f"{field}{jax.tree_util.keystr(path)}"] = (spec, param_spec)
+  return out
+
+
+def test_nnx_with_partitioning_annotations_reach_the_state():
+  """nnx.with_partitioning / sharding_names, nnx.Optimizer, then with_sharding_constraint(state,
+  nnx.get_partition_spec(state)) inside nnx.jit (Flax's guide): codes and absmax get their parameter's spec,
+  and keep it through nnx.jit train steps."""
+  from flax import nnx
+
+  class DotReluDot(nnx.Module):
+    def __init__(self, depth: int, rngs: nnx.Rngs):
+      init_fn = nnx.initializers.lecun_normal()
+      self.dot1 = nnx.Linear(depth, depth, kernel_init=nnx.with_partitioning(init_fn, (None, "model")),
+                             use_bias=False, rngs=rngs)
+      self.w2 = nnx.Param(init_fn(rngs.params(), (depth, depth)), sharding_names=("model", None))
+
+    def __call__(self, x):
+      return jax.nn.relu(self.dot1(x)) @ self.w2
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+  @nnx.jit
+  def create_sharded_model_and_optimizer():
+    model = DotReluDot(1024, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax8.adamw8bit(1e-3), wrt=nnx.Param)
+    state = nnx.state(optimizer)
+    sharded_state = jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state))
+    nnx.update(optimizer, sharded_state)
+    return model, optimizer
+
+  @nnx.jit
+  def train_step(model, optimizer, x):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  with jax.set_mesh(mesh):
+    model, optimizer = create_sharded_model_and_optimizer()
+    losses = [float(train_step(model, optimizer, jnp.ones((8, 1024)))) for _ in range(3)]
+  assert losses[2] < losses[0]
+  param_specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+  state_specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(optimizer.opt_state)))
+  pairs = _param_specs_of_state(state_specs, param_specs)
+  assert len(pairs) == 8   # mu and nu: codes and absmax of two kernels
+  for path, (spec, param_spec) in pairs.items():
+    assert spec == param_spec != P(), path
+  named = nnx.to_pure_dict(nnx.get_named_sharding(nnx.state(optimizer.opt_state), mesh))
+  state = nnx.to_pure_dict(nnx.state(optimizer.opt_state))
+  for field in ("mu", "nu"):
+    for sharding, array in zip(jax.tree.leaves(named[field]), jax.tree.leaves(state[field])):
+      assert sharding.is_equivalent_to(array.sharding, array.ndim)   # the arrays are where the specs say
+
+
+def test_linen_with_partitioning_annotations_reach_a_train_state():
+  """nn.with_partitioning, TrainState.create under jax.eval_shape, nn.get_sharding as out_shardings (Flax's linen
+  guide): codes and absmax of the TrainState's opt_state get their kernel's spec, through jitted train steps."""
+  import flax.linen as nn
+  from flax.training import train_state
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(1024, use_bias=False,
+                   kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))(x)
+      return nn.Dense(512, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", None)))(
+          nn.relu(x))
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  model, x = MLP(), jnp.ones((8, 256))
+
+  def init_fn(key, x):
+    return train_state.TrainState.create(apply_fn=model.apply, params=model.init(key, x)["params"],
+                                         tx=optax8.adamw8bit(1e-3))
+
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(0), x)
+  state_sharding = nn.get_sharding(abstract_state, mesh)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(0), x)
+
+  @functools.partial(jax.jit, in_shardings=(state_sharding, None), out_shardings=state_sharding)
+  def train_step(state, x):
+    grads = jax.grad(lambda p: jnp.mean(state.apply_fn({"params": p}, x) ** 2))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  for _ in range(2):
+    state = train_step(state, x)
+  assert int(state.step) == 2
+  opt_state = state.opt_state
+  for field in (opt_state.mu, opt_state.nu):
+    for name, spec in (("Dense_0", P(None, "model")), ("Dense_1", P("model", None))):
+      q = field[name]["kernel"].unbox()
+      for array in (q.codes, q.absmax):
+        assert NamedSharding(mesh, spec).is_equivalent_to(array.sharding, 2), (name, array.sharding)
+  specs = nn.get_partition_spec(state.opt_state)
+  assert specs.mu["Dense_0"]["kernel"] == P(None, "model") and specs.nu["Dense_1"]["kernel"] == P("model", None)

@@ -49,8 +49,8 @@ def scale_by_rss8bit(initial_accumulator_value=0.1, eps=1e-7, *, bits=None, bloc
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def adagrad8bit(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, weight_decay=None, bits=None,
-                block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def adagrad8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value=0.1, eps=1e-7, *, weight_decay=None,
+                bits=None, block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
   r"""Adagrad with an 8-bit sum of squares (``optax.adagrad``).
 
   .. math:: s_t = s_{t-1} + g^2, \quad u = -\text{lr}\, g / \sqrt{s_t + \epsilon}

@@ -70,8 +70,9 @@ def scale_by_adam8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def adam8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *, nesterov=False,
-             bits=None, block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def adam8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+             nesterov=False, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+             percentile_clipping=None):
   r"""Adam with 8-bit moments (``optax.adam``): ``u = -lr * m_hat / (sqrt(v_hat) + eps)``."""
   check_hyperparameters("adam8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
@@ -80,9 +81,9 @@ def adam8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=N
                Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping))
 
 
-def adamw8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=1e-4, mask=None,
-              *, nesterov=False, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
-              percentile_clipping=None):
+def adamw8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
+              weight_decay: optax.ScalarOrSchedule = 1e-4, mask=None, *, nesterov=False, bits=None, block_size=None,
+              min_8bit_size=None, max_unorm=None, percentile_clipping=None):
   r"""AdamW with 8-bit moments (``optax.adamw``).
 
   .. math:: u = -\text{lr} \left(\frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon} + \text{wd}\, p\right)

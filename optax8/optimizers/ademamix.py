@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from optax import contrib
 
 from optax8 import maps
@@ -53,8 +54,9 @@ def _hyper(b1, b2, b3, alpha, eps, eps_root):
   return hyper
 
 
-def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3=0.9999, alpha=6.0, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-                          bits=None, block_size=None, min_8bit_size=None, max_unorm=None):
+def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999, alpha: optax.ScalarOrSchedule = 6.0,
+                          eps=1e-8, eps_root=0.0, mu_dtype=None, *, bits=None, block_size=None, min_8bit_size=None,
+                          max_unorm=None):
   r"""AdEMAMix's direction with three 8-bit states (``optax.contrib.scale_by_ademamix``).
 
   .. math::
@@ -71,8 +73,9 @@ def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3=0.9999, alpha=6.0, eps=1e-8, eps_
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def ademamix8bit(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0, mu_dtype=None,
-                 weight_decay=0.0, mask=None, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+def ademamix8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999,
+                 alpha: optax.ScalarOrSchedule = 5.0, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=0.0,
+                 mask=None, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
                  percentile_clipping=None):
   r"""AdEMAMix with three 8-bit states (``optax.contrib.ademamix``).
 

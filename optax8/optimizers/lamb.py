@@ -18,8 +18,9 @@ def _trust(d, p, wd, _):
   return x * trust_ratio(norm(p), norm(x))
 
 
-def lamb8bit(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None, *, bits=None,
-             block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def lamb8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
+             weight_decay: optax.ScalarOrSchedule = 0.0, mask=None, *, bits=None, block_size=None, min_8bit_size=None,
+             max_unorm=None, percentile_clipping=None):
   r"""LAMB with 8-bit moments (``optax.lamb``).
 
   .. math:: r = \frac{\hat m}{\sqrt{\hat v} + \epsilon} + \text{wd}\, p, \quad

@@ -21,9 +21,10 @@ def _trust(g, p, wd, coefficient, eps):
   return trust_ratio(norm(p), norm(g + wd * p.astype(jnp.float32)), coefficient, eps)
 
 
-def lars8bit(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coefficient=0.001, eps=0.0,
-             trust_ratio_mask=True, momentum=0.9, nesterov=False, *, bits=None, block_size=None,
-             min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def lars8bit(learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOrSchedule = 0.0,
+             weight_decay_mask=True, trust_coefficient=0.001, eps=0.0, trust_ratio_mask=True, momentum=0.9,
+             nesterov=False, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+             percentile_clipping=None):
   r"""LARS with an 8-bit momentum (``optax.lars``).
 
   .. math:: x = g + \text{wd}\, p, \quad

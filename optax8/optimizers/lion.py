@@ -52,8 +52,9 @@ def scale_by_lion8bit(b1=0.9, b2=0.99, mu_dtype=None, *, bits=None, block_size=N
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def lion8bit(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *, bits=None,
-             block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def lion8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, mu_dtype=None,
+             weight_decay: optax.ScalarOrSchedule = 1e-3, mask=None, *, bits=None, block_size=None,
+             min_8bit_size=None, max_unorm=None, percentile_clipping=None):
   r"""Lion with an 8-bit momentum (``optax.lion``): ``u = -lr * (sign(...) + wd * p)``."""
   check_hyperparameters("lion8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")

@@ -135,11 +135,11 @@ def scale_by_muon8bit(ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95,
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def muon8bit(learning_rate, ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95, eps=1e-8, weight_decay=0.0,
-             weight_decay_mask=None, mu_dtype=None, *, nesterov=True, adaptive=False, preconditioning="frobenius",
-             adam_b1=0.9, adam_b2=0.999, adam_eps_root=0.0, adam_weight_decay=0.0, adam_learning_rate=None,
-             muon_weight_dimension_numbers=None, consistent_rms=None, bits=None, block_size=None,
-             min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95,
+             eps=1e-8, weight_decay=0.0, weight_decay_mask=None, mu_dtype=None, *, nesterov=True, adaptive=False,
+             preconditioning="frobenius", adam_b1=0.9, adam_b2=0.999, adam_eps_root=0.0, adam_weight_decay=0.0,
+             adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms=None, bits=None,
+             block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
   r"""Muon with an 8-bit momentum (``optax.contrib.muon``).
 
   .. math:: u = -\text{lr} \left(s \operatorname{NS}(\hat m) + \text{wd}\, p\right)

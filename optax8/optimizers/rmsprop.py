@@ -61,8 +61,8 @@ def scale_by_rms8bit(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, b
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def rmsprop8bit(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, centered=False,
-                momentum=None, nesterov=False, bias_correction=False, *, weight_decay=None, bits=None,
+def rmsprop8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
+                centered=False, momentum=None, nesterov=False, bias_correction=False, *, weight_decay=None, bits=None,
                 block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
   r"""RMSprop with an 8-bit second moment (``optax.rmsprop``).
 

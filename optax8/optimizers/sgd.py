@@ -53,8 +53,9 @@ def trace8bit(decay, nesterov=False, accumulator_dtype=None, *, bits=None, block
                Options(bits, block_size, min_8bit_size, max_unorm))
 
 
-def sgd8bit(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *, weight_decay=None, bits=None,
-            block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum=None, nesterov=False, accumulator_dtype=None, *,
+            weight_decay=None, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+            percentile_clipping=None):
   r"""SGD with an 8-bit momentum buffer (``optax.sgd``).
 
   .. math:: g' = g + \text{wd}\, p, \quad m_t = g' + \mu m_{t-1}, \quad u = -\text{lr}\, m_t
