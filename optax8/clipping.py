@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax8.complex_leaves import is_complex, real_view
 from optax8.options import (PERCENTILE_OFF, RANGES, as_array, check_number, is_single, is_static, key_paths,
                             leaf_values, path_str, static_int, unbox)
 
@@ -106,9 +107,9 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
     state_def = jax.tree.structure(unbox(updates))
     grads = treedef.flatten_up_to(updates)
     for path, g in zip(key_paths(updates), grads):
-      if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
+      if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.inexact):
         raise TypeError(f"{name}: leaf {path_str(path)}: gradient has dtype {g.dtype}, expected a floating-point "
-                        "dtype")
+                        "or complex dtype")
     ps = percentiles(params if params is not None else updates)
     count = state.count
     if per_leaf:
@@ -146,7 +147,7 @@ def _norms(g):
   """The squared norm of the finite elements (at most float32's largest value) and the norm."""
   if g.size == 0:   # an empty leaf: norm 0, never clipped
     return jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
-  g = g.astype(jnp.float32)
+  g = (real_view(g) if is_complex(g) else g).astype(jnp.float32)   # a complex leaf's norm is its real view's
   g = jnp.where(jnp.isfinite(g), g, 0)
   sq = jnp.sum(g * g)
   norm = jax.lax.cond(sq < FLOAT32_MAX, lambda: jnp.sqrt(sq), lambda: _robust_norm(g))
@@ -174,5 +175,6 @@ def _record(h, sq, norm, count, percentile):
 
 
 def _scale(g, scale):
-  """``g * scale`` in float32, rounded to g's dtype; non-finite elements unchanged."""
-  return jnp.where(jnp.isfinite(g), (g.astype(jnp.float32) * scale).astype(g.dtype), g)
+  """``g * scale`` in float32 (complex64 for a complex g), rounded to g's dtype; non-finite elements unchanged."""
+  work = jnp.complex64 if is_complex(g) else jnp.float32
+  return jnp.where(jnp.isfinite(g), (g.astype(work) * scale).astype(g.dtype), g)

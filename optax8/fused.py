@@ -36,6 +36,8 @@ import optax
 
 from optax8 import clipping, dispatch, maps
 from optax8.apply import FusedGradientTransformation, chain, fused_transformation
+from optax8.complex_leaves import from_real_view, is_complex, real_view
+from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape
@@ -71,11 +73,14 @@ def _flatten_like(treedef, tree, what: str, name: str):
     raise ValueError(f"{name}: {what} does not have the structure of the updates: {e}") from None
 
 
-def _check_param(name: str, path: str, x) -> None:
+def _check_param(name: str, path: str, x, algorithm: Algorithm) -> None:
   dtype = jnp.dtype(x.dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{name}: leaf {path} has dtype {dtype}: only floating-point leaves can be optimized; leave "
-                    "it out of the optimizer with optax.masked or optax.partition (e.g. optax.set_to_zero())")
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"{name}: leaf {path} has dtype {dtype}: only floating-point and complex leaves can be optimized; "
+                    "leave it out of the optimizer with optax.masked or optax.partition (e.g. optax.set_to_zero())")
+  if is_complex(x) and not algorithm.takes_complex:
+    raise TypeError(f"{name}: leaf {path} is complex ({dtype}), which {name} does not support; leave it out with "
+                    "optax.partition (e.g. to optax8.adamw8bit)")
 
 
 def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings=None):
@@ -115,10 +120,13 @@ def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int 
                      f"shape {got}; was the state made for other parameters?")
 
 
-def _check_grad(name: str, path: str, g):
-  if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.floating):
-    raise TypeError(f"{name}: leaf {path}: gradient has dtype {g.dtype}: only floating-point leaves can be "
-                    "optimized; leave it out with optax.masked or optax.partition (e.g. optax.set_to_zero())")
+def _check_grad(name: str, path: str, g, p):
+  if not jnp.issubdtype(jnp.dtype(g.dtype), jnp.inexact):
+    raise TypeError(f"{name}: leaf {path}: gradient has dtype {g.dtype}: only floating-point and complex leaves "
+                    "can be optimized; leave it out with optax.masked or optax.partition (e.g. optax.set_to_zero())")
+  if p is not None and is_complex(p) != is_complex(g):
+    raise TypeError(f"{name}: leaf {path}: gradient dtype {g.dtype} and parameter dtype {p.dtype}: a complex "
+                    "parameter needs a complex gradient and a real one a real gradient")
 
 
 def norm(x):
@@ -288,12 +296,13 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     params = jax.tree.map(as_array, params)
     leaves, paths = jax.tree.leaves(params), _paths(params)
     for path, x in zip(paths, leaves):
-      _check_param(name, path, x)
+      _check_param(name, path, x, algorithm)
     bits = options.leaf_bits(name, params)
     block_sizes = options.leaf_block_sizes(name, params)
     options.leaf_max_unorms(name, params)   # checked here, used by update
     states = []
     for path, x, b, bs, box in zip(paths, leaves, bits, block_sizes, boxes(params)):
+      x = real_view(x) if is_complex(x) else x   # a complex leaf's state has its real view's shape
       shardings = state_shardings(name, path, x, b, bs)   # the state is sharded like the parameter
       leaf_states = (_state_leaf(k, tuple(x.shape), b, bs, v, shardings) for k, v in zip(kinds, initial))
       states.append(tuple(leaf if box is None else jax.tree.map(box, leaf) for leaf in leaf_states))
@@ -328,26 +337,33 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     wd = schedule_value(r.weight_decay, count) if needs_decay_params else 0.0
     base = r.hyper(count, count_inc)
 
-    calls = []
+    calls, views = [], []
     for i, (plan, g, p) in enumerate(zip(plans, grads, ps)):
-      _check_grad(name, plan.path, g)
-      leaf_states = tuple(m[i] for m in moments)
-      for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
+      _check_grad(name, plan.path, g, p)
       if p is not None and tuple(p.shape) != tuple(g.shape):
         raise ValueError(f"{name}: leaf {plan.path}: params shape {tuple(p.shape)} differs from the gradient's "
                          f"{tuple(g.shape)}")
+      pairs = is_complex(g)
+      if pairs:   # stepped as real views (optax8.complex_leaves)
+        _check_param(name, plan.path, g, algorithm)
+        g, p = real_view(g), None if p is None else real_view(p)
+      views.append(p)
+      leaf_states = tuple(m[i] for m in moments)
+      for leaf, kind in zip(leaf_states, kinds):
+        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
       kernel_p = p if fused_apply or (plan.kernel_params and needs_decay_params) else None
       calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p), plan.hyper_key, g, kernel_p, leaf_states,
-                            fused_apply))
+                            fused_apply, pairs))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), plan, call, p in zip(results, plans, calls, ps):
+    for (u, new), plan, call, p, out in zip(results, plans, calls, views, ps if apply else grads):
       if plan.post:
         u = _post(r, plan, u, call.g, p, scale, wd)
       if apply and not call.apply:
         u = jnp.asarray(p + u).astype(p.dtype)
+      if call.pairs:
+        u = from_real_view(u, tuple(out.shape), out.dtype)
       out_u.append(u)
       for j, s in enumerate(new):
         out_states[j].append(s)
@@ -388,6 +404,7 @@ class LeafCall(NamedTuple):
   p: jax.Array | None
   states: tuple
   apply: bool  # 8-bit leaves only: return p + update
+  pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
 
 
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
@@ -413,7 +430,9 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   results = [None] * len(calls)
   groups: dict[tuple, list[int]] = {}
   for i, c in enumerate(calls):
-    if all(isinstance(s, QuantizedArray) for s in c.states):
+    if c.pairs:
+      results[i] = _step_pairs(algorithm, vector(c), c)
+    elif all(isinstance(s, QuantizedArray) for s in c.states):
       groups.setdefault((c.states[0].block_size, c.p is None, c.apply), []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
@@ -449,6 +468,17 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)
                                             for (code, a), s in zip(new, c.states)))
   return results
+
+
+def _step_pairs(algorithm: Algorithm, hyper, c: LeafCall):
+  """A complex leaf's (output, new states), in JAX on its real view (``rule`` and ``step`` with ``pairs``)."""
+  if isinstance(c.states[0], QuantizedArray):
+    out, new = jax_step.step(algorithm, hyper, c.g, c.p, tuple((s.codes, s.absmax) for s in c.states),
+                             c.states[0].block_size, c.apply, pairs=True)
+    return out, tuple(QuantizedArray(code, a, s.block_size, s.kind) for (code, a), s in zip(new, c.states))
+  u, new = rule(algorithm, hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
+                c.states, pairs=True)
+  return u.astype(c.g.dtype), new
 
 
 def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd):

@@ -343,7 +343,8 @@ class Options:
     """The state width (8 or 32) of each leaf of ``params``.
 
     A leaf gets 8-bit state if its bits are 8, it has at least
-    ``min_8bit_size`` elements and a float32, bfloat16 or float16 dtype.
+    ``min_8bit_size`` elements and a float32, bfloat16, float16 or complex
+    dtype.
     """
     explicit = not is_single(self.bits)
     min_size = max(self.resolved_min_8bit_size(), 1)
@@ -355,7 +356,8 @@ class Options:
         b = self._bits(b, where)
       if b is None or (not explicit and is_stable_embedding(path)):
         b = 32 if is_stable_embedding(path) else (b or 8)
-      eight = b == 8 and math.prod(x.shape) >= min_size and jnp.dtype(x.dtype) in VALUE_DTYPES
+      eligible = jnp.dtype(x.dtype) in VALUE_DTYPES or jnp.issubdtype(jnp.dtype(x.dtype), jnp.complexfloating)
+      eight = b == 8 and math.prod(x.shape) >= min_size and eligible
       out.append(8 if eight else 32)
     return out
 

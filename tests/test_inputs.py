@@ -330,11 +330,12 @@ def test_float64_gradients_are_used_in_float32(x64, backend):
 def test_integer_leaves_are_refused_by_path_at_trace_time(name):
   tx = OPTIMIZERS[name][0]()
   params = {"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)}}
-  with pytest.raises(TypeError, match=r"leaf \['layer'\]\['step'\] has dtype int32: only floating-point leaves"):
+  with pytest.raises(TypeError,
+                     match=r"leaf \['layer'\]\['step'\] has dtype int32: only floating-point and complex leaves"):
     tx.init(params)
   state = tx.init({"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros(())}})
   bad = {"layer": {"kernel": jnp.ones((4, 4)), "step": jnp.zeros((), jnp.int32)}}
-  with pytest.raises(TypeError, match=r"\['layer'\]\['step'\].*only floating-point leaves"):
+  with pytest.raises(TypeError, match=r"\['layer'\]\['step'\].*only floating-point and complex leaves"):
     jax.jit(tx.update).lower(bad, state, bad)
 
 

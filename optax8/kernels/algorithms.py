@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import inspect
 import pathlib
 import textwrap
 import zlib
@@ -98,7 +99,10 @@ class Algorithm:
     direction: the pure-JAX rule ``(h, g, s) -> d``: ``h`` the
       hyperparameter vector (index it with `Hyper`), ``g`` the float32
       gradient (coupled decay added), ``s`` a list of the float32 states,
-      replaced in place by the new ones; ``d`` is the direction.
+      replaced in place by the new ones; ``d`` is the direction. A rule
+      that also takes ``ops`` (``(h, g, s, ops=REAL)``) and squares and
+      signs with ``ops.square`` and ``ops.sign`` runs on complex leaves too
+      (`optax8.complex_leaves`).
     cxx: the same rule in C++: the body of ``template <typename F> F
       direction(const HyperF<F>& h, F g, F* s)``, where ``h.v[kB1]`` reads a
       slot, ``h.one`` is 1, ``zero`` is 0 and ``vsqrt``, ``vsign``,
@@ -112,6 +116,11 @@ class Algorithm:
   states: tuple[str, ...]
   direction: Callable
   cxx: str
+
+  @property
+  def takes_complex(self) -> bool:
+    """``direction`` takes ``ops``: the rule runs on real views of complex leaves."""
+    return "ops" in inspect.signature(self.direction).parameters
 
   @property
   def cxx_name(self) -> str:

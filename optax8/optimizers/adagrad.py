@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.fused import Options, Rule, fused
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -17,8 +18,8 @@ from optax8.options import check_hyperparameters
 __all__ = ["ScaleByRss8bitState", "adagrad8bit", "scale_by_rss8bit"]
 
 
-def _direction(h, g, s):
-  s[0] = g * g + s[0]
+def _direction(h, g, s, ops=REAL):
+  s[0] = ops.square(g) + s[0]
   return jnp.where(s[0] > 0, 1 / jnp.sqrt(s[0] + h[Hyper.EPS_ROOT]), 0) * g
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.fused import Options, Rule, check_state_dtype, fused
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -17,9 +18,9 @@ from optax8.options import check_hyperparameters
 __all__ = ["ScaleByAdam8bitState", "adam8bit", "adamw8bit", "scale_by_adam8bit"]
 
 
-def _direction(h, g, s):
+def _direction(h, g, s, ops=REAL):
   m = h[Hyper.ONE_MINUS_B1] * g + h[Hyper.B1] * s[0]
-  v = h[Hyper.ONE_MINUS_B2] * (g * g) + h[Hyper.B2] * s[1]
+  v = h[Hyper.ONE_MINUS_B2] * ops.square(g) + h[Hyper.B2] * s[1]
   plain = m * h[Hyper.INV_BIAS1]
   nesterov = h[Hyper.B1] * (m * h[Hyper.INV_BIAS1_NEXT]) + h[Hyper.ONE_MINUS_B1] * (g * h[Hyper.INV_BIAS1])
   num = jnp.where(h[Hyper.NESTEROV] > 0, nesterov, plain)

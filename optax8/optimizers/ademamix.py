@@ -10,6 +10,7 @@ import optax
 from optax import contrib
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.fused import Options, Rule, check_state_dtype, fused, schedule_value
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -18,9 +19,9 @@ from optax8.options import check_hyperparameters
 __all__ = ["ScaleByAdemamix8bitState", "ademamix8bit", "scale_by_ademamix8bit"]
 
 
-def _direction(h, g, s):
+def _direction(h, g, s, ops=REAL):
   m1 = h[Hyper.ONE_MINUS_B1] * g + h[Hyper.B1] * s[0]
-  nu = h[Hyper.ONE_MINUS_B2] * (g * g) + h[Hyper.B2] * s[2]
+  nu = h[Hyper.ONE_MINUS_B2] * ops.square(g) + h[Hyper.B2] * s[2]
   s[1] = h[Hyper.ONE_MINUS_B3] * g + h[Hyper.B3] * s[1]
   num = m1 * h[Hyper.INV_BIAS1] + h[Hyper.ALPHA] * s[1]
   s[0], s[2] = m1, nu

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.fused import Options, Rule, check_state_dtype, fused
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -17,8 +18,8 @@ from optax8.options import check_hyperparameters
 __all__ = ["ScaleByLion8bitState", "lion8bit", "scale_by_lion8bit"]
 
 
-def _direction(h, g, s):
-  d = jnp.sign(h[Hyper.ONE_MINUS_B1] * g + h[Hyper.B1] * s[0])
+def _direction(h, g, s, ops=REAL):
+  d = ops.sign(h[Hyper.ONE_MINUS_B1] * g + h[Hyper.B1] * s[0])
   s[0] = h[Hyper.ONE_MINUS_B2] * g + h[Hyper.B2] * s[0]
   return d
 

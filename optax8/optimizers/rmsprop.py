@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.apply import chain
 from optax8.fused import Options, Rule, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
@@ -20,8 +21,8 @@ from optax8.options import check_hyperparameters
 __all__ = ["ScaleByRms8bitState", "rmsprop8bit", "scale_by_rms8bit"]
 
 
-def _direction(h, g, s):
-  s[0] = h[Hyper.ONE_MINUS_B2] * (g * g) + h[Hyper.B2] * s[0]
+def _direction(h, g, s, ops=REAL):
+  s[0] = h[Hyper.ONE_MINUS_B2] * ops.square(g) + h[Hyper.B2] * s[0]
   return (1 / (jnp.sqrt(s[0] * h[Hyper.INV_BIAS2] + h[Hyper.EPS_ROOT]) + h[Hyper.EPS])) * g
 
 

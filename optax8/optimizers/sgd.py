@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax8 import maps
+from optax8.complex_leaves import REAL
 from optax8.fused import Options, Rule, check_state_dtype, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -17,7 +18,7 @@ from optax8.options import check_hyperparameters
 __all__ = ["Trace8bitState", "sgd8bit", "trace8bit"]
 
 
-def _direction(h, g, s):
+def _direction(h, g, s, ops=REAL):   # linear: the same on complex leaves
   x = h[Hyper.PRE_SCALE] * g
   s[0] = x + h[Hyper.B1] * s[0]
   return jnp.where(h[Hyper.NESTEROV] > 0, x + h[Hyper.B1] * s[0], s[0])
