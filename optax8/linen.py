@@ -1,4 +1,4 @@
-"""Flax linen layers: `StableEmbed` (needs ``pip install optax8[flax]``)."""
+"""Flax linen: the `StableEmbed` layer and a `TrainState` that applies fused (needs ``pip install optax8[flax]``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,35 @@ try:
 except ImportError as e:
   raise ImportError("optax8.linen needs flax: pip install 'optax8[flax]'") from e
 
+from flax.training import train_state
+
 from optax8 import stable_embed
+from optax8.apply import apply_gradients
 from optax8.options import STABLE_EMBEDDING
 
-__all__ = ["StableEmbed"]
+__all__ = ["StableEmbed", "TrainState"]
+
+
+class TrainState(train_state.TrainState):
+  """``flax.training.train_state.TrainState`` whose ``apply_gradients`` lets optax8's kernels write the params.
+
+  Made and used as Flax's (``TrainState.create(apply_fn=..., params=...,
+  tx=...)``, ``state.apply_gradients(grads=grads)``). ``apply_gradients``
+  runs `optax8.apply_gradients`: the fused apply where ``tx`` has one, else
+  ``tx.update`` and ``optax.apply_updates``, as Flax's. For float32
+  parameters the result is Flax's TrainState's, bit for bit. Gradients under
+  ``OVERWRITE_WITH_GRADIENT`` replace their parameters, as in Flax.
+  """
+
+  def apply_gradients(self, *, grads, **kwargs):
+    overwrite = train_state.OVERWRITE_WITH_GRADIENT in grads
+    params = self.params["params"] if overwrite else self.params
+    new_params, new_opt_state = apply_gradients(self.tx, grads["params"] if overwrite else grads, self.opt_state,
+                                                params)
+    if overwrite:
+      new_params = {"params": new_params,
+                    train_state.OVERWRITE_WITH_GRADIENT: grads[train_state.OVERWRITE_WITH_GRADIENT]}
+    return self.replace(step=self.step + 1, params=new_params, opt_state=new_opt_state, **kwargs)
 
 
 class StableEmbed(nn.Module):

@@ -1,4 +1,4 @@
-"""Flax nnx layers: `StableEmbed` (needs ``pip install optax8[flax]``)."""
+"""Flax nnx: the `StableEmbed` layer and an `Optimizer` that applies fused (needs ``pip install optax8[flax]``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,38 @@ except ImportError as e:
   raise ImportError("optax8.nnx needs flax: pip install 'optax8[flax]'") from e
 
 from optax8 import stable_embed
+from optax8.apply import fused_apply
 
-__all__ = ["StableEmbed"]
+__all__ = ["Optimizer", "StableEmbed"]
+
+
+class Optimizer(nnx.Optimizer):
+  """``nnx.Optimizer`` whose ``update`` lets optax8's kernels write the new parameters.
+
+  The same constructor, state and ``update(model, grads, **kwargs)`` as
+  ``nnx.Optimizer``. Where ``tx`` has a fused apply (`optax8.fused_apply`:
+  optax8's optimizers and `optax8.chain`, `optax8.partition`,
+  `optax8.inject_hyperparams` or `optax8.offload` of them), ``update`` runs
+  it: ``new_params, opt_state = apply(grads, opt_state, params)``, each
+  8-bit leaf's kernel adding its update to the parameter in the same pass,
+  and returns None (no separate updates exist). For float32 parameters the
+  result is ``nnx.Optimizer``'s, bit for bit; a bfloat16 parameter is
+  rounded once, from ``p + u`` in float32. Without a fused apply this is
+  ``nnx.Optimizer``.
+  """
+
+  def update(self, model, grads, /, **kwargs):
+    apply = fused_apply(self.tx)
+    if apply is None:
+      return super().update(model, grads, **kwargs)
+    graph = {"graph": self.graph} if hasattr(self, "graph") else {}
+    params = nnx.as_pure(nnx.state(model, self.wrt, **graph))
+    new_params, new_opt_state = apply(nnx.as_pure(nnx.state(grads, self.wrt, **graph)), nnx.as_pure(self.opt_state),
+                                      params, **nnx.as_pure(kwargs))
+    nnx.update(model, new_params)
+    nnx.update(self.opt_state, nnx.state(new_opt_state, **graph))
+    self.step[...] += 1
+    return None
 
 
 class StableEmbed(nnx.Module):

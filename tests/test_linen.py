@@ -4,6 +4,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -209,3 +210,28 @@ def test_trains_a_linen_model_with_the_table_in_32_bits():
   assert losses[-1] < 0.5 * losses[0]
   assert not isinstance(state.mu["embed"]["stable_embedding"], QuantizedArray)
   assert isinstance(state.mu["hidden"]["kernel"], QuantizedArray)
+
+
+@pytest.mark.parametrize("make_tx", [lambda: optax8.adamw8bit(3e-3, weight_decay=0.1, min_8bit_size=1024),
+                                     lambda: optax.adamw(3e-3)], ids=["adamw8bit", "optax.adamw"])
+def test_optax8_train_state_equals_flax_train_state(make_tx):
+  """optax8.linen.TrainState: created and stepped as Flax's, bit for bit, fused where the tx allows it."""
+  from flax.training import train_state
+  model, params = _Model(), _params()
+  tokens = _tokens((8, 4))
+
+  @jax.jit
+  def step(state):
+    grads = jax.grad(lambda p: jnp.mean(state.apply_fn({"params": p}, tokens) ** 2))(state.params)
+    return state.apply_gradients(grads=grads)
+
+  states = []
+  for cls in (train_state.TrainState, optax8.linen.TrainState):
+    state = cls.create(apply_fn=model.apply, params=params, tx=make_tx())
+    for _ in range(3):
+      state = step(state)
+    states.append(state)
+  assert int(states[1].step) == 3 and isinstance(states[1], optax8.linen.TrainState)
+  for a, b in zip(jax.tree.leaves((states[0].params, states[0].opt_state)),
+                  jax.tree.leaves((states[1].params, states[1].opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

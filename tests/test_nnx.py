@@ -207,3 +207,35 @@ def test_nnx_optimizer_with_sharded_params():
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("a", "b"), None))
     assert rows.is_equivalent_to(q.codes.sharding, 2) and rows.is_equivalent_to(q.absmax.sharding, 2)
   assert state[0].history["kernel"].shape == (100,)
+
+
+@pytest.mark.parametrize("make_tx", [lambda: optax8.adamw8bit(3e-3, weight_decay=0.1),
+                                     lambda: optax8.chain(optax.clip_by_global_norm(1.0), optax8.lion8bit(1e-3)),
+                                     lambda: optax.adamw(3e-3)],
+                         ids=["adamw8bit", "chain-lion8bit", "optax.adamw"])
+def test_optax8_nnx_optimizer_equals_nnx_optimizer(make_tx, monkeypatch):
+  """optax8.nnx.Optimizer in Flax's loop (nnx.jit, value_and_grad, update(model, grads)): the params and state of
+  nnx.Optimizer with the same tx, bit for bit; the kernels write the params where the tx has a fused apply."""
+  from optax8 import dispatch
+  applied = []
+  real_step_group = dispatch.step_group
+  monkeypatch.setattr(dispatch, "step_group", lambda *a, **k: applied.append(a[4]) or real_step_group(*a, **k))
+  tokens = _tokens((8, 4))
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  results = []
+  for cls in (nnx.Optimizer, optax8.nnx.Optimizer):
+    model = _Model(nnx.Rngs(0))
+    optimizer = cls(model, make_tx(), wrt=nnx.Param)
+    losses = [float(step(model, optimizer)) for _ in range(3)]
+    results.append((losses, nnx.state(model, nnx.Param), _opt_state(optimizer), int(optimizer.step[...])))
+  (l1, p1, s1, n1), (l2, p2, s2, n2) = results
+  assert l1 == l2 and n1 == n2 == 3
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (True in applied) == (optax8.fused_apply(make_tx()) is not None)
