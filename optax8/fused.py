@@ -36,7 +36,7 @@ import optax
 
 from optax8 import clipping, dispatch, maps
 from optax8.apply import FusedGradientTransformation, chain, fused_transformation
-from optax8.complex_leaves import from_real_view, is_complex, real_view
+from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_view
 from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
@@ -359,7 +359,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     out_u, out_states = [], [[] for _ in kinds]
     for (u, new), plan, call, p, out in zip(results, plans, calls, views, ps if apply else grads):
       if plan.post:
-        u = _post(r, plan, u, call.g, p, scale, wd)
+        u = _post(r, plan, u, call.g, p, scale, wd, call.pairs)
       if apply and not call.apply:
         u = jnp.asarray(p + u).astype(p.dtype)
       if call.pairs:
@@ -481,7 +481,7 @@ def _step_pairs(algorithm: Algorithm, hyper, c: LeafCall):
   return u.astype(c.g.dtype), new
 
 
-def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd):
+def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd, pairs: bool = False):
   """Direction ``d`` -> update, with max_unorm, then ``r.post`` (or decoupled decay), then the learning rate.
 
   max_unorm scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
@@ -500,5 +500,5 @@ def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd):
     unorm = norm(d32)
     d32 = d32 * jnp.where((plan.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
   x = r.post(d32, p32, wd, plan.post_arg) if r.post is not None else d32 + wd * p32
-  bad = ~jnp.isfinite(g)
+  bad = ~(PAIRS if pairs else REAL).finite(g)   # a complex element with a non-finite part: both parts
   return jnp.where(bad, 0, scale * x).astype(d.dtype)

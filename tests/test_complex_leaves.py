@@ -161,3 +161,14 @@ def test_abstract_and_sharded_complex_leaves():
   u_ref, new_ref = jax.jit(tx.update)(grads, tx.init(params), params)
   for a, b in zip(jax.tree.leaves((u, new)), jax.tree.leaves((u_ref, new_ref))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lamb8bit"])   # without and with a hook over the whole leaf
+def test_a_complex_element_with_a_non_finite_part_gets_a_zero_update(name):
+  tx = REGISTRY[name].make(1e-2, weight_decay=0.1, min_8bit_size=0)
+  params = {"w": _complex((4, 64), 0)}
+  grads = {"w": _complex((4, 64), 1).at[1, 3].set(complex(np.nan, 1.0))}
+  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert u["w"][1, 3] == 0
+  assert bool(jnp.all(jnp.isfinite(u["w"]))) and int(jnp.sum(u["w"] == 0)) == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import optax8
@@ -71,7 +71,8 @@ def assert_steps_agree(a, b):
   for (c1, a1), (c2, a2) in zip(s1, s2):
     np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=2e-6, atol=1e-6 * float(np.max(np.asarray(a2))))
     diff = np.abs(np.asarray(c1, np.int32) - np.asarray(c2, np.int32))
-    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).sum())
+    # any element may sit on a boundary: one in a small array, 0.1% of a large one
+    assert diff.max() <= 1 and (diff > 0).sum() <= max(1, 1e-3 * diff.size), (diff.max(), (diff > 0).sum())
 
 
 @needs_native_cpu
@@ -87,6 +88,9 @@ def test_native_step_matches_jax(algo, dtype, shape, block_size):
 
 @needs_native_cpu
 @settings(max_examples=25)
+# a case one code apart (one element on a boundary)
+@example(algo=next(a for a in ALGORITHMS if a.name == "momentum"), rows=1, cols=428, log_block=1, seed=0,
+         with_params=True)
 @given(algo=st.sampled_from(ALGORITHMS), rows=st.integers(1, 4), cols=st.integers(1, 700),
        log_block=st.integers(0, 11), seed=st.integers(0, 2**16), with_params=st.booleans())
 def test_native_step_matches_jax_on_any_layout(algo, rows, cols, log_block, seed, with_params):
