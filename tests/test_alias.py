@@ -110,7 +110,9 @@ def roundtrip(state):
   return jax.tree.unflatten(treedef, [jnp.asarray(loaded[f"arr_{i}"]) for i in range(len(leaves))])
 
 
-@pytest.mark.parametrize("shape", [(1024, 32), (1024, 1024), (1024, 4097)], ids=lambda s: "x".join(map(str, s)))
+# bnb's shapes, with 256 rows of 4097 instead of 1024: the odd width (a one-element block ending each row) is what
+# that shape tests, and a quarter of the rows keeps the suite's time down
+@pytest.mark.parametrize("shape", [(1024, 32), (1024, 1024), (256, 4097)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", NAMES)
 def test_fifty_steps_against_float32_optax(name, dtype, shape):
