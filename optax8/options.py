@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax8.complex_leaves import is_complex
 from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, check_block_size
 
 STABLE_EMBEDDING = "stable_embedding"
@@ -356,8 +357,7 @@ class Options:
         b = self._bits(b, where)
       if b is None or (not explicit and is_stable_embedding(path)):
         b = 32 if is_stable_embedding(path) else (b or 8)
-      eligible = jnp.dtype(x.dtype) in VALUE_DTYPES or jnp.issubdtype(jnp.dtype(x.dtype), jnp.complexfloating)
-      eight = b == 8 and math.prod(x.shape) >= min_size and eligible
+      eight = b == 8 and math.prod(x.shape) >= min_size and (jnp.dtype(x.dtype) in VALUE_DTYPES or is_complex(x))
       out.append(8 if eight else 32)
     return out
 
