@@ -4,8 +4,9 @@ A state is a pytree of arrays ([`optax8.QuantizedArray`][optax8.quantize.Quantiz
 ``codes`` and ``absmax``), so orbax and ``flax.serialization`` save and
 restore it like any other. A state restores correctly only into an
 optimizer that makes the same tree: the same 8-bit and 32-bit leaves
-(``bits``, ``min_8bit_size``), block size (absmax shape ``shape[:-1] +
-(ceil(shape[-1] / block_size),)``) and parameter shapes. [`check_state`][optax8.checkpoint.check_state]
+(``bits``, ``min_8bit_size``), block size and block layout (absmax shape
+`optax8.layout.absmax_shape`: one value per 16 x 16 tile of a matrix at
+block_size 256) and parameter shapes. [`check_state`][optax8.checkpoint.check_state]
 compares a state, its abstract form or a checkpoint's metadata with what the
 optimizer makes, leaf by leaf::
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax8.layout import absmax_shape
+from optax8.layout import absmax_shape, block_shape
 from optax8.quantize import QuantizedArray
 
 _MAX_PROBLEMS = 8
@@ -107,8 +108,11 @@ def check_state(state, expected) -> None:
   q_got, q_want = _optimizer_states(_quantized(state), _quantized(expected))
   for names, (path, q) in q_got.items():
     if tuple(q.absmax.shape) != absmax_shape(q.codes.shape, q.block_size):
+      blocks = " x ".join(map(str, block_shape(q.codes.shape, q.block_size))) or "1"
       problems.append(f"{path}: absmax shape {tuple(q.absmax.shape)} does not fit codes shape "
-                      f"{tuple(q.codes.shape)} with block_size {q.block_size}")
+                      f"{tuple(q.codes.shape)} with block_size {q.block_size} (blocks of {blocks}: expected "
+                      f"{absmax_shape(q.codes.shape, q.block_size)}); was it quantized with another block size or "
+                      "block layout?")
     elif names in q_want:
       w = q_want[names][1]
       if q.block_size != w.block_size:
@@ -149,7 +153,7 @@ def _compare(names, path, leaf, want_leaf, got, want) -> list[str]:
     same_codes = codes in got and codes in want and _shape_dtype(got[codes][1])[0] == _shape_dtype(want[codes][1])[0]
     if names[-1] == "absmax" and same_codes:
       out.append(f"{path}: shape {shape}, the optimizer expects {want_shape}: the state was quantized with "
-                 "another block_size")
+                 "another block_size or block layout")
     else:
       out.append(f"{path}: shape {shape}, the optimizer expects {want_shape}: was the state made for parameters "
                  "of other shapes?")
@@ -177,8 +181,8 @@ def _register_flax() -> None:
       shape, want = np.shape(state[field]), tuple(getattr(target, field).shape)
       if shape != want:
         raise ValueError(f"QuantizedArray at {where!r}: {field} shape {shape}, the target has {want} (block_size "
-                         f"{target.block_size}); was it saved with another block_size or for parameters of other "
-                         "shapes?")
+                         f"{target.block_size}); was it saved with another block_size or block layout, or for "
+                         "parameters of other shapes?")
     return QuantizedArray(serialization.from_state_dict(target.codes, state["codes"], "codes"),
                           serialization.from_state_dict(target.absmax, state["absmax"], "absmax"),
                           target.block_size, target.kind)

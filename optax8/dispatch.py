@@ -15,7 +15,7 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from optax8 import sharding
+from optax8 import layout, sharding
 from optax8.kernels import jax_backend, jax_step, native
 from optax8.kernels.algorithms import CUDA_MAX_STEP_BLOCK
 from optax8.sharding import ABSMAX, ELEMENTS, REPLICATED
@@ -37,30 +37,31 @@ def _native_branches(fn):
 def quantize(x, block_size: int, kind: str, map_id: int):
   """(codes, absmax) of ``x`` (rank >= 1) on the platform's backend, on each device's shards."""
   op = sharding.make_op(_quantize, [x.shape], [(ELEMENTS, 0)], [(ELEMENTS, 0), (ABSMAX, 0)],
-                        block_size=block_size, kind=kind, map_id=map_id)
+                        block_size=block_size, rows=layout.tile_rows(x.shape, block_size), kind=kind, map_id=map_id)
   return sharding.shard_local(op, x)
 
 
 def dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
   """``map[codes] * absmax`` as ``dtype`` on the platform's backend, on each device's shards."""
   op = sharding.make_op(_dequantize, [codes.shape], [(ELEMENTS, 0), (ABSMAX, 0)], [(ELEMENTS, 0)],
-                        block_size=block_size, kind=kind, map_id=map_id, dtype=jnp.dtype(dtype))
+                        block_size=block_size, rows=layout.tile_rows(codes.shape, block_size), kind=kind,
+                        map_id=map_id, dtype=jnp.dtype(dtype))
   return sharding.shard_local(op, codes, absmax)[0]
 
 
-def _quantize(x, block_size: int, kind: str, map_id: int):
+def _quantize(x, block_size: int, rows: int, kind: str, map_id: int):
   return lax.platform_dependent(
       x,
-      default=functools.partial(jax_backend.quantize, block_size=block_size, kind=kind),
-      **_native_branches(functools.partial(native.quantize, block_size=block_size, map_id=map_id)))
+      default=functools.partial(jax_backend.quantize, block_size=block_size, kind=kind, rows=rows),
+      **_native_branches(functools.partial(native.quantize, block_size=block_size, map_id=map_id, rows=rows)))
 
 
-def _dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
+def _dequantize(codes, absmax, block_size: int, rows: int, kind: str, map_id: int, dtype):
   return (lax.platform_dependent(
       codes, absmax,
-      default=functools.partial(jax_backend.dequantize, block_size=block_size, kind=kind, dtype=dtype),
+      default=functools.partial(jax_backend.dequantize, block_size=block_size, kind=kind, dtype=dtype, rows=rows),
       **_native_branches(functools.partial(native.dequantize, block_size=block_size, map_id=map_id,
-                                           dtype=dtype))),)
+                                           dtype=dtype, rows=rows))),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ class StepGroup:
 
   algo: int
   block_size: int
+  rows: int     # rows of a block of every leaf (`optax8.layout.tile_rows`)
   apply: bool
   with_params: bool
   leaves: int   # how many
@@ -85,11 +87,15 @@ class StepGroup:
 
   @classmethod
   def of(cls, algo, block_size: int, apply: bool, leaves) -> StepGroup:
-    """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none)."""
+    """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none; blocks of as many
+    rows in each: all of rank >= 2, or all vectors)."""
     with_params = leaves[0][1] is not None
     if any((p is not None) != with_params for _, p, _ in leaves):
       raise ValueError("step_group: give p for every leaf or for none")
-    return cls(int(algo), int(block_size), bool(apply), with_params, len(leaves), len(leaves[0][2]))
+    rows = {layout.tile_rows(g.shape, block_size) for g, _, _ in leaves}
+    if len(rows) != 1:
+      raise ValueError("step_group: every leaf's blocks must have as many rows (matrices and vectors apart)")
+    return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]))
 
   def flatten(self, hypers, leaves) -> list:
     return [hypers] + [x for g, p, states in leaves
@@ -136,22 +142,23 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
   group = StepGroup.of(algo, block_size, apply, leaves)
   operands, results = group.roles()
   op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
-                        group=group)
+                        rows=group.rows, group=group)
   return group.unflatten_results(sharding.shard_local(op, *group.flatten(hypers, leaves)))
 
 
-def _step_group(*flat, group: StepGroup, block_size: int):
+def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
   """`step_group` on flat operands; flat results."""
-  del block_size   # the group's, given to the sharding rule
+  del block_size, rows   # the group's, given to the sharding rule
 
   def native_fn(*args):
     hypers, leaves = group.unflatten(args)
-    return group.flatten_results(native.step_group(group.algo, hypers, leaves, group.block_size, group.apply))
+    return group.flatten_results(native.step_group(group.algo, hypers, leaves, group.block_size, group.apply,
+                                                   rows=group.rows))
 
   def jax_fn(*args):
     hypers, leaves = group.unflatten(args)
-    return group.flatten_results([jax_step.step(group.algo, hypers[i], g, p, s, group.block_size, group.apply)
-                                  for i, (g, p, s) in enumerate(leaves)])
+    return group.flatten_results([jax_step.step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
+                                                rows=group.rows) for i, (g, p, s) in enumerate(leaves)])
 
   branches = {p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)}
   if group.block_size > CUDA_MAX_STEP_BLOCK:

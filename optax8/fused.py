@@ -40,7 +40,7 @@ from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_
 from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
-from optax8.layout import absmax_shape
+from optax8.layout import absmax_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
@@ -410,7 +410,8 @@ class LeafCall(NamedTuple):
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   """(output, new states) per leaf: 8-bit leaves in one kernel call per group, float32 ones in JAX.
 
-  8-bit leaves that share block size, params use and apply mode go through
+  8-bit leaves that share block size, layout (tiles of matrices or runs of
+  vectors), params use and apply mode go through
   `optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
   elements and ``GROUP_LEAVES`` leaves (a larger leaf gets its own call):
   many small leaves share a call, while large gradients need not all be
@@ -433,7 +434,8 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
     if c.pairs:
       results[i] = _step_pairs(algorithm, vector(c), c)
     elif all(isinstance(s, QuantizedArray) for s in c.states):
-      groups.setdefault((c.states[0].block_size, c.p is None, c.apply), []).append(i)
+      block_size = c.states[0].block_size
+      groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply), []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
@@ -449,7 +451,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       current.append(i)
       size += n
     batches.append((key, current))
-  for (block_size, _, apply), idx in batches:
+  for (block_size, _, _, apply), idx in batches:
     leaves = []
     for i in idx:
       c = calls[i]

@@ -1,10 +1,19 @@
-"""State layout: blocks run along the last axis.
+"""State layout: blocks are tiles over the last two axes.
 
-An array of shape ``(..., n)`` is cut into ``ceil(n / block_size)`` blocks
-per row (the last one may be short). Its codes have the array's shape; its
-absmax has shape ``(..., ceil(n / block_size))``. A scalar is one block of
-one element (absmax shape ``(1,)``). A block never straddles a shard when
-leading axes are split, or the last axis in multiples of ``block_size``.
+A block of ``block_size`` B elements is a tile of ``tile_rows x tile_cols``
+elements of the last two axes, with ``tile_cols = 2**ceil(log2(B) / 2)``
+and ``tile_rows = B / tile_cols`` (16 x 16 for B = 256). Along each axis
+``d`` a block spans ``block_shape[d]`` elements: 1 on leading axes,
+``tile_rows`` and ``tile_cols`` on the last two (the blocks at the end of an
+axis may be short). A vector's blocks are runs of B elements, and a scalar
+is one block of one element. Codes have the array's shape; absmax has
+``ceil(shape[d] / block_shape[d])`` along each axis (``(1,)`` for a scalar).
+
+The layout depends on the shape and B only, so a code means the same on
+every mesh. A block lies within one shard wherever each axis is unsharded
+or split into shards whose length is a multiple of the block's extent on it:
+with B = 256, any split of a matrix axis into shards of 16 or more elements
+(a multiple of 16), FSDP or tensor parallel, on either axis or both.
 """
 
 from __future__ import annotations
@@ -33,12 +42,44 @@ def num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def absmax_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
-  """Shape of the per-block absmax of an array of ``shape``."""
+def tile(block_size: int) -> tuple[int, int]:
+  """``(tile_rows, tile_cols)`` of a block of a matrix: ``tile_cols = 2**ceil(log2(B) / 2)``."""
+  b = check_block_size(block_size)
+  cols = 1 << ((b.bit_length()) // 2)   # log2(b) = bit_length - 1; ceil(log2 / 2) = bit_length // 2
+  return b // cols, cols
+
+
+def tile_rows(shape: Sequence[int], block_size: int) -> int:
+  """Rows of a block of an array of ``shape``: 1 for scalars and vectors, else ``tile(block_size)[0]``."""
+  return tile(block_size)[0] if len(shape) >= 2 else 1
+
+
+def block_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
+  """A block's extent along each axis of an array of ``shape`` (``()`` for a scalar)."""
+  shape = tuple(shape)
+  return extents(len(shape), block_size, tile_rows(shape, block_size))
+
+
+def extents(ndim: int, block_size: int, rows: int) -> tuple[int, ...]:
+  """A block's extent along each of ``ndim`` axes for blocks of ``rows`` rows (1: runs along the last axis).
+
+  The kernels take ``rows`` with the block size: an array with extra leading
+  (batch) axes keeps the layout of its examples.
+  """
+  if ndim == 0:
+    return ()
+  if rows == 1:
+    return (1,) * (ndim - 1) + (block_size,)
+  return (1,) * (ndim - 2) + (rows, block_size // rows)
+
+
+def absmax_shape(shape: Sequence[int], block_size: int, rows: int | None = None) -> tuple[int, ...]:
+  """Shape of the per-block absmax of an array of ``shape`` (blocks of ``rows`` rows; default: its own)."""
   shape = tuple(shape)
   if not shape:
     return (1,)
-  return shape[:-1] + (num_blocks(shape[-1], check_block_size(block_size)),)
+  rows = tile_rows(shape, block_size) if rows is None else rows
+  return tuple(num_blocks(n, b) for n, b in zip(shape, extents(len(shape), check_block_size(block_size), rows)))
 
 
 def check_value_dtype(dtype, what: str = "values") -> jnp.dtype:

@@ -1,6 +1,7 @@
 """Block-wise 8-bit quantization of arrays.
 
-For each block of ``block_size`` elements along the last axis::
+For each block of ``block_size`` elements (a tile of the last two axes of a
+matrix, 16 x 16 at 256; a run along a vector: `optax8.layout`)::
 
     absmax = max |x|                      (finite, normal x only)
     code   = argmin_j |map[j] - x / absmax|
@@ -44,7 +45,7 @@ class QuantizedArray:
   """
 
   codes: jax.Array   # uint8, the array's shape
-  absmax: jax.Array  # float32, shape[:-1] + (ceil(shape[-1] / block_size),)
+  absmax: jax.Array  # float32, one value per block: `optax8.layout.absmax_shape(codes.shape, block_size)`
   block_size: int = DEFAULT_BLOCK_SIZE
   kind: str = maps.SIGNED
 
@@ -66,7 +67,7 @@ def quantize(x, block_size: int = DEFAULT_BLOCK_SIZE, kind: str = maps.SIGNED) -
 
   Args:
     x: the values.
-    block_size: elements per block along the last axis, a power of two.
+    block_size: elements per block, a power of two (tiles of a matrix: `optax8.layout`).
     kind: ``'signed'`` (dynamic map) or ``'unsigned'`` (for non-negative x).
   """
   block_size = check_block_size(block_size)

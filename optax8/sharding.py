@@ -1,13 +1,15 @@
 """optax8 on a device mesh: shard-local kernels and state shardings.
 
 JAX's SPMD partitioner runs optax8 on many devices. Every kernel is
-elementwise over an array's elements except that a block of ``block_size``
-elements along the last axis shares one absmax, so a shard computes its part
-alone exactly when it holds whole blocks::
+elementwise over an array's elements except that a block shares one absmax:
+a tile of ``b_d`` elements along each axis ``d`` (`optax8.layout`: 1 on
+leading axes, 16 x 16 on a matrix's last two at block_size 256, a run of
+block_size on a vector's). A shard computes its part alone exactly when it
+holds whole blocks::
 
-    leading axes      any sharding
-    last axis (n)     unsharded, or split s ways with n % (s * block_size) == 0
-    absmax (..., nb)  the elements' sharding, the last axis on the same mesh axes
+    axis d (n, b_d = 1)   any sharding
+    axis d (n, b_d > 1)   unsharded, or split s ways with n % (s * b_d) == 0
+    absmax                the elements' sharding: ceil(n / b_d) along axis d on the same mesh axes
 
 `shard_local` wraps a kernel in ``jax.experimental.custom_partitioning``
 with this rule (a Shardy ``SdyShardingRule``, and the GSPMD callbacks), so
@@ -28,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import ArrayMapping, CompoundFactor, SdyShardingRule, custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
+
+from optax8 import layout
 
 # ---- the block rule ---------------------------------------------------------
 
@@ -50,15 +54,15 @@ def num_shards(mesh, entry) -> int:
   return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
-def keeps_blocks(n: int, shards: int, block_size: int) -> bool:
-  """Whether splitting a last axis of ``n`` elements ``shards`` ways gives every shard whole blocks."""
-  return shards == 1 or (n % shards == 0 and (n // shards) % block_size == 0)
+def keeps_blocks(n: int, shards: int, extent: int) -> bool:
+  """Whether splitting an axis of ``n`` elements ``shards`` ways gives every shard whole blocks of ``extent``."""
+  return shards == 1 or (n % shards == 0 and (n // shards) % extent == 0)
 
 
 # ---- shard-local kernels ----------------------------------------------------
 
-ELEMENTS = "elements"  # an array of a leaf's shape (..., n): values, codes, updates
-ABSMAX = "absmax"      # a leaf's absmax (..., ceil(n / block_size))
+ELEMENTS = "elements"  # an array of a leaf's shape: values, codes, updates
+ABSMAX = "absmax"      # a leaf's absmax (one value per block: `optax8.layout.absmax_shape`)
 REPLICATED = "replicated"
 
 
@@ -71,6 +75,7 @@ class Op:
       on whole arrays and on each device's shards alike.
     params: the kernel's static keyword arguments, as sorted ``(name, value)`` pairs.
     block_size: elements per quantization block.
+    rows: rows of a block (`optax8.layout.tile_rows`), the same for every leaf.
     leaf_shapes: the elements' shape of each leaf.
     operands, results: the role of each array: ``(ELEMENTS, leaf)``,
       ``(ABSMAX, leaf)`` or ``(REPLICATED, rank)``.
@@ -79,6 +84,7 @@ class Op:
   kernel: Callable
   params: tuple
   block_size: int
+  rows: int
   leaf_shapes: tuple
   operands: tuple
   results: tuple
@@ -86,15 +92,19 @@ class Op:
   def call(self, *arrays):
     return tuple(self.kernel(*arrays, **dict(self.params)))
 
+  def extents(self, leaf: int) -> tuple[int, ...]:
+    """A block's extent along each axis of leaf ``leaf`` (a batch axis added in front keeps them)."""
+    return layout.extents(len(self.leaf_shapes[leaf]), self.block_size, self.rows)
+
   def batched(self, size: int) -> Op:
     """The op over a leading batch axis of ``size`` added to every leaf."""
     return dataclasses.replace(self, leaf_shapes=tuple((size,) + s for s in self.leaf_shapes))
 
 
 def make_op(kernel: Callable, leaf_shapes, operands, results, **params) -> Op:
-  """An `Op` of ``kernel`` with static ``params`` (which include ``block_size``)."""
-  return Op(kernel, tuple(sorted(params.items())), params["block_size"], tuple(tuple(s) for s in leaf_shapes),
-            tuple(operands), tuple(results))
+  """An `Op` of ``kernel`` with static ``params`` (which include ``block_size`` and ``rows``)."""
+  return Op(kernel, tuple(sorted(params.items())), params["block_size"], params["rows"],
+            tuple(tuple(s) for s in leaf_shapes), tuple(operands), tuple(results))
 
 
 def shard_local(op: Op, *arrays) -> tuple:
@@ -140,15 +150,14 @@ def _run(op: Op, *arrays):
 
 
 def _leaf_specs(op: Op, mesh, arg_shapes) -> list[tuple]:
-  """Each leaf's spec: that of its first elements operand, with a last axis that would split blocks unsharded."""
+  """Each leaf's spec: that of its first elements operand, with any axis that would split blocks unsharded."""
   specs = [None] * len(op.leaf_shapes)
   for (role, leaf), arg in zip(op.operands, arg_shapes):
     if role == ELEMENTS and specs[leaf] is None:
       shape = op.leaf_shapes[leaf]
       spec = _spec(arg.sharding, len(shape)) if isinstance(arg.sharding, NamedSharding) else (None,) * len(shape)
-      if not keeps_blocks(shape[-1], num_shards(mesh, spec[-1]), op.block_size):
-        spec = spec[:-1] + (None,)
-      specs[leaf] = spec
+      specs[leaf] = tuple(None if not keeps_blocks(n, num_shards(mesh, entry), b) else entry
+                          for n, b, entry in zip(shape, op.extents(leaf), spec))
   return specs
 
 
@@ -176,11 +185,11 @@ def _infer(op: Op, mesh, arg_shapes, result_shape):
 
 
 def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
-  """The Shardy rule: one factor per leading axis of a leaf; the last axis ``(nb, block_size)``.
+  """The Shardy rule: one factor per axis a block spans one element of; ``(nb, b)`` for an axis of extent b.
 
-  The block factor needs replication, so a last axis is split only between
-  whole blocks, and absmax's last axis shares the leaf's ``nb`` factor.
-  Where ``n`` is not a multiple of ``block_size`` the last axis stays whole.
+  The factor ``b`` needs replication, so such an axis is split only between
+  whole blocks, and absmax's axis shares the leaf's ``nb`` factor. Where
+  ``n`` is not a multiple of ``b`` the axis stays whole.
 
   A factor whose size some mesh axis does not divide needs replication too:
   Shardy would otherwise split it over part of an axis (a sub-axis, e.g. 2
@@ -192,20 +201,20 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   whole = lambda size: all(size % s == 0 for s in axis_sizes)
   need, sizes, leaves = [], {}, []
   for i, shape in enumerate(op.leaf_shapes):
-    lead = tuple(f"l{i}_{d}" for d in range(len(shape) - 1))
-    need += [f for f, size in zip(lead, shape) if not whole(size)]
-    n, b = shape[-1], op.block_size
-    if b == 1:
-      last = nb = f"n{i}"
-      need += [] if whole(n) else [last]
-    elif n % b == 0 and n > b:
-      last, nb = CompoundFactor(f"k{i}", f"b{i}"), f"k{i}"
-      sizes[f"b{i}"] = b
-      need += [f"b{i}"] + ([] if whole(n // b) else [nb])
-    else:
-      last, nb = f"n{i}", f"k{i}"
-      need += [last, nb]
-    leaves.append((lead + (last,), lead + (nb,)))
+    elements, absmax = (), ()
+    for d, (n, b) in enumerate(zip(shape, op.extents(i))):
+      if b == 1:
+        axis = nb = f"n{i}_{d}"
+        need += [] if whole(n) else [axis]
+      elif n % b == 0 and n > b:
+        axis, nb = CompoundFactor(f"k{i}_{d}", f"b{i}_{d}"), f"k{i}_{d}"
+        sizes[f"b{i}_{d}"] = b
+        need += [f"b{i}_{d}"] + ([] if whole(n // b) else [nb])
+      else:
+        axis, nb = f"n{i}_{d}", f"k{i}_{d}"
+        need += [axis, nb]
+      elements, absmax = elements + (axis,), absmax + (nb,)
+    leaves.append((elements, absmax))
   replicated = [0]
 
   def mapping(role, arg):
@@ -250,8 +259,9 @@ def _mesh_sharding(x) -> NamedSharding | None:
 class StateShardings:
   """Where one parameter's state lives: codes, absmax and float32 state all take the parameter's spec.
 
-  An absmax has the parameter's rank (``(..., nb)``), so the same spec puts
-  its last axis on the same mesh axes; a scalar's absmax ``(1,)`` is replicated.
+  An absmax has the parameter's rank (one value per block along each axis),
+  so the same spec puts its blocks on the shards of their elements; a
+  scalar's absmax ``(1,)`` is replicated.
   """
 
   sharding: NamedSharding
@@ -274,9 +284,10 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
   """The shardings of the state of parameter ``x`` (None where ``x`` carries no mesh sharding).
 
   ``x`` is a concrete array or, on an Explicit mesh, a traced one (its
-  ``jax.typeof`` has the sharding). For 8-bit state the last axis must be
-  unsharded or split into whole blocks; otherwise this raises a ValueError
-  naming the leaf, its sharding, the block size and what to change.
+  ``jax.typeof`` has the sharding). For 8-bit state each axis must hold
+  whole blocks on every shard (with block_size 256: a matrix axis unsharded
+  or split into shards of a multiple of 16); otherwise this raises a
+  ValueError naming the leaf, its sharding, the block size and what to change.
   """
   sharding = _mesh_sharding(x)
   if sharding is None:
@@ -284,18 +295,25 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
   shape = tuple(x.shape)
   spec = _spec(sharding, len(shape))
   if bits == 8 and shape:
-    n, shards = shape[-1], num_shards(sharding.mesh, spec[-1])
-    if not keeps_blocks(n, shards, block_size):
-      local = n // shards
-      hint = (f"a block_size that divides the shard length {local} (at most {local & -local})"
-              if n % shards == 0 and local else f"a last axis whose length is a multiple of {shards} blocks")
-      rows = (f"shard a leading axis instead (for example {PartitionSpec(spec[-1], *(None,) * (len(shape) - 1))}), "
-              if len(shape) > 1 and spec[0] is None else "")
+    extents = layout.block_shape(shape, block_size)
+    for d, (n, b, entry) in enumerate(zip(shape, extents, spec)):
+      shards = num_shards(sharding.mesh, entry)
+      if keeps_blocks(n, shards, b):
+        continue
+      what = (f"its axis {d} ({n} elements, {b} per block)" if len(shape) > 1
+              else f"its {n} elements (blocks of {b})")
+      fits = [s for s in (block_size >> k for k in range(1, block_size.bit_length()))
+              if all(keeps_blocks(m, num_shards(sharding.mesh, e), extent)
+                     for m, extent, e in zip(shape, layout.block_shape(shape, s), spec))]
+      fix = f"leave that axis unsharded or shard it into multiples of {b}, "
+      if fits:
+        fix += (f"or use block_size={fits[0]} for this leaf (blocks of "
+                f"{' x '.join(map(str, layout.block_shape(shape, fits[0])))}; see optax8.layout), ")
       raise ValueError(
           f"{name}: leaf {path} of shape {shape} is sharded {sharding.spec} on mesh {dict(sharding.mesh.shape)}: "
-          f"its last axis ({n} elements) is split {shards} ways, which cuts its quantization blocks of "
-          f"{block_size} elements (a block must lie within one shard). To fix it, {rows}leave the last axis "
-          f"unsharded, or use {hint} (block_size=...).")
+          f"{what} is split {shards} ways into shards of {n / shards:g}, which cuts its quantization blocks "
+          f"(blocks of {block_size} elements, {' x '.join(map(str, extents))} along the axes, must each lie "
+          f"within one shard). To fix it, {fix}or keep this leaf at 32 bits.")
   return StateShardings(NamedSharding(sharding.mesh, PartitionSpec(*spec)), isinstance(x, jax.core.Tracer))
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax8 import maps
+from optax8 import layout, maps
 from optax8.quantize import QuantizedArray
 from optax8.kernels import jax_backend, native
 
@@ -21,36 +21,54 @@ def _on(x, fn):
   return jax.jit(fn)(x) if x.ndim else fn(x)
 
 
-def quantize_with(backend, x, block_size, kind):
-  """(codes, absmax) of x (rank >= 1) on one backend, jitted on CPU."""
+def quantize_with(backend, x, block_size, kind, rows=None):
+  """(codes, absmax) of x (rank >= 1) on one backend, jitted on CPU; blocks of ``rows`` rows (default: x's own)."""
+  rows = layout.tile_rows(x.shape, block_size) if rows is None else rows
   if backend == "jax":
-    return jax.jit(lambda x: jax_backend.quantize(x, block_size, kind))(x)
-  return jax.jit(lambda x: native.quantize(x, block_size, maps.map_id(kind)))(x)
+    return jax.jit(lambda x: jax_backend.quantize(x, block_size, kind, rows))(x)
+  return jax.jit(lambda x: native.quantize(x, block_size, maps.map_id(kind), rows=rows))(x)
 
 
-def dequantize_with(backend, codes, absmax, block_size, kind, dtype):
+def dequantize_with(backend, codes, absmax, block_size, kind, dtype, rows=None):
+  rows = layout.tile_rows(codes.shape, block_size) if rows is None else rows
   if backend == "jax":
-    fn = lambda c, a: jax_backend.dequantize(c, a, block_size, kind, dtype)
+    fn = lambda c, a: jax_backend.dequantize(c, a, block_size, kind, dtype, rows)
   else:
-    fn = lambda c, a: native.dequantize(c, a, block_size, maps.map_id(kind), dtype)
+    fn = lambda c, a: native.dequantize(c, a, block_size, maps.map_id(kind), dtype, rows=rows)
   return jax.jit(fn)(codes, absmax)
 
 
-def reference_quantize(x, block_size, kind):
-  """numpy reference of the documented rules (no bucket table)."""
+def per_element(absmax, shape, block_size, rows=None):
+  """Each element's block absmax (float64) for an array of ``shape``."""
+  rows = layout.tile_rows(shape, block_size) if rows is None else rows
+  out = np.asarray(absmax, np.float64)
+  for axis, (n, b) in enumerate(zip(shape, layout.extents(len(shape), block_size, rows))):
+    out = np.repeat(out, b, axis=axis).take(np.arange(n), axis=axis) if b > 1 else out
+  return out
+
+
+def reference_quantize(x, block_size, kind, rows=None):
+  """numpy reference of the documented rules (no bucket table), in the block layout of `optax8.layout`."""
   x = np.asarray(x, np.float32)
-  n = x.shape[-1]
-  nb = -(-n // block_size)
-  xp = np.zeros(x.shape[:-1] + (nb * block_size,), np.float32)
-  xp[..., :n] = x
-  xb = xp.reshape(x.shape[:-1] + (nb, block_size))
+  rows = layout.tile_rows(x.shape, block_size) if rows is None else rows
+  extents = layout.extents(x.ndim, block_size, rows)
+  k = 2 if rows > 1 else 1
+  padded = x.shape[:x.ndim - k] + tuple(-(-n // b) * b for n, b in zip(x.shape[x.ndim - k:], extents[x.ndim - k:]))
+  xp = np.zeros(padded, np.float32)
+  xp[tuple(slice(0, n) for n in x.shape)] = x
+  blocked = x.shape[:x.ndim - k]
+  for n, b in zip(padded[x.ndim - k:], extents[x.ndim - k:]):
+    blocked += (n // b, b)
+  xb = xp.reshape(blocked)
+  within = (-1,) if k == 1 else (-3, -1)
   with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
     a = np.abs(xb)
-    absmax = np.where((a >= TINY) & (a <= FMAX), a, 0).max(-1).astype(np.float32)
-    scale = np.where(absmax > np.float32(2.0**126), np.float32(0.25), np.float32(1))[..., None]
-    inv = np.where(absmax[..., None] > 0, np.float32(1) / np.where(absmax[..., None] > 0, absmax[..., None] * scale, 1), 0)
+    absmax = np.where((a >= TINY) & (a <= FMAX), a, 0).max(within).astype(np.float32)
+    am = np.expand_dims(absmax, within)
+    scale = np.where(am > np.float32(2.0**126), np.float32(0.25), np.float32(1))
+    inv = np.where(am > 0, np.float32(1) / np.where(am > 0, am * scale, 1), 0)
     v = np.where(a >= TINY, (np.clip(xb, -FMAX, FMAX) * scale) * inv.astype(np.float32), 0).astype(np.float32)
-  codes = maps.nearest_code(v, kind).reshape(xp.shape)[..., :n]
+  codes = maps.nearest_code(v, kind).reshape(padded)[tuple(slice(0, n) for n in x.shape)]
   return codes, absmax
 
 

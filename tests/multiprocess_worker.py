@@ -29,7 +29,7 @@ import optax8  # noqa: E402
 assert jax.process_count() == num_processes and jax.device_count() == 8
 mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
 rng = np.random.default_rng(0)
-host_params = {"w1": rng.standard_normal((64, 1024)).astype(np.float32),
+host_params = {"w1": rng.standard_normal((128, 1024)).astype(np.float32),   # 16 rows a device
                "w2": rng.standard_normal((256, 512)).astype(np.float32),
                "b": rng.standard_normal((512,)).astype(np.float32)}
 target = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), host_params)

@@ -100,6 +100,41 @@ def test_orbax_restore_onto_four_devices_rows_sharded(tmp_path):
   _assert_identical(jax.jit(tx.update)(grads, state, params), jax.jit(tx.update)(grads, restored, sharded_params))
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets them)")
+def test_a_checkpoint_moves_between_fsdp_tensor_parallel_and_one_device_bit_for_bit(tmp_path):
+  """The block layout depends on the shapes only: a state trained under FSDP (rows over 8 devices) restores
+  under tensor parallelism (columns over 8, shards 32 wide for the 256-wide leaf) and on one device, equal bit
+  for bit, and the next step from each restored state equals the next step under FSDP."""
+  tx = optax8.adamw8bit(1e-2, weight_decay=1e-2)
+  params = {"w": jax.random.normal(jax.random.key(0), (128, 512)) * 0.1,
+            "e": jax.random.normal(jax.random.key(1), (256, 256)) * 0.1, "b": jnp.zeros((512,))}
+  mesh = jax.make_mesh((8,), ("x",))
+  fsdp = lambda a: NamedSharding(mesh, P("x") if a.ndim == 2 else P())
+  tp = lambda a: NamedSharding(mesh, P(None, "x") if a.ndim == 2 else P())
+  one = lambda a: SingleDeviceSharding(jax.devices()[0])
+  on = lambda tree, where: jax.tree.map(lambda a: jax.device_put(a, where(a)), tree)
+  grads = [jax.tree.map(lambda x: jax.random.normal(jax.random.key(t), x.shape), params) for t in range(3)]
+  update = jax.jit(tx.update)
+  state = tx.init(on(params, fsdp))
+  for t in range(2):
+    _, state = update(on(grads[t], fsdp), state, on(params, fsdp))
+  assert state.mu["w"].absmax.shape == (8, 32) and state.mu["e"].absmax.shape == (16, 16)   # 16 x 16 tiles
+  path = _save(tmp_path / "state", state)
+  want_updates, want_state = update(on(grads[2], fsdp), state, on(params, fsdp))
+  for where in (tp, one):
+    # the target: the state's structure with the new placement (absmax on its parameter's mesh axes)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where(a) if a.ndim == 2
+                                                         else NamedSharding(mesh, P()) if where is tp else one(a)),
+                          jax.eval_shape(tx.init, params))
+    restored = _restore(path, target)
+    _assert_identical(state, restored)
+    if where is tp:
+      assert restored.mu["e"].codes.sharding.spec == P(None, "x")
+      assert restored.mu["e"].codes.addressable_shards[0].data.shape == (256, 32)
+    updates, new_state = update(on(grads[2], where), restored, on(params, where))
+    _assert_identical((want_updates, want_state), (updates, new_state))
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_flax_serialization_round_trip_is_exact(name):
   tx, params = OPTIMIZERS[name](), _params()
@@ -169,8 +204,8 @@ def test_check_state_finds_inconsistent_quantized_arrays():
   tx, params = OPTIMIZERS["adamw8bit"](), _params()
   state = tx.init(params)
   bad = state._replace(mu={**state.mu, "w": optax8.QuantizedArray(state.mu["w"].codes, state.mu["w"].absmax, 128)})
-  with pytest.raises(ValueError, match=r"\.mu\['w'\]: absmax shape \(64, 2\) does not fit codes shape \(64, 512\) "
-                                       "with block_size 128"):
+  with pytest.raises(ValueError, match=r"\.mu\['w'\]: absmax shape \(4, 32\) does not fit codes shape \(64, 512\) "
+                                       r"with block_size 128 \(blocks of 8 x 16: expected \(8, 32\)\)"):
     optax8.check_state(bad, jax.eval_shape(tx.init, params))
   with pytest.raises(ValueError, match=r"\.nu\['w'\]: the state uses the signed map, the optimizer the unsigned"):
     optax8.check_state(state._replace(nu=state.mu), state)

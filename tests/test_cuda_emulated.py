@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import optax8
-from optax8 import maps
+from optax8 import layout, maps
 from optax8.kernels import algorithms, jax_step, native
 from helpers import DTYPES
 from test_alias import NAMES, OPTIMIZERS
@@ -85,11 +85,11 @@ def test_quantize_and_dequantize_match_the_cpu_handlers(kind, dtype, shape, bloc
 
 HYPER = dict(scale=-1e-2, b1=0.9, b2=0.999, b3=0.9999, eps=1e-8, weight_decay=1e-2, alpha=5.0, coupled_decay=1e-3,
              pre_scale=-1e-2, inv_bias1=1 / (1 - 0.9**3), inv_bias2=1 / (1 - 0.999**3), inv_bias1_next=1 / (1 - 0.9**4))
-# Rows of whole blocks of 128 to 4096 take the whole-blocks kernel (one to eight warps a block), the
-# others the general one.
+# Whole blocks of 128 to 4096 (matrices cut into whole tiles, vectors into whole runs) take the
+# whole-blocks kernel (one to eight warps a block), the others the general one.
 STEP_CASES = [((64, 1000), 256), ((3, 5, 513), 64), ((5, 8200), 4096), ((7, 33), 16), ((10, 3), 1),
-              ((3, 1024), 128), ((40, 2048), 256), ((6, 1024), 512), ((2, 3072), 1024), ((4, 4096), 2048),
-              ((2, 8192), 4096)]
+              ((40, 2048), 256), ((16, 1024), 128), ((48, 80), 256), ((64, 1024), 512), ((2, 32, 3072), 1024),
+              ((16384,), 2048), ((128, 256), 4096), ((12288,), 4096)]
 
 
 def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
@@ -100,7 +100,7 @@ def _leaf(rng, algo, dtype, shape, block, with_params, special=False):
   states = []   # any codes, and absmax over many magnitudes (with all-zero blocks)
   for _ in algo.states:
     codes = rng.integers(0, 256, shape, dtype=np.uint8)
-    absmax = (10.0 ** rng.uniform(-8, 1, shape[:-1] + (-(-shape[-1] // block),))).astype(np.float32)
+    absmax = (10.0 ** rng.uniform(-8, 1, layout.absmax_shape(shape, block))).astype(np.float32)
     absmax.flat[::5] = 0
     states.append((codes, absmax))
   with np.errstate(over="ignore"):   # 1e20 is inf in float16

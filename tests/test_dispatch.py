@@ -37,7 +37,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax, numpy as np, optax8
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-x_host = np.random.default_rng(0).standard_normal((8, 1000)).astype(np.float32)
+x_host = np.random.default_rng(0).standard_normal((32, 1000)).astype(np.float32)   # 16 rows a shard: whole tiles
 expected = optax8.quantize(x_host, 256)
 for axis_type in (AxisType.Explicit, AxisType.Auto):
   mesh = jax.make_mesh((2,), ("x",), axis_types=(axis_type,))

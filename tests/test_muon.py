@@ -145,13 +145,14 @@ def test_sharded_momentum_stays_on_its_shards_and_matches_one_device():
 
   ref_params, ref_state = jax.jit(step)(params, tx.init(params), grads)
   mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))   # optax's NS is not written for Explicit
-  specs = {"l1": {"kernel": P("x", None), "bias": P()}, "l2": {"kernel": P("x", None), "bias": P()}, "scale": P()}
+  # 16-wide shards of 16 x 16 tiles: l1 by columns (64, 128), l2 by rows (128, 64)
+  specs = {"l1": {"kernel": P(None, "x"), "bias": P()}, "l2": {"kernel": P("x", None), "bias": P()}, "scale": P()}
   put = lambda tree: jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs)
   with jax.set_mesh(mesh):
     sharded_params, sharded_grads = put(params), put(grads)
     new_params, new_state = jax.jit(step)(sharded_params, tx.init(sharded_params), sharded_grads)
   momentum = new_state.inner_states["muon"].inner_state.mu["l1"]["kernel"]
-  assert momentum.codes.sharding.is_equivalent_to(NamedSharding(mesh, P("x", None)), 2)
+  assert momentum.codes.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "x")), 2)
   for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state)):   # the momentum: element-wise
     np.testing.assert_array_equal(got, want)
   for got, want in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params)):   # NS: sums in another order

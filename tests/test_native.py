@@ -53,7 +53,7 @@ def test_incompatible_library_warns_and_falls_back_to_jax(tmp_path):
       assert any("cannot be used" in str(x.message) and "FFI API" in str(x.message) for x in w), w
       x = np.linspace(-3, 3, 1000, dtype=np.float32).reshape(4, 250)
       q = optax8.quantize(x, 64)
-      c, a = jax_backend.quantize(x, 64, "signed")
+      c, a = jax_backend.quantize(x, 64, "signed", 8)   # tiles of 8 x 8
       assert (np.asarray(q.codes) == np.asarray(c)).all()
       print("fallback ok")
       """, tmp_path)

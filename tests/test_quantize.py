@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import optax8
 from optax8 import maps
-from helpers import DTYPES, FMAX, TINY, needs_native_cpu, quantize_with, dequantize_with, reference_quantize
+from helpers import DTYPES, FMAX, TINY, needs_native_cpu, per_element, quantize_with, dequantize_with, reference_quantize
 
 BACKENDS = ["jax", pytest.param("native", marks=needs_native_cpu)]
 BLOCKS = [2**k for k in range(0, 13)]
@@ -41,10 +41,6 @@ def _round_trip_bound(x32, absmax_per_elem, kind):
   return np.maximum(half_gap, m[0] - v) * absmax_per_elem
 
 
-def _per_element(absmax, shape, block_size):
-  return np.repeat(np.asarray(absmax, np.float64), block_size, axis=-1)[..., :shape[-1]]
-
-
 @pytest.mark.parametrize("kind", maps.MAP_KINDS)
 @given(data=st.data())
 def test_round_trip_error_within_half_gap(kind, data):
@@ -55,7 +51,7 @@ def test_round_trip_error_within_half_gap(kind, data):
   assert q.absmax.shape == optax8.absmax_shape(x.shape, block) and q.absmax.dtype == jnp.float32
   x32 = np.asarray(x, np.float32).astype(np.float64)
   x32 = np.where(np.abs(x32) < TINY, 0, x32)
-  amax = _per_element(q.absmax, x.shape, block)
+  amax = per_element(q.absmax, x.shape, block)
   err = np.abs(np.asarray(optax8.dequantize(q), np.float64) - x32)
   bound = _round_trip_bound(x32, amax, kind)
   # float32 rounding of x / absmax and of map * absmax: 2**-23 * absmax
@@ -107,8 +103,8 @@ def test_special_values_do_not_spread(backend, dtype):
     x = np.asarray(x.astype(dtype))
   clean = x.copy()
   clean[:, 5] = 0
-  codes, absmax = quantize_with(backend, x, block, maps.SIGNED)
-  codes_clean, absmax_clean = quantize_with(backend, clean, block, maps.SIGNED)
+  codes, absmax = quantize_with(backend, x, block, maps.SIGNED, rows=1)   # a block per row
+  codes_clean, absmax_clean = quantize_with(backend, clean, block, maps.SIGNED, rows=1)
   codes, absmax = np.asarray(codes), np.asarray(absmax)[:, 0]
   assert np.all(np.isfinite(absmax))
   others = np.arange(block) != 5
@@ -126,7 +122,7 @@ def test_special_values_do_not_spread(backend, dtype):
       assert codes[row, 5] == 255
     elif s == -np.inf:
       assert codes[row, 5] == 0
-  deq = np.asarray(optax8.dequantize(optax8.QuantizedArray(jnp.asarray(codes), jnp.asarray(absmax[:, None]), block)))
+  deq = np.asarray(dequantize_with(backend, codes, absmax[:, None], block, maps.SIGNED, jnp.float32, rows=1))
   assert np.all(np.isfinite(deq))
 
 
@@ -138,13 +134,13 @@ def test_extreme_blocks(backend):
   x[3, :2] = [1e-37, np.inf]               # inf with a tiny absmax: v overflows
   x[4, :2] = [1e-37, -np.inf]
   x[5, :2] = [np.inf, np.nan]              # nothing finite: absmax 0
-  codes, absmax = map(np.asarray, quantize_with(backend, x, 32, maps.SIGNED))
+  codes, absmax = map(np.asarray, quantize_with(backend, x, 32, maps.SIGNED, rows=1))   # a block per row
   assert absmax[0, 0] == 0 and np.all(codes[0] == 127)
   assert absmax[1, 0] == FMAX and codes[1, 0] == 255 and codes[1, 1] == 0
   assert absmax[2, 0] == np.float32(1e-37) and codes[2, 0] == 255
   assert codes[3, 1] == 255 and codes[4, 1] == 0
   assert absmax[5, 0] == 0 and np.all(codes[5] == 127)
-  deq = np.asarray(optax8.dequantize(optax8.QuantizedArray(jnp.asarray(codes), jnp.asarray(absmax), 32)))
+  deq = np.asarray(dequantize_with(backend, codes, absmax, 32, maps.SIGNED, jnp.float32, rows=1))
   assert np.all(np.isfinite(deq)) and np.all(deq[0] == 0) and np.all(deq[5] == 0)
   np.testing.assert_allclose(deq[1, :3], [FMAX, -0.99296875 * FMAX, 1e38], rtol=0, atol=0.00704 * FMAX)
 
@@ -186,11 +182,11 @@ def test_quantized_array_is_a_pytree_with_static_layout():
   q256, q512 = optax8.quantize(x, 256), optax8.quantize(x, 512)
   assert jax.tree.structure(q256) != jax.tree.structure(q512)
   assert len(jax.tree.leaves(q256)) == 2
-  assert q256.nbytes == 4 * 512 + 4 * 2 * 4
+  assert q256.nbytes == 4 * 512 + 4 * 32   # codes, and one absmax per tile of 16 x 16 (4 rows of it here)
   doubled = jax.tree.map(lambda a: a, q256)
   assert isinstance(doubled, optax8.QuantizedArray) and doubled.block_size == 256
   abstract = jax.eval_shape(lambda x: optax8.quantize(x, 256), x)
-  assert abstract.codes.shape == (4, 512) and abstract.absmax.shape == (4, 2)
+  assert abstract.codes.shape == (4, 512) and abstract.absmax.shape == (1, 32)
 
 
 def test_clear_errors():
@@ -201,7 +197,7 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="map kind"):
     optax8.quantize(jnp.ones(4), kind="dynamic")
   q = optax8.quantize(jnp.ones((4, 1024)), 256)
-  with pytest.raises(ValueError, match=r"absmax shape \(4, 4\) .* block_size 512 \(expected \(4, 2\)\)"):
+  with pytest.raises(ValueError, match=r"absmax shape \(1, 64\) .* block_size 512 \(expected \(1, 32\)\)"):
     optax8.dequantize(optax8.QuantizedArray(q.codes, q.absmax, 512))
   with pytest.raises(TypeError, match="codes must be uint8"):
     optax8.dequantize(optax8.QuantizedArray(q.codes.astype(jnp.int32), q.absmax, 256))
@@ -223,8 +219,8 @@ def test_16_bit_conversions_match_xla_exhaustively(dtype):
   rng = np.random.default_rng(0)
   absmax = (2.0 ** rng.uniform(-40, 20, (512, 1))).astype(np.float32)
   codes = np.tile(np.arange(256, dtype=np.uint8), (512, 1))
-  d_jax = dequantize_with("jax", codes, absmax, 256, maps.SIGNED, dtype)
-  d_nat = dequantize_with("native", codes, absmax, 256, maps.SIGNED, dtype)
+  d_jax = dequantize_with("jax", codes, absmax, 256, maps.SIGNED, dtype, rows=1)
+  d_nat = dequantize_with("native", codes, absmax, 256, maps.SIGNED, dtype, rows=1)
   np.testing.assert_array_equal(np.asarray(d_nat).view(np.uint16), np.asarray(d_jax).view(np.uint16))
   assert np.isinf(np.asarray(d_jax, np.float32)).any() or dtype == jnp.bfloat16
 
@@ -232,11 +228,12 @@ def test_16_bit_conversions_match_xla_exhaustively(dtype):
 def test_large_block_size_on_short_rows_needs_no_padding():
   from optax8.kernels import jax_backend
   x = jnp.asarray(np.random.default_rng(4).standard_normal((64, 10)), jnp.float32)
-  f = jax.jit(lambda x: jax_backend.quantize(x, 2**20, maps.SIGNED))
+  f = jax.jit(lambda x: jax_backend.quantize(x, 2**20, maps.SIGNED, 1024))
   assert f.lower(x).compile().memory_analysis().temp_size_in_bytes < 2**20
   codes, absmax = f(x)
-  small_codes, small_absmax = jax_backend.quantize(x, 16, maps.SIGNED)
+  small_codes, small_absmax = jax_backend.quantize(x, 4096, maps.SIGNED, 64)   # one 64 x 64 tile holds it all
   np.testing.assert_array_equal(codes, small_codes)
   np.testing.assert_array_equal(absmax, small_absmax)
   q = optax8.quantize(x, 2**20)
-  np.testing.assert_array_equal(optax8.dequantize(q), jax_backend.dequantize(codes, absmax, 2**20, maps.SIGNED, jnp.float32))
+  np.testing.assert_array_equal(optax8.dequantize(q),
+                                jax_backend.dequantize(codes, absmax, 2**20, maps.SIGNED, jnp.float32, 1024))

@@ -16,7 +16,9 @@ from optax8 import dispatch, sharding
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets them)")
 
 BLOCK = 256
-# FSDP shards the rows of every matrix, tensor parallelism its columns (whole blocks per shard: 2048 / 8 = 256).
+# FSDP shards the rows of every matrix, tensor parallelism its columns. At block_size 256 a block is a
+# 16 x 16 tile, so any shards of a multiple of 16 hold whole blocks: "e" (256 x 256, as Flax's Gemma
+# example shards embeddings) is split into shards 32 wide.
 LAYOUTS = {"fsdp": P("x", None), "tp": P(None, "x")}
 OPTIMIZERS = {
     "adamw": lambda: optax8.adamw8bit(1e-2, weight_decay=1e-2, min_8bit_size=256),
@@ -31,13 +33,14 @@ def _mesh(axis_type, shape=(8,), names=("x",)):
 
 def _tree(seed):
   rng = np.random.default_rng(seed)
-  return {"w": rng.standard_normal((16, 2048)).astype(np.float32),
+  return {"w": rng.standard_normal((128, 2048)).astype(np.float32),
+          "e": rng.standard_normal((256, 256)).astype(np.float32),
           "b": rng.standard_normal((2048,)).astype(np.float32),
           "s": rng.standard_normal((8,)).astype(np.float32)}   # 32-bit state (below min_8bit_size)
 
 
 def _specs(layout):
-  return {"w": LAYOUTS[layout], "b": P("x"), "s": P("x")}
+  return {"w": LAYOUTS[layout], "e": LAYOUTS[layout], "b": P("x"), "s": P("x")}
 
 
 def _put(tree, mesh, specs):
@@ -68,7 +71,7 @@ def _hlo(fn, *args):
                          ids=["rows", "columns", "both", "columns2"])
 def test_quantize_and_dequantize_run_on_each_shard(spec):
   mesh = _mesh(AxisType.Auto, (4, 2), ("x", "y"))
-  host = np.random.default_rng(0).standard_normal((16, 2048)).astype(np.float32)
+  host = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)
   expected = optax8.quantize(host, BLOCK)
   x = jax.device_put(host, NamedSharding(mesh, spec))
   quantize = jax.jit(lambda x: optax8.quantize(x, BLOCK))
@@ -96,6 +99,7 @@ def test_block_rule():
   assert sharding.keeps_blocks(2048, 8, 256) and sharding.keeps_blocks(100, 1, 256)
   assert not sharding.keeps_blocks(1024, 8, 256)   # 128 per shard
   assert not sharding.keeps_blocks(2040, 8, 8)     # uneven shards
+  assert sharding.keeps_blocks(256, 8, 16) and not sharding.keeps_blocks(64, 8, 16)   # tiles: 32, 8 per shard
 
 
 # ---- optimizer steps ---------------------------------------------------------
@@ -122,7 +126,7 @@ def test_sharded_step_equals_the_single_device_step(opt, layout, axis_type):
 
   # State leaves are sharded like their parameter (absmax on the same mesh axes), never replicated.
   for path, x in _state_leaves(new_state):
-    leaf = "w" if "'w'" in path else "b" if "'b'" in path else "s"
+    leaf = next(k for k in ("w", "e", "b", "s") if f"'{k}'" in path)
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, specs[leaf]), x.ndim), (path, x.sharding)
     assert not x.sharding.is_fully_replicated, path
   assert init_types == new_types
@@ -146,6 +150,28 @@ def test_sharded_step_equals_the_single_device_step(opt, layout, axis_type):
       np.testing.assert_array_equal(np.asarray(new_params[k]), np.asarray(ref_params[k]), err_msg=k)
     else:
       np.testing.assert_allclose(np.asarray(new_params[k]), np.asarray(ref_params[k]), rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp_and_tensor_parallel_at_once_at_the_default_block_size():
+  """Rows over one mesh axis and columns over another (shards of 32 x 128 and 64 x 32): no all-gather, the
+  state on its parameter's shards, and the single-device step bit for bit."""
+  tx = OPTIMIZERS["adamw"]()
+  params_host, grads_host = _tree(0), _tree(1)
+  ref_params, ref_state = jax.jit(_step_fn(tx))(params_host, tx.init(params_host), grads_host)
+  mesh = _mesh(AxisType.Auto, (4, 2), ("fsdp", "tp"))
+  specs = {"w": P("fsdp", "tp"), "e": P("fsdp", "tp"), "b": P("fsdp"), "s": P()}
+  params, grads = _put(params_host, mesh, specs), _put(grads_host, mesh, specs)
+  state = tx.init(params)
+  jitted = jax.jit(_step_fn(tx), donate_argnums=(1,))
+  assert "all-gather" not in _hlo(jitted, params, state, grads)
+  new_params, new_state = jitted(params, state, grads)
+  for path, x in _state_leaves(new_state):
+    leaf = next(k for k in ("w", "e", "b", "s") if f"'{k}'" in path)
+    assert x.sharding.is_equivalent_to(NamedSharding(mesh, specs[leaf]), x.ndim), (path, x.sharding)
+  for (path, got), (_, want) in zip(_state_leaves(new_state), _state_leaves(ref_state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=path)
+  for k in params_host:
+    np.testing.assert_array_equal(np.asarray(new_params[k]), np.asarray(ref_params[k]), err_msg=k)
 
 
 def test_explicit_mesh_types_are_kept_by_eager_and_jitted_updates():
@@ -188,14 +214,16 @@ def test_vmapped_quantize_keeps_its_shards():
 
 def test_a_sharding_that_splits_blocks_fails_at_init():
   mesh = _mesh(AxisType.Auto)
-  params = {"layer": {"w": jax.device_put(jnp.zeros((16, 1024)), NamedSharding(mesh, P(None, "x")))}}
+  # columns 8 wide per shard: narrower than a 16 x 16 tile
+  params = {"layer": {"w": jax.device_put(jnp.zeros((512, 64)), NamedSharding(mesh, P(None, "x")))}}
   with pytest.raises(ValueError) as e:
     optax8.adamw8bit(1e-3).init(params)
   msg = str(e.value)
-  for part in ("adamw8bit", "['layer']['w']", "P(None, 'x')", "256", "128", "P('x', None)", "block_size"):
+  for part in ("adamw8bit", "['layer']['w']", "P(None, 'x')", "axis 1", "shards of 8", "16 x 16", "block_size",
+               "32 bits"):
     assert part in msg, (part, msg)
-  # A block size that divides the shard length, or 32-bit state, is fine.
-  state = optax8.adamw8bit(1e-3, block_size=128).init(params)
+  # Blocks that fit the shards (8 x 8 tiles), or 32-bit state, are fine.
+  state = optax8.adamw8bit(1e-3, block_size=64).init(params)
   assert state.mu["layer"]["w"].absmax.sharding.spec == P(None, "x")
   optax8.adamw8bit(1e-3, bits=32).init(params)
 

@@ -29,21 +29,25 @@ template <typename In>
 void quantize_blocks(const typename In::T* x, uint8_t* codes, float* absmax,
                      const BlockLayout& l, const HostMap& map, int64_t first, int64_t last) {
   for (int64_t b = first; b < last; ++b) {
-    const int64_t row = b / l.row_blocks, start = (b % l.row_blocks) * l.block;
-    const int64_t len = std::min(l.block, l.cols - start), simd = simd_prefix(len);
-    const typename In::T* xb = x + row * l.cols + start;
-    uint8_t* cb = codes + row * l.cols + start;
+    const Block k = l.at(b);
+    const int64_t simd = simd_prefix(k.width);
     float m = 0.0f;
+    for (int64_t r = 0; r < k.height; ++r) {
+      const typename In::T* xr = x + k.off + r * l.cols;
 #if OPTAX8_HAVE_AVX2_PATH
-    if (simd) m = avx2::block_absmax<In>(xb, simd);
+      if (simd) m = std::max(m, avx2::block_absmax<In>(xr, simd));
 #endif
-    for (int64_t k = simd; k < len; ++k) m = std::max(m, absmax_term(In::load(xb[k])));
+      for (int64_t j = simd; j < k.width; ++j) m = std::max(m, absmax_term(In::load(xr[j])));
+    }
     const Normalizer normalize(m);
+    for (int64_t r = 0; r < k.height; ++r) {
+      const typename In::T* xr = x + k.off + r * l.cols;
+      uint8_t* cr = codes + k.off + r * l.cols;
 #if OPTAX8_HAVE_AVX2_PATH
-    if (simd) avx2::block_codes<In>(xb, cb, simd, normalize, map.table);
+      if (simd) avx2::block_codes<In>(xr, cr, simd, normalize, map.table);
 #endif
-    for (int64_t k = simd; k < len; ++k)
-      cb[k] = uint8_t(bucket_code(normalize(In::load(xb[k])), map.table));
+      for (int64_t j = simd; j < k.width; ++j) cr[j] = uint8_t(bucket_code(normalize(In::load(xr[j])), map.table));
+    }
     absmax[b] = m;
   }
 }
@@ -52,14 +56,17 @@ template <typename Out>
 void dequantize_blocks(const uint8_t* codes, const float* absmax, typename Out::T* out,
                        const BlockLayout& l, const HostMap& map, int64_t first, int64_t last) {
   for (int64_t b = first; b < last; ++b) {
-    const int64_t row = b / l.row_blocks, start = (b % l.row_blocks) * l.block;
-    const int64_t len = std::min(l.block, l.cols - start), offset = row * l.cols + start;
-    const int64_t simd = simd_prefix(len);
+    const Block k = l.at(b);
+    const int64_t simd = simd_prefix(k.width);
     const float a = absmax[b];
+    for (int64_t r = 0; r < k.height; ++r) {
+      const int64_t offset = k.off + r * l.cols;
 #if OPTAX8_HAVE_AVX2_PATH
-    if (simd) avx2::block_values<Out>(codes + offset, out + offset, simd, a, map.values);
+      if (simd) avx2::block_values<Out>(codes + offset, out + offset, simd, a, map.values);
 #endif
-    for (int64_t k = simd; k < len; ++k) out[offset + k] = Out::store(scale_value(map.values[codes[offset + k]], a));
+      for (int64_t j = simd; j < k.width; ++j)
+        out[offset + j] = Out::store(scale_value(map.values[codes[offset + j]], a));
+    }
   }
 }
 
@@ -72,9 +79,11 @@ void for_blocks(ffi::ThreadPool& pool, const BlockLayout& l, const Fn& fn) {
 }
 
 ffi::Error Quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> codes,
-                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind) {
+                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind,
+                    int64_t tile_rows) {
   BlockLayout l;
-  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, map_kind, &l);
+  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, tile_rows,
+                           map_kind, &l);
       e.failure())
     return e;
   const HostMap& map = host_map(map_kind);
@@ -92,9 +101,11 @@ ffi::Error Quantize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::Buf
 }
 
 ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
-                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind) {
+                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind,
+                      int64_t tile_rows) {
   BlockLayout l;
-  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, map_kind, &l);
+  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, tile_rows,
+                           map_kind, &l);
       e.failure())
     return e;
   const HostMap& map = host_map(map_kind);
@@ -119,7 +130,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cpu, optax8::Quantize,
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("map_kind"));
+                                  .Attr<int64_t>("map_kind")
+                                  .Attr<int64_t>("tile_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cpu, optax8::Dequantize,
                               ffi::Ffi::Bind()
@@ -128,7 +140,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cpu, optax8::Dequantize,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("map_kind"));
+                                  .Attr<int64_t>("map_kind")
+                                  .Attr<int64_t>("tile_rows"));
 
 // The XLA FFI API version these handlers were compiled against.
 extern "C" int64_t optax8_cpu_ffi_api_version() {

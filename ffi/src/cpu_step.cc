@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,9 @@
 namespace ffi = xla::ffi;
 
 namespace optax8 {
+
+// Elements of a chunk of tiles that step_tiles (cpu_step_loop.inc) steps together.
+constexpr int64_t kTileChunk = 2048;
 
 namespace cpu_scalar {
 
@@ -58,6 +62,11 @@ inline float lanes_load_f32(const float* p) { return *p; }
 inline void lanes_store_f32(float* p, float v) { *p = v; }
 inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax);
+}
+// scale_value of n codes, element k with absmax[k >> run_shift] (runs of a tile's row segments).
+inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap& map, const float* absmax,
+                                  int run_shift, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax[k >> run_shift]);
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize, const HostMap& map) {
   for (int64_t k = 0; k < n; ++k) codes[k] = uint8_t(bucket_code(normalize(x[k]), map.table));
@@ -115,6 +124,12 @@ inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMa
   const int64_t main = n - n % 8;
   avx2::block_values<F32>(codes, out, main, absmax, map.values);
   cpu_scalar::lanes_dequantize_block(codes + main, n - main, map, absmax, out + main);
+}
+inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap& map, const float* absmax,
+                                  int run_shift, float* out) {
+  const int64_t run = int64_t{1} << run_shift;
+  for (int64_t k = 0; k < n; k += run)
+    lanes_dequantize_block(codes + k, std::min(run, n - k), map, absmax[k >> run_shift], out + k);
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                         const HostMap& map) {
@@ -214,7 +229,8 @@ inline V scale_values16(V values, float absmax, bool flush) {
 // bytes gives the 64 floats. Codes are first permuted (4-byte groups: a 4x4
 // transpose) so that the unpacks' lane order becomes element order.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,f16c")))
-void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, bool flush, float* out) {
+void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, const float* absmax, int run_shift,
+                     float* out) {
   const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
   __m512i plane[4][4];
   for (int k = 0; k < 4; ++k)
@@ -230,26 +246,45 @@ void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, float 
     const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
     const __m512i v[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
                           _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
-    for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + i + 16 * q, scale_values16(_mm512_castsi512_ps(v[q]), absmax, flush));
+    for (int q = 0; q < 4; ++q) {
+      const float a = absmax[(i + 16 * q) >> run_shift];
+      // flush: products may be subnormal and must become 0; not needed when
+      // absmax >= 2**-104, since every non-zero map value exceeds 2**-22.
+      _mm512_storeu_ps(out + i + 16 * q, scale_values16(_mm512_castsi512_ps(v[q]), a, a < 0x1p-104f));
+    }
   }
 }
 
 // scale_value of n codes into out: 64 at a time by byte permutes where the
 // CPU has VBMI, else 16 at a time by gathers; the rest one by one.
 inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
-  // flush: products may be subnormal and must become 0; not needed when
-  // absmax >= 2**-104, since every non-zero map value exceeds 2**-22.
-  const bool flush = absmax < 0x1p-104f;
+  const bool flush = absmax < 0x1p-104f;   // as in dequantize_vbmi
   int64_t k = 0;
   if (has_vbmi()) {
     k = n - n % 64;
-    dequantize_vbmi(codes, k, map, absmax, flush, out);
+    dequantize_vbmi(codes, k, map, &absmax, 62, out);
   }
   for (; k + 16 <= n; k += 16) {
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k)));
     _mm512_storeu_ps(out + k, scale_values16(_mm512_i32gather_ps(c, map.values, 4), absmax, flush));
   }
   cpu_scalar::lanes_dequantize_block(codes + k, n - k, map, absmax, out + k);
+}
+
+// scale_value of n codes, element k with absmax[k >> run_shift]: by byte
+// permutes where the CPU has VBMI and runs are whole groups of 16.
+inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap& map, const float* absmax,
+                                  int run_shift, float* out) {
+  int64_t k = 0;
+  if (has_vbmi() && run_shift >= 4) {
+    k = n - n % 64;
+    dequantize_vbmi(codes, k, map, absmax, run_shift, out);
+  }
+  for (; k < n;) {   // k is at a run's start, or at a multiple of 64 (also within a run)
+    const int64_t end = std::min(n, ((k >> run_shift) + 1) << run_shift);
+    lanes_dequantize_block(codes + k, end - k, map, absmax[k >> run_shift], out + k);
+    k = end;
+  }
 }
 
 // bucket_code (cpu_map.h) of 16 normalized values, stored as bytes.
@@ -289,7 +324,7 @@ inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const No
 
 namespace {
 
-using BlockFn = void (*)(const StepBuffers&, int64_t, int64_t, float*);
+using BlockFn = void (*)(const StepBuffers&, int64_t, int64_t, float*, uint8_t*);
 
 enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -326,14 +361,15 @@ constexpr int64_t kGrainElements = 1 << 14;
 // All leaves' blocks form one range that the thread pool splits, so many
 // small leaves cost what one leaf of the same total size costs.
 ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode) {
+                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows) {
   if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
   std::vector<StepBuffers> bufs(leaves);
   std::vector<BlockFn> fns(leaves);
   std::vector<int64_t> first_block(leaves + 1, 0);
   const Isa cap = isa_cap();
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &bufs[i]); e.failure())
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, &bufs[i]);
+        e.failure())
       return e;
     const ffi::DataType dtype = bufs[i].dtype;
     fns[i] = dtype == ffi::DataType::F32    ? pick<F32>(algo, cap)
@@ -344,13 +380,14 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remainin
   const int64_t total = first_block[leaves];
   if (total == 0) return ffi::Error::Success();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / block_size);
-  const int64_t tmp_size = int64_t(algo_states(algo)) * block_size;
+  const int64_t tmp_size = int64_t(algo_states(algo)) * std::max(block_size, kTileChunk);
   parallel_for(pool, total, grain, [&](int64_t first, int64_t last) {
     std::vector<float> tmp(tmp_size);
+    std::vector<uint8_t> tile_codes(block_size);
     int64_t i = std::upper_bound(first_block.begin(), first_block.end(), first) - first_block.begin() - 1;
     for (; first < last; ++i) {
       const int64_t end = std::min(last, first_block[i + 1]);
-      if (end > first) fns[i](bufs[i], first - first_block[i], end - first_block[i], tmp.data());
+      if (end > first) fns[i](bufs[i], first - first_block[i], end - first_block[i], tmp.data(), tile_codes.data());
       first = end;
     }
   });

@@ -2,7 +2,7 @@
 //
 // Quantize: a group of min(block, 256) threads owns one quantization block;
 // a 256-thread CTA holds 256 / group blocks. Each thread strides over its
-// block with coalesced loads, the group reduces absmax in registers (warp
+// block (row by row of a tile) with coalesced loads, the group reduces absmax in registers (warp
 // shuffles) and shared memory, then requantizes by binary search over the
 // 256 decision points held in shared memory.
 #include <algorithm>
@@ -48,15 +48,17 @@ __global__ void quantize_kernel(const typename In::T* __restrict__ x, uint8_t* _
   const int lane = threadIdx.x % group;
   const int64_t b = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const bool active = b < l.blocks();
-  const int64_t row = active ? b / l.row_blocks : 0, start = active ? (b % l.row_blocks) * l.block : 0;
-  const int64_t len = active ? min(l.block, l.cols - start) : 0;
-  const int64_t offset = row * l.cols + start;
+  const Block blk = active ? l.at(b) : Block{0, 0, 1, 0};
+  const int len = int(blk.width * blk.height), width = int(blk.width);
   float m = 0.0f;
-  for (int64_t k = lane; k < len; k += group) m = fmaxf(m, absmax_term(In::load(x[offset + k])));
+  for (int k = lane; k < len; k += group)
+    m = fmaxf(m, absmax_term(In::load(x[blk.off + (k / width) * l.cols + k % width])));
   m = group_max(m, group, scratch);
   const Normalizer normalize(m);
-  for (int64_t k = lane; k < len; k += group)
-    codes[offset + k] = uint8_t(search_code(normalize(In::load(x[offset + k])), mids));
+  for (int k = lane; k < len; k += group) {
+    const int64_t e = blk.off + (k / width) * l.cols + k % width;
+    codes[e] = uint8_t(search_code(normalize(In::load(x[e])), mids));
+  }
   if (active && lane == 0) absmax[b] = m;
 }
 
@@ -70,7 +72,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const float
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / l.cols, col = i % l.cols;
-    out[i] = Out::store(scale_value(values[codes[i]], absmax[row * l.row_blocks + col / l.block]));
+    out[i] = Out::store(scale_value(values[codes[i]], absmax[l.block_of(row, col)]));
   }
 }
 
@@ -80,9 +82,11 @@ ffi::Error launch_status(cudaError_t err) {
 }
 
 ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> codes,
-                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind) {
+                    ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t block_size, int64_t map_kind,
+                    int64_t tile_rows) {
   BlockLayout l;
-  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, map_kind, &l);
+  if (auto e = make_layout(x.dimensions(), codes->dimensions(), absmax->dimensions(), block_size, tile_rows,
+                           map_kind, &l);
       e.failure())
     return e;
   if (l.elements() == 0) return ffi::Error::Success();
@@ -99,9 +103,11 @@ ffi::Error Quantize(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buff
 }
 
 ffi::Error Dequantize(cudaStream_t stream, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
-                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind) {
+                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size, int64_t map_kind,
+                      int64_t tile_rows) {
   BlockLayout l;
-  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, map_kind, &l);
+  if (auto e = make_layout(out->dimensions(), codes.dimensions(), absmax.dimensions(), block_size, tile_rows,
+                           map_kind, &l);
       e.failure())
     return e;
   if (l.elements() == 0) return ffi::Error::Success();
@@ -125,7 +131,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_quantize_cuda, optax8::Quantize,
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("map_kind"));
+                                  .Attr<int64_t>("map_kind")
+                                  .Attr<int64_t>("tile_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cuda, optax8::Dequantize,
                               ffi::Ffi::Bind()
@@ -134,7 +141,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(optax8_dequantize_cuda, optax8::Dequantize,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("block_size")
-                                  .Attr<int64_t>("map_kind"));
+                                  .Attr<int64_t>("map_kind")
+                                  .Attr<int64_t>("tile_rows"));
 
 // 0 when the kernels can run on the current device, else the CUDA error
 // (no device, a driver older than this library's CUDA runtime, or no kernel

@@ -5,7 +5,7 @@
 // general kernel, like the quantize kernel (cuda_quantize.cu), a group of
 // min(block, 256) threads owns one quantization block and a 256-thread CTA
 // holds 256 / group blocks. Thread `lane` of a group owns the elements lane, lane + group, ...
-// (E = block / group <= 16 of them) of its block: it loads all their inputs
+// (E = block / group <= 16 of them, counted row by row in a tile) of its block: it loads all their inputs
 // at once (coalesced across the group), applies the rule, writes the update
 // and keeps the new float32 states in registers while the group reduces each
 // state's absmax (warp shuffles, then shared memory for groups of more than
@@ -80,12 +80,19 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   const int lane = threadIdx.x & (group - 1);
   const int64_t b = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const bool active = b < l.blocks();
-  const int64_t row = active ? b / l.row_blocks : 0, start = active ? (b % l.row_blocks) * l.block : 0;
-  const int len = active ? int(min(l.block, l.cols - start)) : 0;
-  const int64_t off = row * l.cols + start;
+  const Block blk = active ? l.at(b) : Block{0, 0, 1, 0};
+  const int len = int(blk.width * blk.height), width = int(blk.width);
+  const int64_t off = blk.off, row = blk.row;
   const T* g = static_cast<const T*>(a.g) + off;
   const T* p = static_cast<const T*>(a.p) + off;
   T* u = static_cast<T*>(a.u) + off;
+  // Element k of the block (k < len) lies at e[j] from off: rows of `width` elements, l.cols apart.
+  int64_t e[E];
+#pragma unroll
+  for (int j = 0; j < E; ++j) {
+    const int k = lane + j * group;
+    e[j] = width == len ? k : int64_t(k / width) * l.cols + k % width;
+  }
 
   // Loads first, all of them: nothing aliased is written before.
   float old_absmax[n];
@@ -97,10 +104,10 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   for (int j = 0; j < E; ++j) {
     const int k = lane + j * group;
     const bool in = k < len;
-    gv[j] = in ? G::load(g[k]) : 0.0f;
-    pv[j] = in && a.with_params ? G::load(p[k]) : 0.0f;
+    gv[j] = in ? G::load(g[e[j]]) : 0.0f;
+    pv[j] = in && a.with_params ? G::load(p[e[j]]) : 0.0f;
 #pragma unroll
-    for (int i = 0; i < n; ++i) code[i][j] = in ? a.codes_in[i][off + k] : uint8_t(0);
+    for (int i = 0; i < n; ++i) code[i][j] = in ? a.codes_in[i][off + e[j]] : uint8_t(0);
   }
 
   HyperF<float> h;
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     for (int i = 0; i < n; ++i) s[i] = scale_value(values[state_map(A, i)][code[i][j]], old_absmax[i]);
     const float uj = cuda_rule::step_rule<A>(h, gv[j], pv[j], s);
     const int k = lane + j * group;
-    if (k < len) u[k] = G::store(a.apply ? pv[j] + uj : uj);
+    if (k < len) u[e[j]] = G::store(a.apply ? pv[j] + uj : uj);
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       st[i][j] = s[i];
@@ -138,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const int k = lane + j * group;
-      if (k < len) codes[k] = uint8_t(search_code(normalize(st[i][j]), mi));
+      if (k < len) codes[e[j]] = uint8_t(search_code(normalize(st[i][j]), mi));
     }
     if (active && lane == 0) a.absmax_out[i][b] = m[i];
   }
@@ -210,14 +217,15 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
 // One launch per leaf, all on the call's stream, after every leaf is checked:
 // a bad leaf fails the call before any kernel has written anything.
 ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode) {
+                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows) {
   if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
   if (block_size > kMaxBlock)
     return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
                                        " is not supported");
   std::vector<StepBuffers> bufs(leaves);
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, params_mode, &bufs[i]); e.failure())
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, &bufs[i]);
+        e.failure())
       return e;
     const int64_t group = std::min<int64_t>(block_size, kThreads);
     if ((bufs[i].l.blocks() + kThreads / group - 1) / (kThreads / group) > 0x7fffffff)

@@ -17,7 +17,10 @@ namespace {
 // ---- whole blocks: the fast path ---------------------------------------------------------
 //
 // A leaf whose rows are whole blocks of 128 to 4096 elements (any such block
-// size that divides the last axis: the usual case) is a flat run of blocks.
+// size that divides the last axis) is a flat run of blocks; a matrix cut
+// into whole tiles (tile_cols divides the last axis and tile_rows the
+// matrix's rows: the usual case) is a run of bands of tile_rows rows, each
+// a run of tiles, and a tile's element k lies in its row k / tile_cols.
 // W = max(1, block / 512) warps own a block; a CTA of 8 warps holds 8 / W
 // blocks at a time and strides over the leaf's blocks, so it loads the
 // tables into shared memory once. Each thread owns C = block / (128 W)
@@ -99,6 +102,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int col_shift = 0;  // log2(tile_cols)
+  while ((int64_t{1} << col_shift) < a.l.tile_cols) ++col_shift;
+  const int col_mask = int(a.l.tile_cols) - 1;
   const int part = warp % W;           // this warp's part of its block
   const int tb = part * 32 + lane;     // this thread's index among the block's W warps
   HyperF<float> h;
@@ -115,6 +121,12 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
     }
+    // The block's first element; its element k lies at base + (k >> col_shift) * cols + (k & col_mask).
+    int64_t base = b * kBlock;
+    if (a.l.tile_rows > 1 && active) {
+      const uint32_t band = uint32_t(b) / uint32_t(a.l.row_blocks);
+      base = int64_t(band) * a.l.tile_rows * a.l.cols + (int64_t(b) - int64_t(band) * a.l.row_blocks) * a.l.tile_cols;
+    }
     float old_absmax[n], m[n], st[n][C][4];
 #pragma unroll
     for (int i = 0; i < n; ++i) {
@@ -123,7 +135,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 #pragma unroll
     for (int c = 0; c < C; ++c) {
-      const int64_t e = b * kBlock + 4 * (tb + 32 * W * c);
+      const int k0 = 4 * (tb + 32 * W * c);
+      const int64_t e = base + int64_t(k0 >> col_shift) * a.l.cols + (k0 & col_mask);
       float gv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4];
       uint32_t code[n];
 #pragma unroll
@@ -177,7 +190,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         uint32_t packed = 0;
 #pragma unroll
         for (int k = 0; k < 4; ++k) packed |= uint32_t(table_code(normalize(st[i][c][k]), buckets, mids)) << (8 * k);
-        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + b * kBlock + 4 * (tb + 32 * W * c)) = packed;
+        const int k0 = 4 * (tb + 32 * W * c);
+        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + base + int64_t(k0 >> col_shift) * a.l.cols +
+                                                 (k0 & col_mask)) = packed;
       }
       if (active && tb == 0) a.absmax_out[i][b] = m[i];
     }
@@ -202,10 +217,12 @@ ffi::Error launch_whole(cudaStream_t stream, const StepArgs& a, int64_t nblocks,
 
 }  // namespace
 
-// The fast path applies: whole blocks of 128 to 4096 elements and aligned buffers.
+// The fast path applies: whole blocks of 128 to 4096 elements, under 2**32 of them, and aligned buffers.
 bool whole_blocks(const StepBuffers& s) {
   const int64_t block = s.l.block;
-  if (block < 128 || block > kMaxBlock || s.l.cols % block != 0) return false;
+  if (block < 128 || block > kMaxBlock || s.l.cols % s.l.tile_cols != 0 || s.l.mat_rows % s.l.tile_rows != 0 ||
+      s.l.blocks() >= (int64_t{1} << 32))
+    return false;
   const uintptr_t width = s.dtype == ffi::DataType::F32 ? 16 : 8;
   auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
   bool ok = aligned(s.g, width) && aligned(s.u, width) && (!s.with_params || aligned(s.p, width));
@@ -216,7 +233,7 @@ bool whole_blocks(const StepBuffers& s) {
 
 template <int A, typename G>
 ffi::Error launch_whole_blocks(cudaStream_t stream, const StepArgs& a) {
-  const int64_t nblocks = a.l.blocks(), bph = a.l.row_blocks * a.rows_per_hyper;
+  const int64_t nblocks = a.l.blocks(), bph = a.l.row_blocks * (a.rows_per_hyper / a.l.tile_rows);
   switch (a.l.block) {
     case 128: return launch_whole<A, G, 1, 1>(stream, a, nblocks, bph);
     case 256: return launch_whole<A, G, 2, 1>(stream, a, nblocks, bph);

@@ -2,7 +2,8 @@
 
 It follows the rules of ``ffi/include/optax8/quantize.h`` operation by
 operation, so the native CPU handler and this path give bit-identical codes
-and absmax. Inputs have rank >= 1 (the dispatcher reshapes scalars).
+and absmax, in the block layout of `optax8.layout`. Inputs have rank >= 1
+(the dispatcher reshapes scalars).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from jax import lax
 
 from optax8 import maps
+from optax8 import layout
 from optax8.layout import num_blocks
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
@@ -20,23 +22,73 @@ _FMAX = np.float32(np.finfo(np.float32).max)
 _HUGE = np.float32(2.0**126)  # above it, 1 / absmax would be subnormal
 
 
-def _blocked(x, block_size, fill):
-  """(..., n) -> (..., nb, width), padding the last block with `fill`.
+def _reshape(x, shape, spec):
+  """``x.reshape(shape)``; on an explicit mesh the result's spec is ``spec`` (an axis split in two keeps its mesh
+  axes on the first part, axes merged keep the first one's)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+    return x.reshape(shape)
+  return lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
 
-  width is block_size, or n when one block holds the whole row (no padding
-  up to a large block size).
+
+def _spec(x):
+  """x's spec, one entry per axis (all None off explicit meshes: then `_reshape` ignores it)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def _split_spec(x, entry, nb, width):
+  """The specs of (nb, width) for an axis of spec ``entry`` cut into nb blocks: on the blocks where they divide
+  among the shards, else on a single block's elements (nb = 1), else none (an explicit mesh then refuses the
+  reshape: such an axis splits blocks, which `optax8.sharding.state_shardings` refuses for optimizer state)."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if entry is None or mesh is None:
+    return (None, None)
+  shards = int(np.prod([dict(mesh.shape)[a] for a in (entry if isinstance(entry, (tuple, list)) else (entry,))]))
+  if nb % shards == 0:
+    return (entry, None)
+  return (None, entry) if nb == 1 and width % shards == 0 else (None, None)
+
+
+def _blocked(x, block_size, rows, fill):
+  """(..., R, C) -> (..., nR, tR, nC, tC) for blocks of ``rows`` > 1 rows, else (..., n) -> (..., nb, width).
+
+  Pads with `fill`. Along each blocked axis the width is the block's extent,
+  or the axis' length when one block spans it (no padding up to a large
+  block). A sharded axis is split into whole blocks per shard
+  (`optax8.sharding`), so it needs no padding.
   """
-  n = x.shape[-1]
-  nb = num_blocks(n, block_size)
-  width = block_size if nb > 1 else n
-  pad = nb * width - n
-  if pad:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
-  return x.reshape(x.shape[:-1] + (nb, width))
+  k = 2 if rows > 1 else 1
+  extents = layout.extents(x.ndim, block_size, rows)
+  lead, spec = x.shape[:x.ndim - k], _spec(x)
+  pads, blocked, blocked_spec = [(0, 0)] * len(lead), lead, spec[:x.ndim - k]
+  for n, b, entry in zip(x.shape[x.ndim - k:], extents[x.ndim - k:], spec[x.ndim - k:]):
+    nb = num_blocks(n, b)
+    width = b if nb > 1 else n
+    pads.append((0, nb * width - n))
+    blocked += (nb, width)
+    blocked_spec += _split_spec(x, entry, nb, width)
+  if any(p for _, p in pads):
+    x = jnp.pad(x, pads, constant_values=fill)
+  return _reshape(x, blocked, blocked_spec)
 
 
-def _unblocked(x, n):
-  return x.reshape(x.shape[:-2] + (-1,))[..., :n]
+def _per_element(absmax, rows):
+  """absmax broadcast against ``_blocked`` elements."""
+  return absmax[..., None] if rows == 1 else absmax[..., :, None, :, None]
+
+
+def _unblocked(x, shape, rows):
+  """Inverse of ``_blocked``: the array of ``shape`` (padding dropped)."""
+  spec = _spec(x)
+  if rows == 1:
+    x = _reshape(x, x.shape[:-2] + (x.shape[-2] * x.shape[-1],), spec[:-2] + (spec[-2] or spec[-1],))
+    return x if x.shape[-1] == shape[-1] else x[..., :shape[-1]]
+  x = _reshape(x, x.shape[:-4] + (x.shape[-4] * x.shape[-3], x.shape[-2] * x.shape[-1]),
+               spec[:-4] + (spec[-4] or spec[-3], spec[-2] or spec[-1]))
+  return x if x.shape[-2:] == tuple(shape[-2:]) else x[..., :shape[-2], :shape[-1]]
 
 
 def _lookup(table, index):
@@ -56,23 +108,21 @@ def table_code(v, kind):
   return lo + (mid < v).astype(jnp.uint8)
 
 
-def quantize(x, block_size, kind):
-  """Returns (codes uint8 of x's shape, absmax float32 (..., nb))."""
-  n = x.shape[-1]
-  xb = _blocked(x.astype(jnp.float32), block_size, 0)
+def quantize(x, block_size, kind, rows):
+  """Returns (codes uint8 of x's shape, absmax float32) for blocks of ``rows`` rows (`optax8.layout`)."""
+  xb = _blocked(x.astype(jnp.float32), block_size, rows, 0)
   a = jnp.abs(xb)
-  absmax = jnp.max(jnp.where((a >= _TINY) & (a <= _FMAX), a, 0), axis=-1)
+  absmax = jnp.max(jnp.where((a >= _TINY) & (a <= _FMAX), a, 0), axis=(-1,) if rows == 1 else (-3, -1))
   scale = jnp.where(absmax > _HUGE, np.float32(0.25), np.float32(1))
   positive = absmax > 0
   inv = jnp.where(positive, 1 / jnp.where(positive, absmax * scale, 1), 0)
-  v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * scale[..., None]) * inv[..., None], 0)
-  return _unblocked(table_code(v, kind), n), absmax
+  v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * _per_element(scale, rows)) * _per_element(inv, rows), 0)
+  return _unblocked(table_code(v, kind), x.shape, rows), absmax
 
 
-def dequantize(codes, absmax, block_size, kind, dtype):
+def dequantize(codes, absmax, block_size, kind, dtype, rows):
   """Returns map[codes] * absmax of each element's block, as dtype."""
-  n = codes.shape[-1]
-  cb = _blocked(codes, block_size, 0)
-  out = _lookup(maps.dynamic_map(kind), cb.astype(jnp.int32)) * absmax[..., None]
+  cb = _blocked(codes, block_size, rows, 0)
+  out = _lookup(maps.dynamic_map(kind), cb.astype(jnp.int32)) * _per_element(absmax, rows)
   out = jnp.where(jnp.abs(out) >= _TINY, out, 0)
-  return _unblocked(out, n).astype(dtype)
+  return _unblocked(out, codes.shape, rows).astype(dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from optax8 import layout
 from optax8.complex_leaves import PAIRS, REAL
 from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
@@ -39,7 +40,8 @@ def rule(algo, h, g, p, states, pairs: bool = False):
   return u, s
 
 
-def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False):
+def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
+         rows: int | None = None):
   """Dequantize, apply ``rule``, requantize: returns (update, new states).
 
   ``g`` and ``p`` have rank >= 1 (``p`` may be None); ``states`` is a tuple
@@ -47,12 +49,14 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   update has ``g``'s dtype. With ``apply``, the first result is the new
   parameter ``p + update`` (computed in float32) in ``p``'s dtype. With
   ``pairs``, ``g``, ``p`` and the states are real views of a complex leaf.
+  Blocks have ``rows`` rows (default: ``optax8.layout.tile_rows`` of g's shape).
   """
+  rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   kinds = algorithms.get(algo).states
-  values = tuple(jax_backend.dequantize(c, a, block_size, k, jnp.float32) for (c, a), k in zip(states, kinds))
+  values = tuple(jax_backend.dequantize(c, a, block_size, k, jnp.float32, rows) for (c, a), k in zip(states, kinds))
   p32 = None if p is None else p.astype(jnp.float32)
   u, new = rule(algo, hyper, g.astype(jnp.float32), p32, values, pairs)
-  new_states = tuple(jax_backend.quantize(x, block_size, k) for x, k in zip(new, kinds))
+  new_states = tuple(jax_backend.quantize(x, block_size, k, rows) for x, k in zip(new, kinds))
   if apply:
     return (p32 + u).astype(p.dtype), new_states
   return u.astype(g.dtype), new_states

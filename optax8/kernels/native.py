@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optax8 import layout
 from optax8.kernels import algorithms
 
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
@@ -190,6 +191,21 @@ def _sharding_of(x):
   return sharding if explicit else None
 
 
+def _divisible(sharding, shape):
+  """``sharding`` without the mesh axes of the dimensions of ``shape`` they do not divide (None stays None).
+
+  A block layout that does not fit the shards (a gathered operand, `optax8.sharding`) leaves an absmax axis
+  that the elements' mesh axes do not split evenly.
+  """
+  if sharding is None:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  sizes = dict(sharding.mesh.shape)
+  axes = lambda e: () if e is None else (tuple(e) if isinstance(e, (tuple, list)) else (e,))
+  kept = [e if n % int(np.prod([sizes[a] for a in axes(e)] or [1])) == 0 else None for n, e in zip(shape, spec)]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
+
+
 def _varying(results, operands):
   """The results, varying over every manual mesh axis that an operand varies over.
 
@@ -207,26 +223,35 @@ def _varying(results, operands):
   return [lax.pcast(r, tuple(sorted(axes)), to="varying") for r in results]
 
 
-def quantize(x, block_size: int, map_id: int, target: str = "optax8_quantize"):
-  """FFI call: (codes, absmax) of ``x`` (rank >= 1).
+def _layout_attrs(shape, block_size: int, rows: int | None) -> dict:
+  """The block layout attributes of the handlers: block_size and tile_rows (`optax8.layout`)."""
+  rows = layout.tile_rows(shape, block_size) if rows is None else rows
+  return dict(block_size=np.int64(block_size), tile_rows=np.int64(rows))
+
+
+def quantize(x, block_size: int, map_id: int, target: str = "optax8_quantize", rows: int | None = None):
+  """FFI call: (codes, absmax) of ``x`` (rank >= 1), blocks of ``rows`` rows (default: x's own layout).
 
   ``target`` (here and below) names the registered handler: tests pass the
   emulated CUDA handlers' names.
   """
   _ensure_registered()
   sharding = _sharding_of(x)
+  attrs = _layout_attrs(x.shape, block_size, rows)
+  absmax_shape = layout.absmax_shape(x.shape, block_size, int(attrs["tile_rows"]))
   out = (jax.ShapeDtypeStruct(x.shape, np.uint8, sharding=sharding),
-         jax.ShapeDtypeStruct(x.shape[:-1] + (-(-x.shape[-1] // block_size),), np.float32, sharding=sharding))
+         jax.ShapeDtypeStruct(absmax_shape, np.float32, sharding=_divisible(sharding, absmax_shape)))
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
-  return tuple(_varying(call(x, block_size=np.int64(block_size), map_kind=np.int64(map_id)), [x]))
+  return tuple(_varying(call(x, map_kind=np.int64(map_id), **attrs), [x]))
 
 
-def dequantize(codes, absmax, block_size: int, map_id: int, dtype, target: str = "optax8_dequantize"):
+def dequantize(codes, absmax, block_size: int, map_id: int, dtype, target: str = "optax8_dequantize",
+               rows: int | None = None):
   """FFI call: ``map[codes] * absmax`` as ``dtype``."""
   _ensure_registered()
   call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(codes.shape, dtype, sharding=_sharding_of(codes)),
                           vmap_method="broadcast_all")
-  return _varying([call(codes, absmax, block_size=np.int64(block_size), map_kind=np.int64(map_id))],
+  return _varying([call(codes, absmax, map_kind=np.int64(map_id), **_layout_attrs(codes.shape, block_size, rows))],
                   [codes, absmax])[0]
 
 
@@ -239,7 +264,8 @@ def _kernel_dtype(g, p):
   return jnp.dtype(jnp.float32)
 
 
-def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step"):
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step",
+               rows: int | None = None):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -252,7 +278,8 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
 
   g and p of different dtypes are both read as float32 (the handler takes
   one dtype), so neither is rounded: the output is rounded once, to g's
-  dtype (update) or p's (apply), as the pure-JAX step does.
+  dtype (update) or p's (apply), as the pure-JAX step does. Every leaf's
+  blocks have ``rows`` rows (default: those of the first leaf's own layout).
   """
   _ensure_registered()
   with_params = leaves[0][1] is not None
@@ -277,8 +304,9 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
-  results = _varying(call(*operands, algo=np.int64(int(algo)), block_size=np.int64(block_size),
-                          leaves=np.int64(len(leaves)), params_mode=np.int64(mode)), operands)
+  results = _varying(call(*operands, algo=np.int64(int(algo)), leaves=np.int64(len(leaves)),
+                          params_mode=np.int64(mode), **_layout_attrs(leaves[0][0].shape, block_size, rows)),
+                     operands)
   per_leaf, k = [], 0
   for (_, _, states), dtype in zip(leaves, out_dtypes):
     n = 2 * len(states)
@@ -288,6 +316,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   return per_leaf
 
 
-def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False, target: str = "optax8_step"):
+def step(algo: int, hyper, g, p, states, block_size: int, apply: bool = False, target: str = "optax8_step",
+         rows: int | None = None):
   """The fused step of one leaf (``hyper`` of shape (NUM_HYPER,)): ``(output, new states)``."""
-  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply, target)[0]
+  return step_group(algo, hyper[None], [(g, p, states)], block_size, apply, target, rows)[0]

@@ -1,6 +1,6 @@
 // What the CPU and CUDA handlers share: checks of FFI buffer shapes against
-// the block layout (codes have the array's shape, absmax has shape[:-1] +
-// (ceil(n / block),)) and of attributes, and dispatch on the float dtype.
+// the block layout (BlockLayout: codes have the array's shape, absmax one
+// value per block) and of attributes, and dispatch on the float dtype.
 #pragma once
 
 #include <cstdint>
@@ -31,15 +31,22 @@ inline xla::ffi::Error check_map_kind(int64_t kind) {
   return xla::ffi::Error::Success();
 }
 
-// Checks the attributes and fills `out` from the array's and absmax's dimensions.
+// Checks the attributes and fills `out` from the array's and absmax's
+// dimensions, for blocks of tile_rows x (block / tile_rows) elements over
+// the last two axes (tile_rows 1: runs of `block` along the last axis).
 inline xla::ffi::Error make_layout(xla::ffi::Span<const int64_t> values,
                                    xla::ffi::Span<const int64_t> codes,
-                                   xla::ffi::Span<const int64_t> absmax, int64_t block,
+                                   xla::ffi::Span<const int64_t> absmax, int64_t block, int64_t tile_rows,
                                    int64_t map_kind, BlockLayout* out) {
   if (auto e = check_block_size(block); e.failure()) return e;
   if (auto e = check_map_kind(map_kind); e.failure()) return e;
   if (values.size() == 0)
     return xla::ffi::Error::InvalidArgument("optax8: arrays must have rank >= 1");
+  if (tile_rows < 1 || (tile_rows & (tile_rows - 1)) != 0 || block % tile_rows != 0 ||
+      (tile_rows > 1 && values.size() < 2))
+    return xla::ffi::Error::InvalidArgument("optax8: tile_rows must be a power of two that divides block_size " +
+                                            std::to_string(block) + ", and 1 for a vector; got " +
+                                            std::to_string(tile_rows) + " for values of shape " + dims_str(values));
   bool same = codes.size() == values.size();
   for (size_t i = 0; same && i < values.size(); ++i) same = codes[i] == values[i];
   if (!same)
@@ -47,17 +54,24 @@ inline xla::ffi::Error make_layout(xla::ffi::Span<const int64_t> values,
                                             " differs from values shape " + dims_str(values));
   BlockLayout l;
   l.block = block;
+  l.tile_rows = tile_rows;
+  l.tile_cols = block / tile_rows;
   l.cols = values.back();
   l.rows = 1;
   for (size_t i = 0; i + 1 < values.size(); ++i) l.rows *= values[i];
-  l.row_blocks = num_blocks(l.cols, block);
-  bool ok = absmax.size() == values.size() && absmax.back() == l.row_blocks;
-  for (size_t i = 0; ok && i + 1 < values.size(); ++i) ok = absmax[i] == values[i];
+  l.mat_rows = tile_rows > 1 ? values[values.size() - 2] : 1;
+  l.row_blocks = num_blocks(l.cols, l.tile_cols);
+  l.bands = num_blocks(l.mat_rows, tile_rows);
+  const size_t blocked = tile_rows > 1 ? 2 : 1;  // trailing axes cut into blocks
+  bool ok = absmax.size() == values.size() && absmax.back() == l.row_blocks &&
+            (blocked == 1 || absmax[absmax.size() - 2] == l.bands);
+  for (size_t i = 0; ok && i + blocked < values.size(); ++i) ok = absmax[i] == values[i];
   if (!ok)
     return xla::ffi::Error::InvalidArgument(
-        "optax8: absmax shape " + dims_str(absmax) + " does not fit values shape " +
-        dims_str(values) + " with block_size " + std::to_string(block) +
-        " (expected the leading dimensions and " + std::to_string(l.row_blocks) + " blocks)");
+        "optax8: absmax shape " + dims_str(absmax) + " does not fit values shape " + dims_str(values) +
+        " with blocks of " + std::to_string(tile_rows) + " x " + std::to_string(l.tile_cols) + " (expected the " +
+        "leading dimensions and " + (blocked == 2 ? std::to_string(l.bands) + " x " : std::string()) +
+        std::to_string(l.row_blocks) + " blocks)");
   *out = l;
   return xla::ffi::Error::Success();
 }

@@ -124,6 +124,7 @@ OPTAX8_HD float absmax_term(float x) {
 // The factors that normalize a block: v = (x * scale) * inv.
 struct Normalizer {
   float scale, inv;
+  OPTAX8_HD Normalizer() : scale(1.0f), inv(0.0f) {}  // absmax 0
   OPTAX8_HD explicit Normalizer(float absmax)
       : scale(absmax > 0x1p126f ? 0.25f : 1.0f),
         inv(absmax > 0.0f ? 1.0f / (absmax * scale) : 0.0f) {}
@@ -155,15 +156,44 @@ OPTAX8_HD int search_code(float v, const float* mids) {
 // Number of blocks along an axis of n elements.
 OPTAX8_HD int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
-// An array seen as rows x cols, cut into blocks of `block` along each row
-// (the last block of a row may be short).
+// A block: its first element, its first row (of all rows), and its width
+// (columns) and height (rows); element (r, c) of it is at off + r * cols + c.
+struct Block {
+  int64_t off, row, width, height;
+};
+
+// An array seen as `rows` rows of `cols` elements (its last axis), grouped
+// in matrices of `mat_rows` rows (its second-to-last axis; 1 for blocks of
+// one row), cut into blocks of tile_rows x tile_cols elements: tile_rows
+// rows of one matrix by tile_cols columns. Blocks at the end of a row or of
+// a matrix may be smaller. tile_rows = 1 gives runs of `block` elements
+// along the last axis. Blocks are numbered row-major: matrix, band of
+// tile_rows rows, then column; absmax has one value per block in that order
+// (the shape (..., bands, row_blocks) or, for runs, (..., row_blocks)).
 struct BlockLayout {
   int64_t rows = 0;        // product of the leading dimensions
   int64_t cols = 0;        // last dimension
-  int64_t row_blocks = 0;  // blocks per row
-  int64_t block = 0;
+  int64_t block = 0;       // tile_rows * tile_cols
+  int64_t tile_rows = 1;
+  int64_t tile_cols = 0;
+  int64_t mat_rows = 1;    // rows of a matrix
+  int64_t row_blocks = 0;  // blocks across a row: ceil(cols / tile_cols)
+  int64_t bands = 1;       // bands of blocks down a matrix: ceil(mat_rows / tile_rows)
   OPTAX8_HD int64_t elements() const { return rows * cols; }
-  OPTAX8_HD int64_t blocks() const { return rows * row_blocks; }
+  OPTAX8_HD int64_t matrices() const { return mat_rows > 0 ? rows / mat_rows : 0; }
+  OPTAX8_HD int64_t blocks() const { return matrices() * bands * row_blocks; }
+  OPTAX8_HD Block at(int64_t b) const {
+    const int64_t band = b / row_blocks, col = (b - band * row_blocks) * tile_cols;
+    const int64_t matrix = band / bands, first = (band - matrix * bands) * tile_rows;
+    const int64_t row = matrix * mat_rows + first;
+    return Block{row * cols + col, row, (cols - col < tile_cols ? cols - col : tile_cols),
+                 (mat_rows - first < tile_rows ? mat_rows - first : tile_rows)};
+  }
+  // The block of the element in row `row` (of all rows), column `col`.
+  OPTAX8_HD int64_t block_of(int64_t row, int64_t col) const {
+    const int64_t matrix = row / mat_rows;
+    return ((matrix * bands) + (row - matrix * mat_rows) / tile_rows) * row_blocks + col / tile_cols;
+  }
 };
 
 }  // namespace optax8

@@ -6,9 +6,10 @@
 //   rets: per leaf: u (g's dtype and shape), and (codes, absmax) per state
 //   attrs: algo, block_size, leaves (L), params_mode: 0 (p is a
 //          placeholder, read as 0), 1 (p is read) or 2 (p is read and u =
-//          p + update, the new parameter, which XLA may alias to p)
+//          p + update, the new parameter, which XLA may alias to p),
+//          tile_rows (the block layout of every leaf: BlockLayout)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
-// leaf evenly between them.
+// leaf evenly between them (whole matrices where blocks are tiles).
 #pragma once
 
 #include <cstdint>
@@ -64,7 +65,7 @@ inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, cons
 // Decodes and checks leaf `leaf` of a call (after check_step_call).
 inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const xla::ffi::RemainingArgs& args,
                                   const xla::ffi::RemainingRets& rets, int64_t leaf, int64_t leaves, int64_t algo,
-                                  int64_t block, int64_t params_mode, StepBuffers* out) {
+                                  int64_t block, int64_t tile_rows, int64_t params_mode, StepBuffers* out) {
   using xla::ffi::Error;
   namespace ffi = xla::ffi;
   StepBuffers s;
@@ -97,7 +98,8 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
     if (!codes.has_value() || !absmax.has_value() || !codes_out.has_value() || !absmax_out.has_value())
       return Error::InvalidArgument(where + "state " + std::to_string(i) + " must be uint8 codes and float32 absmax");
     BlockLayout l;
-    if (auto e = make_layout(g->dimensions(), codes->dimensions(), absmax->dimensions(), block, state_map(algo, i), &l);
+    if (auto e = make_layout(g->dimensions(), codes->dimensions(), absmax->dimensions(), block, tile_rows,
+                             state_map(algo, i), &l);
         e.failure())
       return e;
     if (!same_dims(codes->dimensions(), (*codes_out)->dimensions()) ||
@@ -114,9 +116,9 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
     return Error::InvalidArgument("optax8 step: the hyperparameters must have shape (..., " + std::to_string(leaves) +
                                   ", " + std::to_string(int(kNumHyper)) + "), got " + dims_str(hd));
   const int64_t batch = int64_t(hyper.element_count()) / (leaves * kNumHyper);
-  if (batch < 1 || s.l.rows % batch != 0)
+  if (batch < 1 || s.l.matrices() % batch != 0)
     return Error::InvalidArgument(where + std::to_string(batch) + " hyperparameter rows do not divide " +
-                                  std::to_string(s.l.rows) + " rows");
+                                  std::to_string(s.l.matrices()) + (s.l.tile_rows > 1 ? " matrices" : " rows"));
   s.rows_per_hyper = s.l.rows / batch;
   s.hyper_stride = leaves * kNumHyper;
   s.hyper = hyper.typed_data() + leaf * kNumHyper;
@@ -141,7 +143,8 @@ auto step_binding() {
       .template Attr<int64_t>("algo")
       .template Attr<int64_t>("block_size")
       .template Attr<int64_t>("leaves")
-      .template Attr<int64_t>("params_mode");
+      .template Attr<int64_t>("params_mode")
+      .template Attr<int64_t>("tile_rows");
 }
 
 }  // namespace optax8
