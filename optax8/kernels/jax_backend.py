@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax8 import maps
-from optax8 import layout
+from optax8 import layout, maps
+from optax8.sharding import num_shards
 from optax8.layout import num_blocks
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
@@ -46,7 +46,7 @@ def _split_spec(x, entry, nb, width):
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
   if entry is None or mesh is None:
     return (None, None)
-  shards = int(np.prod([dict(mesh.shape)[a] for a in (entry if isinstance(entry, (tuple, list)) else (entry,))]))
+  shards = num_shards(mesh, entry)
   if nb % shards == 0:
     return (entry, None)
   return (None, entry) if nb == 1 and width % shards == 0 else (None, None)

@@ -29,6 +29,7 @@ from jax import lax
 
 from optax8 import layout
 from optax8.kernels import algorithms
+from optax8.sharding import num_shards
 
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
@@ -200,9 +201,7 @@ def _divisible(sharding, shape):
   if sharding is None:
     return None
   spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  sizes = dict(sharding.mesh.shape)
-  axes = lambda e: () if e is None else (tuple(e) if isinstance(e, (tuple, list)) else (e,))
-  kept = [e if n % int(np.prod([sizes[a] for a in axes(e)] or [1])) == 0 else None for n, e in zip(shape, spec)]
+  kept = [e if n % num_shards(sharding.mesh, e) == 0 else None for n, e in zip(shape, spec)]
   return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
 
 
