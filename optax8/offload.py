@@ -32,6 +32,8 @@ Example (the state of a donated step stays on the host)::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -41,6 +43,17 @@ HOST_MEMORY_KIND = "pinned_host"
 _SPACES = {HOST_MEMORY_KIND: jax.memory.Space.Host}
 
 
+def _placed(x, sharding):
+  return _identity(sharding)(x)
+
+
+@functools.cache
+def _identity(sharding):
+  # A jitted transfer, where an eager one is refused: jaxlib 0.12.1 on CPU refuses to device_put an array
+  # that a jitted function left in pinned_host ("Unsupported layout used for PjRt CPU buffers: {0:S(5)}").
+  return jax.jit(lambda a: jax.device_put(a, sharding), out_shardings=sharding)
+
+
 def _move(x, memory_kind: str | None, space):
   """``x`` in ``memory_kind`` (``None``: its devices' default memory), with its own sharding."""
   if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
@@ -48,7 +61,12 @@ def _move(x, memory_kind: str | None, space):
     kind = memory_kind or next(iter(sharding.device_set)).default_memory().kind
     if sharding.memory_kind == kind:
       return x
-    return jax.device_put(x, sharding.with_memory_kind(kind))
+    try:
+      return jax.device_put(x, sharding.with_memory_kind(kind))
+    except jax.errors.JaxRuntimeError as e:
+      if "Unsupported layout" not in str(e):
+        raise
+      return _placed(x, sharding.with_memory_kind(kind))
   return jax.device_put(x, space)
 
 

@@ -224,7 +224,8 @@ def test_small_model_trains_to_the_same_loss_with_8bit_and_32bit_adamw():
       params, state, _ = step(params, state, x[i:i + 128], y[i:i + 128])
     losses[bits] = float(_mlp_loss(params, x, y))
   assert losses[32] < 0.5 * float(_mlp_loss(init, x, y))
-  assert abs(losses[8] - losses[32]) <= 0.02 * losses[32], losses
+  # 8 bits trains as well as 32: no worse than 2% above, and not far below (a run that trains differently)
+  assert 0.95 * losses[32] <= losses[8] <= 1.02 * losses[32], losses
 
 
 _MASK = {"w": True, "b": False, "e": True}
