@@ -43,12 +43,8 @@ HOST_MEMORY_KIND = "pinned_host"
 _SPACES = {HOST_MEMORY_KIND: jax.memory.Space.Host}
 
 
-def _placed(x, sharding):
-  return _identity(sharding)(x)
-
-
 @functools.cache
-def _identity(sharding):
+def _jitted_put(sharding):
   # A jitted transfer, where an eager one is refused: jaxlib 0.12.1 on CPU refuses to device_put an array
   # that a jitted function left in pinned_host ("Unsupported layout used for PjRt CPU buffers: {0:S(5)}").
   return jax.jit(lambda a: jax.device_put(a, sharding), out_shardings=sharding)
@@ -66,7 +62,7 @@ def _move(x, memory_kind: str | None, space):
     except jax.errors.JaxRuntimeError as e:
       if "Unsupported layout" not in str(e):
         raise
-      return _placed(x, sharding.with_memory_kind(kind))
+      return _jitted_put(sharding.with_memory_kind(kind))(x)
   return jax.device_put(x, space)
 
 

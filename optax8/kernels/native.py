@@ -237,7 +237,7 @@ def quantize(x, block_size: int, map_id: int, target: str = "optax8_quantize", r
   _ensure_registered()
   sharding = _sharding_of(x)
   attrs = _layout_attrs(x.shape, block_size, rows)
-  absmax_shape = layout.absmax_shape(x.shape, block_size, int(attrs["tile_rows"]))
+  absmax_shape = layout.absmax_shape(x.shape, block_size, rows)
   out = (jax.ShapeDtypeStruct(x.shape, np.uint8, sharding=sharding),
          jax.ShapeDtypeStruct(absmax_shape, np.float32, sharding=_divisible(sharding, absmax_shape)))
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
