@@ -9,8 +9,10 @@ last statements) is held out for validation; this model predicts it better
 than the average text, so the validation loss sits below the training loss.
 
 Two copies of the model start from the same parameters and see the same
-batches: one trained with ``optax.<name>`` (float32 state), one with
-``optax8.<name>8bit`` (block-wise 8-bit state). The script shows a progress
+batches: one trained with ``optax.<name>`` (float32 state) through
+``nnx.Optimizer``, one with ``optax8.<name>8bit`` (block-wise 8-bit state)
+through ``optax8.nnx.Optimizer`` (the same optimizer whose update lets the
+kernels write the new parameters). The script shows a progress
 bar with both training losses, writes the train and validation loss curves to
 a PNG, prints the optimizer-state bytes of both and ends with one line
 ``RESULT {json}``.
@@ -109,27 +111,28 @@ def state_bytes(state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def loss_fn(graphdef, params, tokens):
-  logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+def loss_fn(model, tokens):
+  logits = model(tokens[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def make_step(graphdef, txs: dict):
-  """One jitted step that trains every ``(params, opt_state)`` of ``runs`` on the same tokens, with its optimizer.
+@nnx.jit(donate_argnums=0)
+def train_step(runs: dict, tokens):
+  """One step of every ``(model, optimizer)`` of ``runs`` on the same tokens: ``{label: loss}``.
 
-  ``step(runs, tokens) -> (runs, losses)``; ``runs`` is donated, so params and states are updated in place.
+  ``runs`` is donated, so parameters and optimizer states are updated in place.
   """
+  losses = {}
+  for label, (model, optimizer) in runs.items():
+    losses[label], grads = nnx.value_and_grad(loss_fn)(model, tokens)
+    optimizer.update(model, grads)
+  return losses
 
-  def train(tx, params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn, argnums=1)(graphdef, params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
 
-  def step(runs, tokens):
-    out = {k: train(txs[k], *runs[k], tokens) for k in runs}
-    return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
-
-  return jax.jit(step, donate_argnums=0)
+@nnx.jit
+def evaluate(model, tokens):
+  """Mean loss over ``tokens`` of shape ``(batches, BATCH, SEQ_LEN + 1)``."""
+  return jnp.mean(jax.lax.map(lambda t: loss_fn(model, t), tokens))
 
 
 def batches(data: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -177,26 +180,22 @@ def main():
   print(f"optax8 {optax8.__version__} ({optax8.backends()['cpu']} backend on cpu); "
         f"text: pydoc_data.topics, {len(train_data):,} train and {len(val_data):,} validation bytes")
 
-  model = LanguageModel(rngs=nnx.Rngs(args.seed))
-  graphdef, params = nnx.split(model)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  txs = dict(zip(("32bit", "8bit"), make_optimizers(args.optimizer, args.steps)))
-  runs = {k: (jax.tree.map(jnp.copy, params), tx.init(params)) for k, tx in txs.items()}
-  step_fn = make_step(graphdef, txs)
-  bytes32, bytes8 = state_bytes(runs["32bit"][1]), state_bytes(runs["8bit"][1])
+  tx32, tx8 = make_optimizers(args.optimizer, args.steps)
+  models = [LanguageModel(rngs=nnx.Rngs(args.seed)) for _ in range(2)]   # the same parameters, twice
+  runs = {"32bit": (models[0], nnx.Optimizer(models[0], tx32, wrt=nnx.Param)),
+          "8bit": (models[1], optax8.nnx.Optimizer(models[1], tx8, wrt=nnx.Param))}
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(models[0], nnx.Param)))
+  bytes32, bytes8 = (state_bytes(nnx.state(runs[k][1], nnx.OptState)) for k in ("32bit", "8bit"))
   print(f"model: {n_params:,} parameters; optimizer state: optax.{args.optimizer} {bytes32:,} bytes, "
         f"optax8.{args.optimizer}8bit {bytes8:,} bytes ({bytes8 / bytes32:.3f}x)")
-
-  @jax.jit
-  def evaluate(params):
-    return jnp.mean(jax.lax.map(lambda t: loss_fn(graphdef, params, t), val_tokens.reshape(VAL_BATCHES, BATCH, -1)))
+  val_tokens = val_tokens.reshape(VAL_BATCHES, BATCH, -1)
 
   history = {k: [] for k in ("train_32bit", "train_8bit", "val_32bit", "val_8bit", "val_steps")}
 
   def validate(step):
     history["val_steps"].append(step)
-    for label, (p, _) in runs.items():
-      history[f"val_{label}"].append(float(evaluate(p)))
+    for label, (model, _) in runs.items():
+      history[f"val_{label}"].append(float(evaluate(model, val_tokens)))
 
   rng = np.random.default_rng(args.seed)
   eval_every = max(1, args.steps // 10)
@@ -204,7 +203,7 @@ def main():
   bar = tqdm(range(1, args.steps + 1), desc=f"{args.optimizer} vs {args.optimizer}8bit", unit="step")
   for step in bar:
     tokens = jnp.asarray(batches(train_data, rng, BATCH))
-    runs, losses = step_fn(runs, tokens)
+    losses = train_step(runs, tokens)
     for label, loss in losses.items():
       history[f"train_{label}"].append(loss)
     if step % eval_every == 0 or step == args.steps:

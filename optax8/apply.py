@@ -21,13 +21,16 @@ that rebuilds a transformation from its ``init`` and ``update``;
 ``optax.chain``, ``optax.partition`` and ``optax.inject_hyperparams``
 keeping their transformations' (optax's own hide their parts).
 
-It pays most in a step that receives the gradients (``(params, state,
-grads)``, for example after gradient accumulation): one read of the
-gradient, one read and write of each parameter and state, no temporaries.
-Where the gradients are computed in the same jitted step, the backward pass
-may still read a parameter after its update is due, and XLA then copies
-that parameter first; ``tx.update`` plus ``optax.apply_updates`` avoids the
-copy there (its update is aliased to the gradient instead).
+In a step that receives the gradients (``(params, state, grads)``, for
+example after gradient accumulation) each kernel writes over its donated
+parameter: one read of the gradient, one read and write of each parameter
+and state, no temporaries. Where the step has read a parameter before the
+update (its forward and backward passes), the backward pass may still need
+it after the kernel could run; written over it, XLA would copy the
+parameter twice (once for the readers, once for the kernel to overwrite).
+There the kernel writes the new parameter to its own buffer, and XLA copies
+the parameter once, as it does for optax's own optimizers
+(`overwritable`).
 """
 
 from __future__ import annotations
@@ -181,6 +184,55 @@ def inject_hyperparams(inner_factory: Callable, static_args=(), hyperparam_dtype
     return fused_transformation(injected.init, injected.update, apply_gradients_fn)
 
   return factory
+
+
+def overwritable(params, grads) -> list[bool]:
+  """Per leaf: whether the step's kernel may write the new parameter over ``params[i]``.
+
+  False where an operation already traced into the parameter's jaxpr reads
+  it and leads to the gradient of another leaf but not to ``grads[i]``:
+  the backward pass of the layer below. XLA runs the readers that lead to
+  ``grads[i]`` before the kernel, and may run that one after it. True for
+  concrete arrays and for tracers of other kinds (vmap, grad).
+  """
+  out = [True] * len(params)
+  frames = {}   # per jaxpr being traced: [readers of each variable, bits of the gradients each variable leads to]
+  for i, p in enumerate(params):
+    try:
+      frame, var = p._trace.frame, p.val
+      if id(frame) not in frames:
+        readers = {}
+        for e in frame.get_eqns():
+          for v in e.invars:
+            readers.setdefault(id(v), []).append(e)
+        frames[id(frame)] = [frame, readers, None]
+    except (AttributeError, TypeError):
+      continue
+    info = frames[id(frame)]
+    mine = info[1].get(id(var))
+    if not mine:
+      continue
+    if info[2] is None:   # one sweep, last operation to first
+      reach = {}
+      for j, x in enumerate(grads):
+        if getattr(getattr(x, "_trace", None), "frame", None) is frame:
+          reach[id(x.val)] = reach.get(id(x.val), 0) | (1 << j)
+      for e in reversed(frame.get_eqns()):
+        bits = 0
+        for v in e.outvars:
+          bits |= reach.get(id(v), 0)
+        if bits:
+          for v in e.invars:
+            reach[id(v)] = reach.get(id(v), 0) | bits
+      info[2] = reach
+    for e in mine:
+      bits = 0
+      for v in e.outvars:
+        bits |= info[2].get(id(v), 0)
+      if bits and not bits >> i & 1:
+        out[i] = False
+        break
+  return out
 
 
 def apply_gradients(tx, grads, state, params, **extra_args):

@@ -84,9 +84,10 @@ class StepGroup:
   with_params: bool
   leaves: int   # how many
   states: int   # states per leaf
+  in_place: bool = True   # with apply: the new params may overwrite the params' buffers (native backends)
 
   @classmethod
-  def of(cls, algo, block_size: int, apply: bool, leaves) -> StepGroup:
+  def of(cls, algo, block_size: int, apply: bool, leaves, in_place: bool = True) -> StepGroup:
     """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none; blocks of as many
     rows in each: all of rank >= 2, or all vectors)."""
     with_params = leaves[0][1] is not None
@@ -95,7 +96,8 @@ class StepGroup:
     rows = {layout.tile_rows(g.shape, block_size) for g, _, _ in leaves}
     if len(rows) != 1:
       raise ValueError("step_group: every leaf's blocks must have as many rows (matrices and vectors apart)")
-    return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]))
+    return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]),
+               bool(in_place))
 
   def flatten(self, hypers, leaves) -> list:
     return [hypers] + [x for g, p, states in leaves
@@ -130,16 +132,17 @@ class StepGroup:
     return operands, results
 
 
-def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False):
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, in_place: bool = True):
   """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
   ``hypers`` is ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
   states)`` with ``g`` of rank >= 1, ``p`` the parameter or None (for all
   leaves alike) and ``states`` a tuple of ``(codes, absmax)``. Returns
   ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
-  ``apply``. Natively the whole group is one kernel call.
+  ``apply``, written over the parameters where ``in_place``.
+  Natively the whole group is one kernel call.
   """
-  group = StepGroup.of(algo, block_size, apply, leaves)
+  group = StepGroup.of(algo, block_size, apply, leaves, in_place)
   operands, results = group.roles()
   op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
                         rows=group.rows, group=group)
@@ -153,14 +156,16 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
   def native_fn(*args):
     hypers, leaves = group.unflatten(args)
     return group.flatten_results(native.step_group(group.algo, hypers, leaves, group.block_size, group.apply,
-                                                   rows=group.rows))
+                                                   rows=group.rows, in_place=group.in_place))
 
-  def jax_fn(*args):
+  def jax_fn(*args, step=jax_step.step):
     hypers, leaves = group.unflatten(args)
-    return group.flatten_results([jax_step.step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
-                                                rows=group.rows) for i, (g, p, s) in enumerate(leaves)])
+    return group.flatten_results([step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
+                                       rows=group.rows) for i, (g, p, s) in enumerate(leaves)])
 
-  branches = {p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)}
+  # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
+  branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
+  branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)})
   if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

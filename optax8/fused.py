@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from optax8 import clipping, dispatch, maps
-from optax8.apply import FusedGradientTransformation, chain, fused_transformation
+from optax8.apply import FusedGradientTransformation, chain, fused_transformation, overwritable
 from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_view
 from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
@@ -331,6 +331,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     if params is None and (apply or needs_decay_params or any(plan.needs_params for plan in plans)):
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
+    in_place = overwritable(ps, grads) if apply else [True] * len(grads)
 
     lr = schedule_value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
@@ -338,7 +339,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     base = r.hyper(count, count_inc)
 
     calls, views = [], []
-    for i, (plan, g, p) in enumerate(zip(plans, grads, ps)):
+    for i, (plan, g, p, own) in enumerate(zip(plans, grads, ps, in_place)):
       _check_grad(name, plan.path, g, p)
       if p is not None and tuple(p.shape) != tuple(g.shape):
         raise ValueError(f"{name}: leaf {plan.path}: params shape {tuple(p.shape)} differs from the gradient's "
@@ -354,7 +355,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
       kernel_p = p if fused_apply or (plan.kernel_params and needs_decay_params) else None
       calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p), plan.hyper_key, g, kernel_p, leaf_states,
-                            fused_apply, pairs))
+                            fused_apply, pairs, own))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
     for (u, new), plan, call, p, out in zip(results, plans, calls, views, ps if apply else grads):
@@ -405,6 +406,7 @@ class LeafCall(NamedTuple):
   states: tuple
   apply: bool  # 8-bit leaves only: return p + update
   pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
+  in_place: bool = True   # with apply: the kernel may write over p (nothing traced before reads it)
 
 
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
@@ -435,7 +437,8 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       results[i] = _step_pairs(algorithm, vector(c), c)
     elif all(isinstance(s, QuantizedArray) for s in c.states):
       block_size = c.states[0].block_size
-      groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply), []).append(i)
+      groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place),
+                        []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
@@ -451,7 +454,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       current.append(i)
       size += n
     batches.append((key, current))
-  for (block_size, _, _, apply), idx in batches:
+  for (block_size, _, _, apply, in_place), idx in batches:
     leaves = []
     for i in idx:
       c = calls[i]
@@ -464,7 +467,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       hypers = jnp.broadcast_to(first, (len(idx),) + first.shape)
     else:
       hypers = jnp.stack([vector(calls[i]) for i in idx])
-    for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply)):
+    for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply, in_place)):
       c = calls[i]
       shape = tuple(c.g.shape)
       results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)

@@ -19,6 +19,7 @@ than one midpoint, which `bucket_table` checks when it builds the table.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -133,6 +134,48 @@ def compact_buckets(kind: str = SIGNED) -> np.ndarray:
       raise AssertionError(f"{kind} map: a code changes outside buckets [{BUCKET_LO:#x}, {BUCKET_HI:#x}]")
     out[sign, :BUCKET_HI - BUCKET_LO + 1] = codes[BUCKET_LO:BUCKET_HI + 1]
   out.setflags(write=False)
+  return out
+
+
+class Levels(NamedTuple):
+  """The map's magnitudes by exponent level, for a code found by arithmetic (the pure-JAX encoder).
+
+  The magnitudes ``P`` are the map's positive values below 1 (the signed
+  map's 127, the unsigned map's 254), ascending; ``mids[q]`` is the float32
+  midpoint between ``P[q - 1]`` and ``P[q]`` (``P[-1] = 0``, and
+  ``P[len(P)] = 1``). Level ``l`` holds ``P[first[l]] .. P[first[l] +
+  count[l] - 1]``, evenly spaced ``spacing[l]`` apart up to float32
+  rounding, and ``mids[first[l]]`` is its lower decision point.
+  """
+
+  first: np.ndarray     # int32[7]
+  count: np.ndarray     # int32[7]
+  bottom: np.ndarray    # float32[7]: P[first[l]]
+  inv_spacing: np.ndarray   # float32[7]: 1 / spacing (0 for a level of one value)
+  mids: np.ndarray      # float32[len(P) + 1]
+
+
+@functools.cache
+def levels(kind: str = SIGNED) -> Levels:
+  """The `Levels` of ``kind``: with them, ``#{q : mids[q] < a}`` for ``a >= 0`` is
+  ``i + (mids[i] < a)`` with ``i = first[l] + 1 + clip(ceil((a - bottom[l]) * inv_spacing[l] - 1), 0, count[l] - 1)``,
+  where ``l`` is the last level whose ``mids[first[l]]`` is below ``a`` (and 0 below ``mids[0]``); the same
+  holds for ``<=`` throughout. `tests/test_maps.py` checks this against the search on every midpoint's neighbours.
+  """
+  m = dynamic_map(kind)
+  magnitudes = m[(m > 0) & (m < 1)]
+  counts = [2**i if kind == SIGNED else 2 ** (i + 1) for i in range(7)]
+  first = np.cumsum([0] + counts[:-1])
+  assert first[-1] + counts[-1] == magnitudes.size
+  ext = np.concatenate([[0.0], magnitudes, [1.0]]).astype(np.float64)
+  mids = ((ext[:-1] + ext[1:]) / 2).astype(np.float32)
+  bottom = magnitudes[first]
+  top = magnitudes[first + np.asarray(counts) - 1]
+  spacing = (top.astype(np.float64) - bottom) / np.maximum(np.asarray(counts) - 1, 1)
+  inv = np.where(np.asarray(counts) > 1, 1 / np.where(spacing > 0, spacing, 1), 0).astype(np.float32)
+  out = Levels(first.astype(np.int32), np.asarray(counts, np.int32), bottom.astype(np.float32), inv, mids)
+  for a in out:
+    a.setflags(write=False)
   return out
 
 

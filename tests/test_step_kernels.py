@@ -233,3 +233,30 @@ def test_native_step_matches_jax_on_extreme_values(algo):
     np.testing.assert_allclose(np.asarray(a1), np.asarray(a2), rtol=2e-6)
     diff = np.abs(np.asarray(c1, np.int32) - np.asarray(c2, np.int32))
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("apply", [False, True])
+@pytest.mark.parametrize("shape", [(100, 64), (37, 300), (3, 40, 50), (50000,), (4097,), (33, 128)])
+@pytest.mark.parametrize("name", ["adam", "lion"])
+def test_step_in_chunks_equals_the_whole_leaf_step(monkeypatch, name, shape, apply):
+  """XLA:CPU's pure-JAX step takes a leaf a slice of whole blocks at a time: the same bits, partial last slice too."""
+  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 4096)
+  algo = ALGOS[name]
+  g, p, states = _case(algo, shape, jnp.float32, 256)
+  hyper = hyper_vector(**HYPER)
+  run = lambda fn: jax.jit(lambda *a: fn(int(algo), hyper, *a, 256, apply))(g, p, states)
+  whole, chunked = run(jax_step.step), run(jax_step.step_in_chunks)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_step_in_chunks_bounds_the_temporaries(monkeypatch):
+  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 14)
+  algo = ALGOS["adam"]
+  g, p, states = _case(algo, (1024, 512), jnp.float32, 256, nonfinite=False)
+  hyper = hyper_vector(**HYPER)
+  temp = lambda fn: jax.jit(lambda *a: fn(int(algo), hyper, *a, 256, True)).lower(
+      g, p, states).compile().memory_analysis().temp_size_in_bytes / g.size
+  assert temp(jax_step.step_in_chunks) < 0.5 * temp(jax_step.step), (temp(jax_step.step_in_chunks),
+                                                                     temp(jax_step.step))

@@ -9,12 +9,17 @@ state of leaves kept at 32 bits.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+from jax import lax
 
 from optax8 import layout
 from optax8.complex_leaves import PAIRS, REAL
 from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
+
+CHUNK_ELEMENTS = 1 << 18   # `step_in_chunks`: elements of a leaf stepped at a time
 
 
 def rule(algo, h, g, p, states, pairs: bool = False):
@@ -60,3 +65,50 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   if apply:
     return (p32 + u).astype(p.dtype), new_states
   return u.astype(g.dtype), new_states
+
+
+def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
+                   rows: int | None = None):
+  """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``) at a time.
+
+  The same results, from a loop that writes each slice's output, codes and
+  absmax into the results: the step's float32 temporaries are those of one
+  slice, not of the leaf. XLA:CPU fuses `step` into loops that keep several
+  float32 arrays of the leaf's size (about 20 bytes a parameter) and takes
+  fresh memory from the system for them on every call. Leaves of fewer
+  than two slices, and arrays on an explicit mesh, take `step` directly.
+  """
+  rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
+  extent = layout.extents(g.ndim, block_size, rows)[0]
+  inner = math.prod(g.shape[1:])
+  length = max(extent, CHUNK_ELEMENTS // max(inner, 1) // extent * extent)
+  chunks = g.shape[0] // length
+  if chunks < 2 or jax_backend.on_explicit_mesh(g):
+    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows)
+  blocks = length // extent   # absmax rows of a slice
+
+  def run(i, n, out, new_states):
+    """Slice ``i`` (``n`` rows of elements from ``i * length``) stepped, its results written to the results.
+
+    The inputs are read from the operands, not from the results they are
+    written to (a slice of a result read before it is written would make XLA
+    copy the whole result on every slice); the codes, read and written by
+    one loop, are the exception.
+    """
+    start, block_start = i * length, i * blocks
+    cut = lambda x, n: lax.dynamic_slice_in_dim(x, start, n)
+    cut_absmax = lambda x, n: lax.dynamic_slice_in_dim(x, block_start, n)
+    nb = -(-n // extent)
+    gi, pi = cut(g, n), None if p is None else cut(p, n)
+    si = tuple((cut(c, n), cut_absmax(a, nb)) for (c, _), (_, a) in zip(new_states, states))
+    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows)
+    put = lambda x, y, at: lax.dynamic_update_slice_in_dim(x, y, at, 0)
+    return put(out, o, start), tuple((put(c, nc, start), put(a, na, block_start))
+                                     for (c, a), (nc, na) in zip(new_states, new))
+
+  out = jnp.zeros(g.shape, p.dtype if apply else g.dtype)
+  new_states = tuple((c, jnp.zeros_like(a)) for c, a in states)
+  out, new_states = lax.fori_loop(0, chunks, lambda i, carry: run(i, length, *carry), (out, new_states))
+  if chunks * length < g.shape[0]:
+    out, new_states = run(chunks, g.shape[0] - chunks * length, out, new_states)
+  return out, new_states

@@ -264,7 +264,7 @@ def _kernel_dtype(g, p):
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step",
-               rows: int | None = None):
+               rows: int | None = None, in_place: bool = True):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -272,8 +272,9 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   ``(codes, absmax)``; ``p`` must be given for all leaves or for none.
   Returns ``(output, new states)`` per leaf: the output is the update (in
   g's dtype, aliased to g) or, with ``apply``, the new parameter ``p +
-  update`` (in p's dtype, aliased to p). Codes and absmax are aliased to
-  their new values, so a donated jitted step updates them in place.
+  update`` (in p's dtype, aliased to p unless ``in_place`` is False and p
+  is the kernel's own dtype). Codes and absmax are aliased to their new
+  values, so a donated jitted step updates them in place.
 
   g and p of different dtypes are both read as float32 (the handler takes
   one dtype), so neither is rounded: the output is rounded once, to g's
@@ -292,9 +293,11 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
     out_dtypes.append(p.dtype if apply else g.dtype)
     dtype = _kernel_dtype(g, p)
     g = g.astype(dtype)
+    converted = p is not None and jnp.dtype(p.dtype) != dtype   # then the kernel's p has no other reader
     p = np.zeros((1,), dtype) if p is None else p.astype(dtype)
     result = p if apply else g
-    aliases[len(operands) + (1 if apply else 0)] = len(out)
+    if not apply or in_place or converted:
+      aliases[len(operands) + (1 if apply else 0)] = len(out)
     out.append(jax.ShapeDtypeStruct(result.shape, result.dtype, sharding=_sharding_of(result)))
     operands += [g, p]
     for pair in states:
