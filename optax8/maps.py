@@ -9,11 +9,14 @@ sorted. The construction runs in float64 and rounds once to float32.
 
 Rounding a normalized value ``v = x / absmax`` to its code is round to
 nearest: ``code(v) = #{j : mid[j] < v}`` over the 255 float32 midpoints
-``mid[j] = (map[j] + map[j + 1]) / 2`` (ties go to the lower code). The
-native CPU kernel and the pure-JAX path find that count with a 65,536-entry
-table indexed by the top 16 bits of ``v`` (sign, exponent, 7 mantissa bits)
-plus one comparison; the maps are spaced so that no 16-bit bucket holds more
-than one midpoint, which `bucket_table` checks when it builds the table.
+``mid[j] = (map[j] + map[j + 1]) / 2`` (ties go to the lower code), except
+that the unsigned map gives a positive normal ``x`` code 1 or more
+(`POSITIVE_FLOOR`). The native CPU kernel and the pure-JAX path find that
+count with a 65,536-entry table indexed by the top 16 bits of ``v`` (sign,
+exponent, 7 mantissa bits) plus one comparison; the maps are spaced so that
+no 16-bit bucket holds more than one midpoint, which `bucket_table` checks
+when it builds the table. Off CPUs and GPUs the pure-JAX path counts by
+arithmetic over the maps' `levels`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ SIGNED = "signed"
 UNSIGNED = "unsigned"
 MAP_KINDS = (SIGNED, UNSIGNED)
 _MAP_IDS = {SIGNED: 0, UNSIGNED: 1}
+
+
+# The lowest code of a positive normal value (x >= the smallest normal float32) in each map: the unsigned map
+# keeps code 0 for zero alone, so a positive second moment never dequantizes to 0 (however small it is against
+# its block's absmax; the zero-point problem of Li et al. 2023). The signed map has no floor.
+POSITIVE_FLOOR = {SIGNED: 0, UNSIGNED: 1}
 
 
 def map_id(kind: str) -> int:
@@ -196,6 +205,7 @@ def cxx_header() -> str:
   ]
   for kind in MAP_KINDS:
     name = kind.upper()
+    parts.append(f"#define OPTAX8_{name}_POSITIVE_FLOOR {POSITIVE_FLOOR[kind]}  // maps.POSITIVE_FLOOR")
     parts.append(f"#define OPTAX8_{name}_MAP \\\n    {values(dynamic_map(kind))}")
     parts.append(f"#define OPTAX8_{name}_MIDS \\\n    {values(midpoints(kind))}")
   parts.append("// The compact bucket tables (optax8.maps.compact_buckets): positive, then negative floats.")

@@ -277,3 +277,27 @@ def test_lowered_for_tpu_the_jax_path_gathers_from_small_tables_only():
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     tables = [int(n) for n in re.findall(r'"stablehlo.gather"\(.*? : \(tensor<(\d+)x', text)]
     assert tables and max(tables) <= 256, tables
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_unsigned_map_keeps_code_0_for_zero(backend):
+  """A positive normal value never gets the unsigned map's code 0, however small against its block's absmax
+  (a second moment never dequantizes to 0); zero and subnormals do. The signed map rounds to nearest."""
+  x = np.full((4, 256), 1e-9, np.float32)
+  x[:, 0] = 1.0
+  x[0, 1:4] = [0.0, 1e-39, np.finfo(np.float32).tiny]   # zero, a subnormal, the smallest normal
+  x[1, 1] = 1e-35
+  x = x.reshape(-1)   # a vector: runs of 256, each with a 1.0 first
+  codes, absmax = quantize_with(backend, jnp.asarray(x), 256, maps.UNSIGNED)
+  codes = np.asarray(codes).reshape(4, 256)
+  x = x.reshape(4, 256)
+  assert codes[0, 1] == 0 and codes[0, 2] == 0
+  normal = x >= np.finfo(np.float32).tiny
+  assert np.all(codes[normal] >= 1)
+  values = np.asarray(optax8.dequantize(optax8.QuantizedArray(jnp.asarray(codes.reshape(-1)), absmax, 256,
+                                                              maps.UNSIGNED))).reshape(4, 256)
+  assert np.all(values[normal] > 0) and np.all(values[~normal] == 0)
+  # round to nearest would give 0: these values lie below the first decision point
+  assert np.all(maps.nearest_code(x[1:, 1:] / 1.0, maps.UNSIGNED) == 0)
+  signed, _ = quantize_with(backend, jnp.asarray(x.reshape(-1)), 256, maps.SIGNED)
+  np.testing.assert_array_equal(np.asarray(signed).reshape(4, 256)[1:, 1:], 127)

@@ -44,9 +44,12 @@ void quantize_blocks(const typename In::T* x, uint8_t* codes, float* absmax,
       const typename In::T* xr = x + k.off + r * l.cols;
       uint8_t* cr = codes + k.off + r * l.cols;
 #if OPTAX8_HAVE_AVX2_PATH
-      if (simd) avx2::block_codes<In>(xr, cr, simd, normalize, map.table);
+      if (simd) avx2::block_codes<In>(xr, cr, simd, normalize, map.table, map.floor);
 #endif
-      for (int64_t j = simd; j < k.width; ++j) cr[j] = uint8_t(bucket_code(normalize(In::load(xr[j])), map.table));
+      for (int64_t j = simd; j < k.width; ++j) {
+        const float xj = In::load(xr[j]);
+        cr[j] = uint8_t(floor_code(bucket_code(normalize(xj), map.table), xj, map.floor));
+      }
     }
     absmax[b] = m;
   }

@@ -69,7 +69,7 @@ inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap
   for (int64_t k = 0; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax[k >> run_shift]);
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize, const HostMap& map) {
-  for (int64_t k = 0; k < n; ++k) codes[k] = uint8_t(bucket_code(normalize(x[k]), map.table));
+  for (int64_t k = 0; k < n; ++k) codes[k] = uint8_t(floor_code(bucket_code(normalize(x[k]), map.table), x[k], map.floor));
 }
 inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                              const HostMap& map) {
@@ -133,14 +133,20 @@ inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                         const HostMap& map) {
-  for (int64_t k = 0; k < n; k += 8)
-    avx2::store_codes8(codes + k, avx2::bucket_code8(avx2::normalize8(_mm256_loadu_ps(x + k), normalize), map.table));
+  for (int64_t k = 0; k < n; k += 8) {
+    const V xv = _mm256_loadu_ps(x + k);
+    avx2::store_codes8(codes + k, avx2::floor_codes8(avx2::bucket_code8(avx2::normalize8(xv, normalize), map.table),
+                                                     xv, map.floor));
+  }
 }
 inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                              const HostMap& map) {
   const V inv = _mm256_set1_ps(normalize.inv);
-  for (int64_t k = 0; k < n; k += 8)
-    avx2::store_codes8(codes + k, avx2::bucket_code8(_mm256_mul_ps(_mm256_loadu_ps(x + k), inv), map.table));
+  for (int64_t k = 0; k < n; k += 8) {
+    const V xv = _mm256_loadu_ps(x + k);
+    avx2::store_codes8(codes + k, avx2::floor_codes8(avx2::bucket_code8(_mm256_mul_ps(xv, inv), map.table), xv,
+                                                     map.floor));
+  }
 }
 
 #include "cpu_step_loop.inc"
@@ -287,33 +293,49 @@ inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap
   }
 }
 
-// bucket_code (cpu_map.h) of 16 normalized values, stored as bytes.
-inline void store_bucket_codes16(uint8_t* codes, V v, const HostMap& map) {
+// bucket_code (cpu_map.h) of 16 normalized values v, raised to the unsigned map's positive floor where the
+// values x are >= FLT_MIN when kFloor (floor_code, quantize.h), stored as bytes.
+template <bool kFloor>
+inline void store_bucket_codes16(uint8_t* codes, V v, V x, const uint32_t* table) {
   const __m512i bits = _mm512_castps_si512(v);
-  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
+  const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
   const __m512i lo = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
   const __m512i key = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xffff));
   const __mmask16 up = _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 16));
-  const __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+  __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+  if (kFloor) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+    code = _mm512_mask_max_epi32(code, normal, code, _mm512_set1_epi32(OPTAX8_UNSIGNED_POSITIVE_FLOOR));
+  }
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
 }
 
-// Normalizer and bucket_code for 16 values at a time.
-inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
-                        const HostMap& map) {
+// Normalizer and bucket_code for 16 values at a time (fast: the fast path's normalization, cpu_step_loop.inc).
+template <bool kFloor, bool kFast>
+inline void codes16(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize, const uint32_t* table) {
   const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
   for (int64_t k = 0; k < n; k += 16) {
     const V xv = _mm512_loadu_ps(x + k);
-    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
-    const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
-    store_bucket_codes16(codes + k, _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)), map);
+    if (kFast) {
+      store_bucket_codes16<kFloor>(codes + k, _mm512_mul_ps(xv, inv), xv, table);
+    } else {
+      const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+      const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
+      store_bucket_codes16<kFloor>(codes + k, _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)),
+                                   xv, table);
+    }
   }
+}
+inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                        const HostMap& map) {
+  if (map.floor) return codes16<true, false>(x, codes, n, normalize, map.table);   // the unsigned map
+  codes16<false, false>(x, codes, n, normalize, map.table);
 }
 // The same codes for a block that meets the fast path's conditions (cpu_step_loop.inc).
 inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                              const HostMap& map) {
-  const V inv = _mm512_set1_ps(normalize.inv);
-  for (int64_t k = 0; k < n; k += 16) store_bucket_codes16(codes + k, _mm512_mul_ps(_mm512_loadu_ps(x + k), inv), map);
+  if (map.floor) return codes16<true, true>(x, codes, n, normalize, map.table);
+  codes16<false, true>(x, codes, n, normalize, map.table);
 }
 
 #include "cpu_step_loop.inc"

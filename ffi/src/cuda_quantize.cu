@@ -57,7 +57,8 @@ __global__ void quantize_kernel(const typename In::T* __restrict__ x, uint8_t* _
   const Normalizer normalize(m);
   for (int k = lane; k < len; k += group) {
     const int64_t e = blk.off + (k / width) * l.cols + k % width;
-    codes[e] = uint8_t(search_code(normalize(In::load(x[e])), mids));
+    const float xe = In::load(x[e]);
+    codes[e] = uint8_t(floor_code(search_code(normalize(xe), mids), xe, positive_floor(kind)));
   }
   if (active && lane == 0) absmax[b] = m;
 }

@@ -141,11 +141,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   for (int i = 0; i < n; ++i) {
     const Normalizer normalize(m[i]);
     const float* mi = mids[state_map(A, i)];
+    const int floor = positive_floor(state_map(A, i));
     uint8_t* codes = a.codes_out[i] + off;
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const int k = lane + j * group;
-      if (k < len) codes[e[j]] = uint8_t(search_code(normalize(st[i][j]), mi));
+      if (k < len) codes[e[j]] = uint8_t(floor_code(search_code(normalize(st[i][j]), mi), st[i][j], floor));
     }
     if (active && lane == 0) a.absmax_out[i][b] = m[i];
   }

@@ -185,11 +185,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       const Normalizer normalize(m[i]);
       const uint8_t* buckets = t.buckets[state_map(A, i)];
       const float* mids = t.mids[state_map(A, i)];
+      const int floor = positive_floor(state_map(A, i));
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         uint32_t packed = 0;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) packed |= uint32_t(table_code(normalize(st[i][c][k]), buckets, mids)) << (8 * k);
+        for (int k = 0; k < 4; ++k)
+          packed |= uint32_t(floor_code(table_code(normalize(st[i][c][k]), buckets, mids), st[i][c][k], floor)) << (8 * k);
         const int k0 = 4 * (tb + 32 * W * c);
         if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + base + int64_t(k0 >> col_shift) * a.l.cols +
                                                  (k0 & col_mask)) = packed;

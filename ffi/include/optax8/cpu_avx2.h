@@ -89,6 +89,12 @@ OPTAX8_AVX2 __m256i bucket_code8(__m256 v, const uint32_t* table) {
   return _mm256_sub_epi32(lo, _mm256_cmpgt_epi32(key, _mm256_srli_epi32(entry, 16)));
 }
 
+// floor_code (quantize.h) of 8 codes of the values x.
+OPTAX8_AVX2 __m256i floor_codes8(__m256i codes, __m256 x, int floor) {
+  const __m256i normal = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(FLT_MIN), _CMP_GE_OQ));
+  return _mm256_max_epi32(codes, _mm256_and_si256(normal, _mm256_set1_epi32(floor)));
+}
+
 OPTAX8_AVX2 void store_codes8(uint8_t* p, __m256i codes) {
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
@@ -114,8 +120,11 @@ OPTAX8_AVX2 float block_absmax(const typename In::T* x, int64_t len) {
 
 template <typename In>
 OPTAX8_AVX2 void block_codes(const typename In::T* x, uint8_t* codes, int64_t len, const Normalizer& n,
-                             const uint32_t* table) {
-  for (int64_t k = 0; k + 8 <= len; k += 8) store_codes8(codes + k, bucket_code8(normalize8(load<In>(x + k), n), table));
+                             const uint32_t* table, int floor) {
+  for (int64_t k = 0; k + 8 <= len; k += 8) {
+    const __m256 xv = load<In>(x + k);
+    store_codes8(codes + k, floor_codes8(bucket_code8(normalize8(xv, n), table), xv, floor));
+  }
 }
 
 template <typename Out>

@@ -36,8 +36,9 @@ struct HostMap {
   float mids[256];
   uint32_t table[65536];
   alignas(64) uint8_t planes[4][256];  // planes[k][c]: byte k of values[c] (byte-permute lookups)
+  int floor;                           // positive_floor of the map (quantize.h)
 
-  HostMap(const float (&v)[256], const float (&m)[256]) {
+  HostMap(const float (&v)[256], const float (&m)[256], int64_t kind) : floor(positive_floor(kind)) {
     std::copy(v, v + 256, values);
     std::copy(m, m + 256, mids);
     for (int c = 0; c < 256; ++c)
@@ -59,8 +60,8 @@ inline const HostMap& host_map(int64_t kind) {
   static const float signed_mids[256] = {OPTAX8_SIGNED_MIDS};
   static const float unsigned_values[256] = {OPTAX8_UNSIGNED_MAP};
   static const float unsigned_mids[256] = {OPTAX8_UNSIGNED_MIDS};
-  static const HostMap signed_map(signed_values, signed_mids);
-  static const HostMap unsigned_map(unsigned_values, unsigned_mids);
+  static const HostMap signed_map(signed_values, signed_mids, kSignedMap);
+  static const HostMap unsigned_map(unsigned_values, unsigned_mids, kUnsignedMap);
   return kind == kUnsignedMap ? unsigned_map : signed_map;
 }
 

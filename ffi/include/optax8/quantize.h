@@ -7,7 +7,8 @@
 //   s      = absmax > 2**126 ? 1/4 : 1      (keeps inv a normal float)
 //   inv    = absmax > 0 ? 1 / (absmax * s) : 0
 //   v      = (clean(x) * s) * inv           (x / absmax, within one rounding)
-//   code   = #{j : mid[j] < v}              (round to nearest map value)
+//   code   = #{j : mid[j] < v}              (round to nearest map value),
+//            at least 1 for x >= FLT_MIN with the unsigned map
 //   x'     = flush(map[code] * absmax)      (dequantize)
 // where clean(x) is 0 for NaN and subnormals and clamps +-inf to +-FLT_MAX,
 // so NaN never reaches absmax or another element, and +-inf saturates to the
@@ -141,6 +142,17 @@ OPTAX8_HD float scale_value(float value, float absmax) {
   const float y = value * absmax;
   return fabsf(y) >= FLT_MIN ? y : 0.0f;
 }
+
+// The lowest code of a positive normal value x (x >= FLT_MIN) in map `kind`:
+// the unsigned map keeps code 0 for zero alone, so a positive second moment
+// never dequantizes to 0 (x / absmax below the first decision point would
+// round to it); the signed map has no floor.
+OPTAX8_HD int positive_floor(int64_t kind) {
+  return kind == kUnsignedMap ? OPTAX8_UNSIGNED_POSITIVE_FLOOR : OPTAX8_SIGNED_POSITIVE_FLOOR;
+}
+
+// `code` of the unnormalized value x, raised to `floor` where x >= FLT_MIN.
+OPTAX8_HD int floor_code(int code, float x, int floor) { return x >= FLT_MIN && code < floor ? floor : code; }
 
 // #{j : mids[j] < v} over 256 sorted decision points (mids[255] = +inf):
 // an 8-step branch-free binary search.
