@@ -69,7 +69,8 @@ inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap
   for (int64_t k = 0; k < n; ++k) out[k] = scale_value(map.values[codes[k]], absmax[k >> run_shift]);
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize, const HostMap& map) {
-  for (int64_t k = 0; k < n; ++k) codes[k] = uint8_t(floor_code(bucket_code(normalize(x[k]), map.table), x[k], map.floor));
+  for (int64_t k = 0; k < n; ++k)
+    codes[k] = uint8_t(floor_code(bucket_code(normalize(x[k]), map.table), x[k], map.floor));
 }
 inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                              const HostMap& map) {

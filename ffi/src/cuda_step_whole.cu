@@ -190,8 +190,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int c = 0; c < C; ++c) {
         uint32_t packed = 0;
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          packed |= uint32_t(floor_code(table_code(normalize(st[i][c][k]), buckets, mids), st[i][c][k], floor)) << (8 * k);
+        for (int k = 0; k < 4; ++k) {
+          const int code = floor_code(table_code(normalize(st[i][c][k]), buckets, mids), st[i][c][k], floor);
+          packed |= uint32_t(code) << (8 * k);
+        }
         const int k0 = 4 * (tb + 32 * W * c);
         if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + base + int64_t(k0 >> col_shift) * a.l.cols +
                                                  (k0 & col_mask)) = packed;
