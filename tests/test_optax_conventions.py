@@ -500,6 +500,35 @@ def optax_rosenbrock_end(tx):
   return np.asarray(final_point(tx, rosenbrock, jnp.zeros(2), 10_000))
 
 
+# optax's own test of its optimizers (optax/_src/alias_test.py): each learning rate as there, 10,000 steps
+# from optax's start to within rtol = atol = 3e-2 of the minimum; AdEMAMix (optax.contrib) with Adam's.
+OPTAX_PROBLEMS = [("sgd8bit", dict(learning_rate=1e-3, momentum=0.9)), ("adagrad8bit", dict(learning_rate=1.0)),
+                  ("adam8bit", dict(learning_rate=1e-1)), ("adamw8bit", dict(learning_rate=1e-1)),
+                  ("lars8bit", dict(learning_rate=1.0)), ("lamb8bit", dict(learning_rate=1e-3)),
+                  ("lion8bit", dict(learning_rate=1e-2, weight_decay=1e-4)), ("rmsprop8bit", dict(learning_rate=5e-3)),
+                  ("rmsprop8bit", dict(learning_rate=5e-3, momentum=0.9)), ("ademamix8bit", dict(learning_rate=1e-1))]
+LION_STALL = pytest.mark.xfail(strict=True, reason="round to nearest freezes Lion's momentum when its change per "
+                               "step is under half a code gap (bitsandbytes' Lion8bit stalls alike)")
+
+
+@pytest.mark.parametrize("problem", ["parabola", "rosenbrock"])
+@pytest.mark.parametrize("name, kwargs", [
+    pytest.param(n, k, id=f"{n}-{'-'.join(map(str, k.values()))}") for n, k in OPTAX_PROBLEMS])
+def test_converges_where_optax_does_on_optax_problems(name, kwargs, problem, request):
+  if name == "lion8bit" and problem == "rosenbrock":
+    request.applymarker(LION_STALL)
+  case = next(c for c in CASES if c.name == name)
+  if problem == "parabola":
+    start, end = jnp.array([-1.0, 10.0, 1.0]), jnp.array([1.0, -1.0, 1.0])
+    loss = lambda x: jnp.sum((x - end) ** 2)
+  else:
+    start, end, loss = jnp.zeros(2), jnp.ones(2), rosenbrock
+  ref = np.asarray(final_point(case.reference(**kwargs), loss, start, 10_000))
+  np.testing.assert_allclose(ref, end, rtol=3e-2, atol=3e-2)   # optax's own test
+  ours = np.asarray(final_point(case.factory(**kwargs, min_8bit_size=0), loss, start, 10_000))
+  np.testing.assert_allclose(ours, end, rtol=3e-2, atol=3e-2)
+
+
 def test_lamb8bit_reaches_the_rosenbrock_minimum_like_optax():
   """With round to nearest, LAMB's second moment, about 4e-9 of its block's maximum, rounded to code 0 and
   m / (sqrt(v) + eps) was off by orders of magnitude: the run ended at (0.027, 0.0008). The unsigned map
