@@ -125,15 +125,26 @@ def test_step_matches_the_cpu_handler(algo, dtype, mode, shape, block):
   assert_same(*out)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("leaves", [1, 64, 200])
-def test_a_group_of_leaves_matches_the_cpu_handler(leaves):
-  """One call over many leaves of odd sizes, some smaller than a block; apply mode. (optax8 groups at most
-  64 leaves a call; XLA takes about 40 ms per leaf to compile a call, hence 200 and not more.)"""
+def test_a_group_of_leaves_matches_the_cpu_handler(leaves, in_place):
+  """One call over many leaves of odd sizes, some smaller than a block; apply mode, the new params written over
+  the params or to their own buffers. (optax8 groups at most 64 leaves a call; XLA takes about 40 ms per leaf to
+  compile a call, hence 200 and not more.)"""
   rng = np.random.default_rng(leaves)
   group = [_leaf(rng, ALGOS["adam"], np.float32, (int(rng.integers(1, 4)), int(rng.integers(1, 700))), 256, True)
            for _ in range(leaves)]
-  out = both(lambda s: lambda h, ls: native.step_group(int(ALGOS["adam"]), h, ls, 256, True, "optax8_step" + s),
-             _hypers(leaves), group)
+  out = both(lambda s: lambda h, ls: native.step_group(int(ALGOS["adam"]), h, ls, 256, True, "optax8_step" + s,
+                                                       in_place=in_place), _hypers(leaves), group)
+  assert_same(*out)
+
+
+def test_whole_blocks_written_to_their_own_buffers_match_the_cpu_handler():
+  """Apply mode of the whole-blocks kernel with the new params in buffers of their own (not over the params)."""
+  rng = np.random.default_rng(5)
+  group = [_leaf(rng, ALGOS["adam"], np.float32, (32, 256), 256, True) for _ in range(3)]
+  out = both(lambda s: lambda h, ls: native.step_group(int(ALGOS["adam"]), h, ls, 256, True, "optax8_step" + s,
+                                                       in_place=False), _hypers(3), group)
   assert_same(*out)
 
 
