@@ -10,6 +10,7 @@ import pytest
 
 import optax8
 from optax8 import dispatch
+from helpers import needs_native_cpu
 from test_alias import NAMES, OPTIMIZERS
 
 
@@ -166,6 +167,7 @@ def _temp_bytes(tx, fused_apply):
   return compiled.memory_analysis().temp_size_in_bytes / n
 
 
+@needs_native_cpu
 def test_train_step_temporaries_close_to_optax():
   """No parameter-sized float32 temporaries: at most 1 byte per parameter above optax.adamw."""
   ours = _temp_bytes(optax8.adamw8bit(1e-3, weight_decay=1e-2), False)
@@ -173,6 +175,7 @@ def test_train_step_temporaries_close_to_optax():
   assert ours - ref <= 1.0, (ours, ref)
 
 
+@needs_native_cpu
 def test_fused_train_step_copies_params_no_more_than_optax():
   """A step that computes its gradients reads each parameter in its backward pass: the kernels then write
   new buffers, and XLA copies each parameter at most once, as for optax.adamw (not twice)."""
@@ -207,6 +210,7 @@ def test_overwritable_where_every_reader_leads_to_the_gradient():
   assert optax8.apply.overwritable([jnp.ones(3)], [jnp.ones(3)]) == [True]
 
 
+@needs_native_cpu
 def test_separate_apply_step_writes_params_in_place():
   """A (params, state, grads) step: apply_gradients needs no copies and no parameter-sized temporaries."""
   params = {f"w{i}": jnp.zeros((256, 1024)) for i in range(4)}

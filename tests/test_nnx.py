@@ -10,7 +10,7 @@ from flax import nnx
 import optax8
 from optax8.nnx import StableEmbed
 from optax8.quantize import QuantizedArray
-from helpers import state_bytes
+from helpers import needs_native_cpu, state_bytes
 
 V, F = 64, 256           # table of 16384 elements: above min_8bit_size, whole blocks of 256
 PER_STATE_8BIT = 1 + 4 / 256
@@ -241,6 +241,7 @@ def test_optax8_nnx_optimizer_equals_nnx_optimizer(make_tx, monkeypatch):
   assert (True in applied) == (optax8.fused_apply(make_tx()) is not None)
 
 
+@needs_native_cpu
 def test_optax8_nnx_optimizer_step_copies_and_keeps_no_more_than_nnx_optimizer_with_optax():
   """An nnx.jit train step of a 6-layer MLP: the kernels write new buffers where the backward pass still reads a
   weight, so XLA copies the parameters as often as for nnx.Optimizer(optax.adamw), with as many temporaries."""
