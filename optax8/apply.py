@@ -196,39 +196,40 @@ def overwritable(params, grads) -> list[bool]:
   concrete arrays and for tracers of other kinds (vmap, grad).
   """
   out = [True] * len(params)
-  frames = {}   # per jaxpr being traced: [readers of each variable, bits of the gradients each variable leads to]
+  frames = {}   # per jaxpr being traced: its operations, the readers of each variable, and (once needed) the
+  #               bits of the gradients each variable leads to
   for i, p in enumerate(params):
     try:
       frame, var = p._trace.frame, p.val
       if id(frame) not in frames:
-        readers = {}
-        for e in frame.get_eqns():
+        eqns, readers = frame.get_eqns(), {}
+        for e in eqns:
           for v in e.invars:
             readers.setdefault(id(v), []).append(e)
-        frames[id(frame)] = [frame, readers, None]
+        frames[id(frame)] = {"eqns": eqns, "readers": readers, "reach": None}
     except (AttributeError, TypeError):
       continue
     info = frames[id(frame)]
-    mine = info[1].get(id(var))
+    mine = info["readers"].get(id(var))
     if not mine:
       continue
-    if info[2] is None:   # one sweep, last operation to first
+    if info["reach"] is None:   # one sweep, last operation to first
       reach = {}
       for j, x in enumerate(grads):
         if getattr(getattr(x, "_trace", None), "frame", None) is frame:
           reach[id(x.val)] = reach.get(id(x.val), 0) | (1 << j)
-      for e in reversed(frame.get_eqns()):
+      for e in reversed(info["eqns"]):
         bits = 0
         for v in e.outvars:
           bits |= reach.get(id(v), 0)
         if bits:
           for v in e.invars:
             reach[id(v)] = reach.get(id(v), 0) | bits
-      info[2] = reach
+      info["reach"] = reach
     for e in mine:
       bits = 0
       for v in e.outvars:
-        bits |= info[2].get(id(v), 0)
+        bits |= info["reach"].get(id(v), 0)
       if bits and not bits >> i & 1:
         out[i] = False
         break

@@ -169,7 +169,7 @@ def levels(kind: str = SIGNED) -> Levels:
   """The `Levels` of ``kind``: with them, ``#{q : mids[q] < a}`` for ``a >= 0`` is
   ``i + (mids[i] < a)`` with ``i = first[l] + 1 + clip(ceil((a - bottom[l]) * inv_spacing[l] - 1), 0, count[l] - 1)``,
   where ``l`` is the last level whose ``mids[first[l]]`` is below ``a`` (and 0 below ``mids[0]``); the same
-  holds for ``<=`` throughout. `tests/test_maps.py` checks this against the search on every midpoint's neighbours.
+  holds for ``<=`` throughout. `tests/test_quantize.py` checks this against the search on every midpoint's neighbours.
   """
   m = dynamic_map(kind)
   magnitudes = m[(m > 0) & (m < 1)]

@@ -175,8 +175,9 @@ def quantize(x, block_size, kind, rows):
   inv = jnp.where(positive, 1 / jnp.where(positive, absmax * scale, 1), 0)
   v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * _per_element(scale, rows)) * _per_element(inv, rows), 0)
   codes = code_of(v, kind)
-  if kind == maps.UNSIGNED:   # code 0 is for zero alone (maps.POSITIVE_FLOOR)
-    codes = jnp.where(xb >= _TINY, jnp.maximum(codes, np.uint8(maps.POSITIVE_FLOOR[kind])), codes)
+  floor = maps.POSITIVE_FLOOR[kind]   # the unsigned map's code 0 is for zero alone
+  if floor:
+    codes = jnp.where(xb >= _TINY, jnp.maximum(codes, np.uint8(floor)), codes)
   return _unblocked(codes, x.shape, rows), absmax
 
 
