@@ -37,6 +37,13 @@ _MAP_IDS = {SIGNED: 0, UNSIGNED: 1}
 # its block's absmax; the zero-point problem of Li et al. 2023). The signed map has no floor.
 POSITIVE_FLOOR = {SIGNED: 0, UNSIGNED: 1}
 
+# Whether a block's absmax takes the sign of its element of largest magnitude (the positive one of a tie). The
+# signed map runs from -0.99297 to +1, so with absmax = max |x| a block's most negative element cannot be
+# represented, and a state that is its block's extreme shrinks by 0.7% at every requantization (Lion's momentum
+# then stalls on Rosenbrock); with the sign, that element is +1 times absmax, exactly. Codes dequantize as before,
+# map[code] * absmax, so states saved with a positive absmax stay valid. The unsigned map keeps max |x|.
+SIGNS_ABSMAX = {SIGNED: True, UNSIGNED: False}
+
 
 def map_id(kind: str) -> int:
   """The integer the kernels use for a map kind."""
@@ -206,6 +213,7 @@ def cxx_header() -> str:
   for kind in MAP_KINDS:
     name = kind.upper()
     parts.append(f"#define OPTAX8_{name}_POSITIVE_FLOOR {POSITIVE_FLOOR[kind]}  // maps.POSITIVE_FLOOR")
+    parts.append(f"#define OPTAX8_{name}_SIGNS_ABSMAX {int(SIGNS_ABSMAX[kind])}  // maps.SIGNS_ABSMAX")
     parts.append(f"#define OPTAX8_{name}_MAP \\\n    {values(dynamic_map(kind))}")
     parts.append(f"#define OPTAX8_{name}_MIDS \\\n    {values(midpoints(kind))}")
   parts.append("// The compact bucket tables (optax8.maps.compact_buckets): positive, then negative floats.")

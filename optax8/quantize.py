@@ -8,14 +8,16 @@ matrix, 16 x 16 at 256; a run along a vector: `optax8.layout`)::
     x'     = map[code] * absmax
 
 with the signed dynamic map (first moments) or the unsigned one (second
-moments), see `optax8.maps`. The round trip error of an element is at
-most half the gap between the two map values around ``x / absmax``, times
-``absmax``.
+moments), see `optax8.maps`. With the signed map, which has +1 but no -1,
+absmax takes the sign of the block's element of largest magnitude (the
+positive one of a tie), so that element comes back exactly. The round trip
+error of an element is at most half the gap between the two map values
+around ``x / absmax``, times ``|absmax|``.
 
 Special values: NaN and float32 subnormals quantize to the code of 0 and do
 not count toward ``absmax``; ``+-inf`` does not count toward ``absmax`` and
-saturates to the map's extreme codes (``+absmax`` and ``-0.99296875 *
-absmax`` for the signed map). An all-zero block has ``absmax = 0`` and
+saturates to the block's largest and lowest values (``+-|absmax|`` and
+``-+0.99296875 * |absmax|`` for the signed map). An all-zero block has ``absmax = 0`` and
 dequantizes to zeros. The unsigned map sends negative values to 0.
 
 Example::
@@ -45,7 +47,7 @@ class QuantizedArray:
   """
 
   codes: jax.Array   # uint8, the array's shape
-  absmax: jax.Array  # float32, one value per block: `optax8.layout.absmax_shape(codes.shape, block_size)`
+  absmax: jax.Array  # float32, one value per block (`optax8.layout.absmax_shape`), negative for some signed blocks
   block_size: int = DEFAULT_BLOCK_SIZE
   kind: str = maps.SIGNED
 

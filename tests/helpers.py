@@ -63,13 +63,17 @@ def reference_quantize(x, block_size, kind, rows=None):
   within = (-1,) if k == 1 else (-3, -1)
   with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
     a = np.abs(xb)
-    absmax = np.where((a >= TINY) & (a <= FMAX), a, 0).max(within).astype(np.float32)
+    counted = (a >= TINY) & (a <= FMAX)
+    absmax = np.where(counted, a, 0).max(within).astype(np.float32)
+    if maps.SIGNS_ABSMAX[kind]:   # the sign of the element of largest magnitude, + on a tie
+      absmax = np.where(np.where(counted, xb, 0).max(within) >= absmax, absmax, -absmax)
     am = np.expand_dims(absmax, within)
-    scale = np.where(am > np.float32(2.0**126), np.float32(0.25), np.float32(1))
-    inv = np.where(am > 0, np.float32(1) / np.where(am > 0, am * scale, 1), 0)
+    scale = np.where(np.abs(am) > np.float32(2.0**126), np.float32(0.25), np.float32(1))
+    inv = np.where(am != 0, np.float32(1) / np.where(am != 0, am * scale, 1), 0)
     v = np.where(a >= TINY, (np.clip(xb, -FMAX, FMAX) * scale) * inv.astype(np.float32), 0).astype(np.float32)
-  codes = maps.nearest_code(v, kind).reshape(padded)[tuple(slice(0, n) for n in x.shape)]
-  return codes, absmax
+  codes = maps.nearest_code(v, kind)
+  codes = np.where(xb >= TINY, np.maximum(codes, maps.POSITIVE_FLOOR[kind]), codes).astype(np.uint8)  # code 0 is for 0
+  return codes.reshape(padded)[tuple(slice(0, n) for n in x.shape)], absmax
 
 
 def state_bytes(state, name: str) -> int:

@@ -143,7 +143,7 @@ def test_any_gradient_gives_a_finite_step_and_a_state_within_the_quantization_bo
   for q, x in zip(jax.tree.leaves(new8, is_leaf=IS_Q), jax.tree.leaves(new32)):
     if not IS_Q(q):   # the step count, clipping history
       continue
-    absmax = per_element(q.absmax, q.codes.shape, q.block_size)
+    absmax = np.abs(per_element(q.absmax, q.codes.shape, q.block_size))   # signed for the signed map
     assert np.all(np.isfinite(absmax))
     error = np.abs(np.asarray(optax8.dequantize(q), np.float64) - np.asarray(x, np.float64))
     bound = (_half_gap(q.kind) + 2.0**-20) * absmax + np.finfo(np.float32).tiny   # + a few roundings

@@ -28,17 +28,18 @@ def arrays(draw, signed=True):
 
 
 def _round_trip_bound(x32, absmax_per_elem, kind):
-  """Half the gap between the two map values around x / absmax, times absmax.
+  """Half the gap between the two map values around x / absmax, times |absmax|.
 
-  The signed map has no -1: below its minimum -0.99296875 the bound is the
-  distance to that minimum (4e-8 * absmax more than the half gap).
+  The signed map has no -1: below its minimum -0.99296875 (an element of a
+  tie with the opposite sign's absmax) the bound is the distance to that
+  minimum (4e-8 * |absmax| more than the half gap).
   """
   m = maps.dynamic_map(kind).astype(np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):
-    v = np.where(absmax_per_elem > 0, x32 / absmax_per_elem, 0)
+    v = np.where(absmax_per_elem != 0, x32 / absmax_per_elem, 0)
   hi = np.clip(np.searchsorted(m, v), 1, 255)
   half_gap = 0.5 * (m[hi] - m[hi - 1])
-  return np.maximum(half_gap, m[0] - v) * absmax_per_elem
+  return np.maximum(half_gap, m[0] - v) * np.abs(absmax_per_elem)
 
 
 @pytest.mark.parametrize("kind", maps.MAP_KINDS)
@@ -54,8 +55,8 @@ def test_round_trip_error_within_half_gap(kind, data):
   amax = per_element(q.absmax, x.shape, block)
   err = np.abs(np.asarray(optax8.dequantize(q), np.float64) - x32)
   bound = _round_trip_bound(x32, amax, kind)
-  # float32 rounding of x / absmax and of map * absmax: 2**-23 * absmax
-  assert np.all(err <= bound + 2.0**-23 * amax), float(np.max(err - bound))
+  # float32 rounding of x / absmax and of map * absmax: 2**-23 * |absmax|
+  assert np.all(err <= bound + 2.0**-23 * np.abs(amax)), float(np.max(err - bound))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,6 +67,18 @@ def test_backend_matches_numpy_reference(backend, kind, data):
   block = data.draw(st.sampled_from(BLOCKS))
   codes, absmax = quantize_with(backend, x, block, kind)
   ref_codes, ref_absmax = reference_quantize(x, block, kind)
+  np.testing.assert_array_equal(np.asarray(absmax), ref_absmax)
+  np.testing.assert_array_equal(np.asarray(codes), ref_codes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+def test_backend_matches_numpy_reference_at_the_edges(backend, kind):
+  """Signed blocks whose largest |x| is negative or tied, and positive values far below their block's absmax
+  (the unsigned map's floor), against the reference."""
+  x = np.float32([[1.0, 1e-9, -1e-12, 0.5], [-2.0, 1e-20, 2e-38, 1.0], [-3.0, 3.0, -1e-9, 0.0]])
+  codes, absmax = quantize_with(backend, x, 4, kind, rows=1)
+  ref_codes, ref_absmax = reference_quantize(x, 4, kind, rows=1)
   np.testing.assert_array_equal(np.asarray(absmax), ref_absmax)
   np.testing.assert_array_equal(np.asarray(codes), ref_codes)
 
@@ -115,15 +128,16 @@ def test_special_values_do_not_spread(backend, dtype):
   np.testing.assert_array_equal(absmax[ignored], np.asarray(absmax_clean)[ignored, 0])
   np.testing.assert_array_equal(codes[ignored][:, others], np.asarray(codes_clean)[ignored][:, others])
   zero_code = 127
-  for row, s in enumerate(special32):
-    if np.isnan(s) or (np.isfinite(s) and abs(s) < TINY):
-      assert codes[row, 5] == zero_code
-    elif s == np.inf:
-      assert codes[row, 5] == 255
-    elif s == -np.inf:
-      assert codes[row, 5] == 0
   deq = np.asarray(dequantize_with(backend, codes, absmax[:, None], block, maps.SIGNED, jnp.float32, rows=1))
   assert np.all(np.isfinite(deq))
+  for row, s in enumerate(special32):
+    representable = maps.dynamic_map(maps.SIGNED) * absmax[row]   # the block's values (absmax may be negative)
+    if np.isnan(s) or (np.isfinite(s) and abs(s) < TINY):
+      assert codes[row, 5] == zero_code
+    elif s == np.inf:   # saturates to the block's largest value
+      assert deq[row, 5] == representable.max() > 0
+    elif s == -np.inf:
+      assert deq[row, 5] == representable.min() < 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -143,6 +157,27 @@ def test_extreme_blocks(backend):
   deq = np.asarray(dequantize_with(backend, codes, absmax, 32, maps.SIGNED, jnp.float32, rows=1))
   assert np.all(np.isfinite(deq)) and np.all(deq[0] == 0) and np.all(deq[5] == 0)
   np.testing.assert_allclose(deq[1, :3], [FMAX, -0.99296875 * FMAX, 1e38], rtol=0, atol=0.00704 * FMAX)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signed_absmax_takes_the_sign_of_the_largest_element(backend):
+  """The signed map has +1 but no -1: a block whose largest |x| is negative gets a negative absmax, so that
+  element dequantizes exactly, as a positive one does; a tie goes to the positive absmax. The unsigned map
+  keeps max |x|."""
+  x = np.zeros((5, 64), np.float32)
+  x[0, :3] = [0.5, -3.0, 2.0]                  # the largest magnitude is negative
+  x[1, :3] = [0.5, 3.0, -2.0]                  # positive
+  x[2, :3] = [-3.0, 3.0, 1.0]                  # a tie
+  x[3, :3] = [-1e-37, np.nan, -np.inf]         # NaN and inf do not count; absmax is -1e-37
+  x[4, :3] = [2e-45, -1e-44, 0.0]              # subnormals do not count: absmax 0
+  codes, absmax = map(np.asarray, quantize_with(backend, x, 64, maps.SIGNED, rows=1))   # a block per row
+  np.testing.assert_array_equal(absmax[:, 0], np.float32([-3.0, 3.0, 3.0, -1e-37, 0.0]))
+  deq = np.asarray(dequantize_with(backend, codes, absmax, 64, maps.SIGNED, jnp.float32, rows=1))
+  assert deq[0, 1] == -3.0 and deq[1, 1] == 3.0 and deq[2, 1] == 3.0 and deq[3, 0] == np.float32(-1e-37)
+  assert deq[2, 0] == np.float32(-0.99296875 * 3.0)   # the tie's negative element: the map's minimum
+  assert deq[3, 2] == np.float32(-1e-37) and np.all(deq[4] == 0)   # -inf saturates to the block's lowest value
+  _, unsigned = quantize_with(backend, np.abs(x[:3]), 64, maps.UNSIGNED, rows=1)
+  np.testing.assert_array_equal(np.asarray(unsigned)[:, 0], np.float32([3.0, 3.0, 3.0]))
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (5,), (3, 0), (0,), (2, 3, 300)])

@@ -149,7 +149,7 @@ def test_nonfinite_gradient_zeroes_only_its_element(backend, algo):
   u = np.asarray(u)
   assert u[0, 5] == 0 and u[1, 7] == 0 and np.isfinite(u).all()
   for (codes, absmax), (codes_ok, absmax_ok), kind in zip(s, s_ok, algo.states):
-    assert np.isfinite(np.asarray(absmax)).all() and (np.asarray(absmax) > 0).all()
+    assert np.isfinite(np.asarray(absmax)).all() and (np.asarray(absmax) != 0).all()
     values = np.asarray(optax8.dequantize(optax8.QuantizedArray(codes, absmax, 256, kind)))
     assert values[0, 5] == 0 and values[1, 7] == 0
     # the other elements of the blocks keep their values (to one code)

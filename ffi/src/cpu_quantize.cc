@@ -28,17 +28,25 @@ inline int64_t simd_prefix(int64_t len) {
 template <typename In>
 void quantize_blocks(const typename In::T* x, uint8_t* codes, float* absmax,
                      const BlockLayout& l, const HostMap& map, int64_t first, int64_t last) {
+  const bool sign = map.sign;
   for (int64_t b = first; b < last; ++b) {
     const Block k = l.at(b);
     const int64_t simd = simd_prefix(k.width);
-    float m = 0.0f;
+    float m = 0.0f, top = 0.0f;   // max absmax_term, max signed_term (signed map)
     for (int64_t r = 0; r < k.height; ++r) {
       const typename In::T* xr = x + k.off + r * l.cols;
 #if OPTAX8_HAVE_AVX2_PATH
-      if (simd) m = std::max(m, avx2::block_absmax<In>(xr, simd));
+      if (simd) {
+        m = std::max(m, avx2::block_absmax<In>(xr, simd));
+        if (sign) top = std::max(top, avx2::block_top<In>(xr, simd));
+      }
 #endif
-      for (int64_t j = simd; j < k.width; ++j) m = std::max(m, absmax_term(In::load(xr[j])));
+      for (int64_t j = simd; j < k.width; ++j) {
+        m = std::max(m, absmax_term(In::load(xr[j])));
+        top = std::max(top, signed_term(In::load(xr[j])));
+      }
     }
+    if (sign) m = signed_absmax(m, top);
     const Normalizer normalize(m);
     for (int64_t r = 0; r < k.height; ++r) {
       const typename In::T* xr = x + k.off + r * l.cols;

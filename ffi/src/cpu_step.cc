@@ -256,8 +256,8 @@ void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, const 
     for (int q = 0; q < 4; ++q) {
       const float a = absmax[(i + 16 * q) >> run_shift];
       // flush: products may be subnormal and must become 0; not needed when
-      // absmax >= 2**-104, since every non-zero map value exceeds 2**-22.
-      _mm512_storeu_ps(out + i + 16 * q, scale_values16(_mm512_castsi512_ps(v[q]), a, a < 0x1p-104f));
+      // |absmax| >= 2**-104, since every non-zero map value exceeds 2**-22.
+      _mm512_storeu_ps(out + i + 16 * q, scale_values16(_mm512_castsi512_ps(v[q]), a, std::fabs(a) < 0x1p-104f));
     }
   }
 }
@@ -265,7 +265,7 @@ void dequantize_vbmi(const uint8_t* codes, int64_t n, const HostMap& map, const 
 // scale_value of n codes into out: 64 at a time by byte permutes where the
 // CPU has VBMI, else 16 at a time by gathers; the rest one by one.
 inline void lanes_dequantize_block(const uint8_t* codes, int64_t n, const HostMap& map, float absmax, float* out) {
-  const bool flush = absmax < 0x1p-104f;   // as in dequantize_vbmi
+  const bool flush = std::fabs(absmax) < 0x1p-104f;   // as in dequantize_vbmi
   int64_t k = 0;
   if (has_vbmi()) {
     k = n - n % 64;

@@ -24,17 +24,17 @@ __constant__ float kMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MI
 
 constexpr int kThreads = 256;
 
-// Max over the `group` consecutive threads (a power of two) that share a block.
-__device__ float group_max(float v, int group, float* scratch) {
+// The absmax (fold_absmax) over the `group` consecutive threads (a power of two) that share a block.
+__device__ float group_absmax(float v, int group, float* scratch, bool sign) {
   for (int offset = min(group, 32) / 2; offset > 0; offset >>= 1)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = fold_absmax(v, __shfl_xor_sync(0xffffffffu, v, offset), sign);
   if (group <= 32) return v;
   const int warp = threadIdx.x / 32, warps = group / 32;
   if (threadIdx.x % 32 == 0) scratch[warp] = v;
   __syncthreads();
   const int first = (warp / warps) * warps;
   v = scratch[first];
-  for (int w = 1; w < warps; ++w) v = fmaxf(v, scratch[first + w]);
+  for (int w = 1; w < warps; ++w) v = fold_absmax(v, scratch[first + w], sign);
   return v;
 }
 
@@ -50,10 +50,11 @@ __global__ void quantize_kernel(const typename In::T* __restrict__ x, uint8_t* _
   const bool active = b < l.blocks();
   const Block blk = active ? l.at(b) : Block{0, 0, 1, 0};
   const int len = int(blk.width * blk.height), width = int(blk.width);
+  const bool sign = signs_absmax(kind);
   float m = 0.0f;
   for (int k = lane; k < len; k += group)
-    m = fmaxf(m, absmax_term(In::load(x[blk.off + (k / width) * l.cols + k % width])));
-  m = group_max(m, group, scratch);
+    m = fold_absmax(m, absmax_term(In::load(x[blk.off + (k / width) * l.cols + k % width]), sign), sign);
+  m = group_absmax(m, group, scratch, sign);
   const Normalizer normalize(m);
   for (int k = lane; k < len; k += group) {
     const int64_t e = blk.off + (k / width) * l.cols + k % width;

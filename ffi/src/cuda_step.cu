@@ -36,13 +36,15 @@ namespace optax8 {
 namespace cuda_step {
 namespace {
 
-// Max of each v[i] over the `group` consecutive threads (a power of two)
-// that share a block. Every thread of the CTA must call it.
-template <int N>
-__device__ __forceinline__ void group_max(float (&v)[N], int group, float (*scratch)[kThreads / 32]) {
+// The absmax of each state i (fold_absmax with its map, v[i] in each thread)
+// over the `group` consecutive threads (a power of two) that share a block.
+// Every thread of the CTA must call it.
+template <int A, int N>
+__device__ __forceinline__ void group_absmax(float (&v)[N], int group, float (*scratch)[kThreads / 32]) {
   for (int offset = min(group, 32) / 2; offset > 0; offset >>= 1) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = fmaxf(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset));
+    for (int i = 0; i < N; ++i)
+      v[i] = fold_absmax(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset), signs_absmax(state_map(A, i)));
   }
   if (group <= 32) return;
   const int warp = threadIdx.x / 32, warps = group / 32;
@@ -55,7 +57,7 @@ __device__ __forceinline__ void group_max(float (&v)[N], int group, float (*scra
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     float m = scratch[i][first];
-    for (int w = 1; w < warps; ++w) m = fmaxf(m, scratch[i][first + w]);
+    for (int w = 1; w < warps; ++w) m = fold_absmax(m, scratch[i][first + w], signs_absmax(state_map(A, i)));
     v[i] = m;
   }
 }
@@ -131,11 +133,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       st[i][j] = s[i];
-      m[i] = fmaxf(m[i], k < len ? absmax_term(s[i]) : 0.0f);
+      const bool sign = signs_absmax(state_map(A, i));
+      m[i] = fold_absmax(m[i], k < len ? absmax_term(s[i], sign) : 0.0f, sign);
     }
   }
 
-  group_max<n>(m, group, scratch);
+  group_absmax<A>(m, group, scratch);
 
 #pragma unroll
   for (int i = 0; i < n; ++i) {

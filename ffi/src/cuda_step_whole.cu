@@ -156,7 +156,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int i = 0; i < n; ++i) {
           st[i][c][k] = s[i];
-          m[i] = fmaxf(m[i], absmax_term(s[i]));
+          const bool sign = signs_absmax(state_map(A, i));
+          m[i] = fold_absmax(m[i], absmax_term(s[i], sign), sign);
         }
       }
       if (active) Chunk4<G>::store(a.u, e, u);
@@ -164,7 +165,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
 #pragma unroll
-      for (int i = 0; i < n; ++i) m[i] = fmaxf(m[i], __shfl_xor_sync(0xffffffffu, m[i], offset));
+      for (int i = 0; i < n; ++i)
+        m[i] = fold_absmax(m[i], __shfl_xor_sync(0xffffffffu, m[i], offset), signs_absmax(state_map(A, i)));
     }
     if constexpr (W > 1) {
       if (lane == 0) {
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int i = 0; i < n; ++i) {
         float x = scratch[i][warp - part];
-        for (int w = 1; w < W; ++w) x = fmaxf(x, scratch[i][warp - part + w]);
+        for (int w = 1; w < W; ++w) x = fold_absmax(x, scratch[i][warp - part + w], signs_absmax(state_map(A, i)));
         m[i] = x;
       }
       __syncthreads();   // scratch is free for the next blocks

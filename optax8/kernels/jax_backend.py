@@ -166,13 +166,24 @@ def code_of(v, kind):
 
 
 def quantize(x, block_size, kind, rows):
-  """Returns (codes uint8 of x's shape, absmax float32) for blocks of ``rows`` rows (`optax8.layout`)."""
+  """Returns (codes uint8 of x's shape, absmax float32) for blocks of ``rows`` rows (`optax8.layout`).
+
+  With the signed map, a block's absmax has the sign of its element of
+  largest magnitude (`optax8.maps.SIGNS_ABSMAX`).
+  """
   xb = _blocked(x.astype(jnp.float32), block_size, rows, 0)
   a = jnp.abs(xb)
-  absmax = jnp.max(jnp.where((a >= _TINY) & (a <= _FMAX), a, 0), axis=(-1,) if rows == 1 else (-3, -1))
-  scale = jnp.where(absmax > _HUGE, np.float32(0.25), np.float32(1))
-  positive = absmax > 0
-  inv = jnp.where(positive, 1 / jnp.where(positive, absmax * scale, 1), 0)
+  within = (-1,) if rows == 1 else (-3, -1)
+  counted = (a >= _TINY) & (a <= _FMAX)
+  if maps.SIGNS_ABSMAX[kind]:   # the sign of the largest |x|; a tie goes to the positive one
+    clean = jnp.where(counted, xb, 0)
+    top, bottom = jnp.max(clean, axis=within), jnp.min(clean, axis=within)
+    absmax = jnp.where(top >= -bottom, top, bottom)
+  else:
+    absmax = jnp.max(jnp.where(counted, a, 0), axis=within)
+  scale = jnp.where(jnp.abs(absmax) > _HUGE, np.float32(0.25), np.float32(1))
+  nonzero = absmax != 0
+  inv = jnp.where(nonzero, 1 / jnp.where(nonzero, absmax * scale, 1), 0)
   v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * _per_element(scale, rows)) * _per_element(inv, rows), 0)
   codes = code_of(v, kind)
   floor = maps.POSITIVE_FLOOR[kind]   # the unsigned map's code 0 is for zero alone

@@ -65,6 +65,14 @@ OPTAX8_AVX2 __m256 absmax_term8(__m256 x) {
   return _mm256_and_ps(ok, a);
 }
 
+// signed_term for 8 values.
+OPTAX8_AVX2 __m256 signed_term8(__m256 x) {
+  const __m256 a = abs8(x);
+  const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(a, _mm256_set1_ps(FLT_MIN), _CMP_GE_OQ),
+                                  _mm256_cmp_ps(a, _mm256_set1_ps(FLT_MAX), _CMP_LE_OQ));
+  return _mm256_and_ps(ok, x);
+}
+
 OPTAX8_AVX2 float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -115,6 +123,14 @@ template <typename In>
 OPTAX8_AVX2 float block_absmax(const typename In::T* x, int64_t len) {
   __m256 m = _mm256_setzero_ps();
   for (int64_t k = 0; k + 8 <= len; k += 8) m = _mm256_max_ps(m, absmax_term8(load<In>(x + k)));
+  return hmax8(m);
+}
+
+// The max of signed_term over the elements.
+template <typename In>
+OPTAX8_AVX2 float block_top(const typename In::T* x, int64_t len) {
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t k = 0; k + 8 <= len; k += 8) m = _mm256_max_ps(m, signed_term8(load<In>(x + k)));
   return hmax8(m);
 }
 

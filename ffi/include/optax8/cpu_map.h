@@ -37,8 +37,10 @@ struct HostMap {
   uint32_t table[65536];
   alignas(64) uint8_t planes[4][256];  // planes[k][c]: byte k of values[c] (byte-permute lookups)
   int floor;                           // positive_floor of the map (quantize.h)
+  bool sign;                           // signs_absmax of the map (quantize.h)
 
-  HostMap(const float (&v)[256], const float (&m)[256], int64_t kind) : floor(positive_floor(kind)) {
+  HostMap(const float (&v)[256], const float (&m)[256], int64_t kind)
+      : floor(positive_floor(kind)), sign(signs_absmax(kind)) {
     std::copy(v, v + 256, values);
     std::copy(m, m + 256, mids);
     for (int c = 0; c < 256; ++c)

@@ -3,9 +3,11 @@
 // in optax8/kernels/jax_backend.py.
 //
 // For a block B with float32 values x:
-//   absmax = max |x| over the finite x with |x| >= FLT_MIN (else 0)
-//   s      = absmax > 2**126 ? 1/4 : 1      (keeps inv a normal float)
-//   inv    = absmax > 0 ? 1 / (absmax * s) : 0
+//   absmax = max |x| over the finite x with |x| >= FLT_MIN (else 0); with the
+//            signed map, the value of that x itself: -absmax when no counted
+//            x reaches +absmax (a tie goes to the positive one)
+//   s      = |absmax| > 2**126 ? 1/4 : 1    (keeps inv a normal float)
+//   inv    = absmax != 0 ? 1 / (absmax * s) : 0
 //   v      = (clean(x) * s) * inv           (x / absmax, within one rounding)
 //   code   = #{j : mid[j] < v}              (round to nearest map value),
 //            at least 1 for x >= FLT_MIN with the unsigned map
@@ -122,13 +124,49 @@ OPTAX8_HD float absmax_term(float x) {
   return (a >= FLT_MIN && a <= FLT_MAX) ? a : 0.0f;
 }
 
+// ---- the signed map's signed absmax ------------------------------------------
+// The signed map runs from -0.99297 to +1, so a block scaled by +max |x|
+// cannot represent its most negative element exactly, and a momentum that
+// is a block's extreme shrinks by 0.7% at every requantization. Its absmax
+// takes the sign of the block's element of largest magnitude instead: that
+// element normalizes to +1 whatever its sign, and x' = map[code] * absmax
+// dequantizes every code unchanged. The unsigned map keeps max |x|.
+
+// Whether map `kind` gives a block's absmax the sign of its largest element.
+OPTAX8_HD constexpr bool signs_absmax(int64_t kind) {
+  return kind == kUnsignedMap ? OPTAX8_UNSIGNED_SIGNS_ABSMAX : OPTAX8_SIGNED_SIGNS_ABSMAX;
+}
+
+// x where it counts toward a block's absmax, else 0 (absmax_term with the sign).
+OPTAX8_HD float signed_term(float x) {
+  const float a = fabsf(x);
+  return (a >= FLT_MIN && a <= FLT_MAX) ? x : 0.0f;
+}
+
+// The signed absmax from a block's max of absmax_term, m, and its max of
+// signed_term (or of x where that is >= m), top: -m unless an element reaches +m.
+OPTAX8_HD float signed_absmax(float m, float top) { return top >= m ? m : -m; }
+
+// The signed absmax of two parts of a block from theirs: the larger
+// magnitude, the positive one of a tie (a reduction of signed_term).
+OPTAX8_HD float larger_signed(float a, float b) {
+  const float fa = fabsf(a), fb = fabsf(b);
+  return (fa > fb || (fa == fb && a > b)) ? a : b;
+}
+
+// What x contributes to its block's absmax (signed_term where `sign`, else
+// absmax_term), and the absmax of two parts of a block from theirs: one
+// reduction for either kind of map.
+OPTAX8_HD float absmax_term(float x, bool sign) { return sign ? signed_term(x) : absmax_term(x); }
+OPTAX8_HD float fold_absmax(float a, float b, bool sign) { return sign ? larger_signed(a, b) : fmaxf(a, b); }
+
 // The factors that normalize a block: v = (x * scale) * inv.
 struct Normalizer {
   float scale, inv;
   OPTAX8_HD Normalizer() : scale(1.0f), inv(0.0f) {}  // absmax 0
   OPTAX8_HD explicit Normalizer(float absmax)
-      : scale(absmax > 0x1p126f ? 0.25f : 1.0f),
-        inv(absmax > 0.0f ? 1.0f / (absmax * scale) : 0.0f) {}
+      : scale(fabsf(absmax) > 0x1p126f ? 0.25f : 1.0f),
+        inv(absmax != 0.0f ? 1.0f / (absmax * scale) : 0.0f) {}
   // x / absmax with NaN and subnormals as 0 and +-inf as +-FLT_MAX.
   OPTAX8_HD float operator()(float x) const {
     if (!(fabsf(x) >= FLT_MIN)) return 0.0f;
