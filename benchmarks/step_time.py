@@ -33,17 +33,19 @@ from optax import contrib
 
 import optax8
 
+OPTIONS = {}   # 8-bit options of every optax8 optimizer (--rounding)
 PAIRS = {
-    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), lambda: optax8.adamw8bit(1e-3, weight_decay=1e-2)),
-    "adam": (lambda: optax.adam(1e-3), lambda: optax8.adam8bit(1e-3)),
-    "lion": (lambda: optax.lion(1e-4), lambda: optax8.lion8bit(1e-4)),
-    "sgd": (lambda: optax.sgd(1e-2, momentum=0.9), lambda: optax8.sgd8bit(1e-2, momentum=0.9)),
-    "rmsprop": (lambda: optax.rmsprop(1e-3), lambda: optax8.rmsprop8bit(1e-3)),
-    "adagrad": (lambda: optax.adagrad(1e-2), lambda: optax8.adagrad8bit(1e-2)),
-    "lamb": (lambda: optax.lamb(1e-3), lambda: optax8.lamb8bit(1e-3)),
-    "lars": (lambda: optax.lars(1e-2), lambda: optax8.lars8bit(1e-2)),
-    "ademamix": (lambda: contrib.ademamix(1e-3), lambda: optax8.ademamix8bit(1e-3)),
-    "muon": (lambda: contrib.muon(2e-2), lambda: optax8.muon8bit(2e-2)),
+    "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2),
+              lambda: optax8.adamw8bit(1e-3, weight_decay=1e-2, **OPTIONS)),
+    "adam": (lambda: optax.adam(1e-3), lambda: optax8.adam8bit(1e-3, **OPTIONS)),
+    "lion": (lambda: optax.lion(1e-4), lambda: optax8.lion8bit(1e-4, **OPTIONS)),
+    "sgd": (lambda: optax.sgd(1e-2, momentum=0.9), lambda: optax8.sgd8bit(1e-2, momentum=0.9, **OPTIONS)),
+    "rmsprop": (lambda: optax.rmsprop(1e-3), lambda: optax8.rmsprop8bit(1e-3, **OPTIONS)),
+    "adagrad": (lambda: optax.adagrad(1e-2), lambda: optax8.adagrad8bit(1e-2, **OPTIONS)),
+    "lamb": (lambda: optax.lamb(1e-3), lambda: optax8.lamb8bit(1e-3, **OPTIONS)),
+    "lars": (lambda: optax.lars(1e-2), lambda: optax8.lars8bit(1e-2, **OPTIONS)),
+    "ademamix": (lambda: contrib.ademamix(1e-3), lambda: optax8.ademamix8bit(1e-3, **OPTIONS)),
+    "muon": (lambda: contrib.muon(2e-2), lambda: optax8.muon8bit(2e-2, **OPTIONS)),
 }
 
 
@@ -159,7 +161,9 @@ def main():
   ap.add_argument("--grads-inside", action="store_true", help="compute the gradient inside the step")
   ap.add_argument("--mlp", type=int, default=0, help="time a train step of an MLP of this width")
   ap.add_argument("--batch", type=int, default=32, help="batch rows of --mlp")
+  ap.add_argument("--rounding", default="nearest", help="optax8's rounding: nearest or stochastic")
   args = ap.parse_args()
+  OPTIONS.update(rounding=args.rounding)
   names = list(PAIRS) if args.optimizers == "all" else args.optimizers.split(",")
   loss = _loss
   if args.mlp:
@@ -178,7 +182,7 @@ def main():
   n = sum(x.size for x in jax.tree.leaves(params))
   what = f"MLP train step, batch {args.batch}" if args.mlp else "grads " + ("inside" if args.grads_inside else "given")
   print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
-        f"{n} params in {args.leaves} leaves, {args.dtype}, {what}")
+        f"{n} params in {args.leaves} leaves, {args.dtype}, {what}, rounding {args.rounding}")
   if args.mlp:
     t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss, chain=args.chain)
     print(f"gradients only (p + grad, no optimizer): {t / n * 1e9:.3f} ns/param")

@@ -15,10 +15,10 @@ import functools
 import jax.numpy as jnp
 from jax import lax
 
-from optax8 import layout, sharding
+from optax8 import layout, rounding, sharding
 from optax8.kernels import jax_backend, jax_step, native
 from optax8.kernels.algorithms import CUDA_MAX_STEP_BLOCK
-from optax8.sharding import ABSMAX, ELEMENTS, REPLICATED
+from optax8.sharding import ABSMAX, AXIS, ELEMENTS, REPLICATED
 
 NATIVE_PLATFORMS = tuple(native.PLATFORMS)
 
@@ -74,7 +74,9 @@ class StepGroup:
   ``hypers`` (``(leaves, NUM_HYPER)`` float32) and, per leaf, ``g``, ``p``
   (where ``with_params``) and ``(codes, absmax)`` per state; its results,
   per leaf, the update (or with ``apply`` the new parameter ``p + update``)
-  and ``(codes, absmax)`` per state.
+  and ``(codes, absmax)`` per state. A ``stochastic`` group rounds its
+  states stochastically (`optax8.rounding`): each leaf's operands end with
+  its axes' index vectors, which a shard gets sliced like its elements.
   """
 
   algo: int
@@ -85,9 +87,15 @@ class StepGroup:
   leaves: int   # how many
   states: int   # states per leaf
   in_place: bool = True   # with apply: the new params may overwrite the params' buffers (native backends)
+  ranks: tuple = ()       # with stochastic rounding, each leaf's rank (its index vectors); else ()
+
+  @property
+  def stochastic(self) -> bool:
+    return bool(self.ranks)
 
   @classmethod
-  def of(cls, algo, block_size: int, apply: bool, leaves, in_place: bool = True) -> StepGroup:
+  def of(cls, algo, block_size: int, apply: bool, leaves, in_place: bool = True,
+         stochastic: bool = False) -> StepGroup:
     """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none; blocks of as many
     rows in each: all of rank >= 2, or all vectors)."""
     with_params = leaves[0][1] is not None
@@ -96,21 +104,25 @@ class StepGroup:
     rows = {layout.tile_rows(g.shape, block_size) for g, _, _ in leaves}
     if len(rows) != 1:
       raise ValueError("step_group: every leaf's blocks must have as many rows (matrices and vectors apart)")
+    ranks = tuple(g.ndim for g, _, _ in leaves) if stochastic else ()
     return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]),
-               bool(in_place))
+               bool(in_place), ranks)
 
   def flatten(self, hypers, leaves) -> list:
+    """The flat operands; a stochastic group's index vectors are made here, from the leaves' whole shapes."""
     return [hypers] + [x for g, p, states in leaves
-                       for x in (g, *((p,) if self.with_params else ()), *(a for pair in states for a in pair))]
+                       for x in (g, *((p,) if self.with_params else ()), *(a for pair in states for a in pair),
+                                 *(rounding.index_vectors(g.shape) if self.stochastic else ()))]
 
   def unflatten(self, flat):
-    """``(hypers, [(g, p, states)])`` from flat operands."""
+    """``(hypers, [(g, p, states, index)])`` from flat operands (``index`` None unless stochastic)."""
     it = iter(flat[1:])
     leaves = []
-    for _ in range(self.leaves):
+    for i in range(self.leaves):
       g = next(it)
       p = next(it) if self.with_params else None
-      leaves.append((g, p, tuple((next(it), next(it)) for _ in range(self.states))))
+      states = tuple((next(it), next(it)) for _ in range(self.states))
+      leaves.append((g, p, states, tuple(next(it) for _ in range(self.ranks[i])) if self.stochastic else None))
     return flat[0], leaves
 
   @staticmethod
@@ -128,11 +140,13 @@ class StepGroup:
     operands, results = [(REPLICATED, 2)], []
     for i in range(self.leaves):
       operands += [(ELEMENTS, i)] * per_leaf + [(ELEMENTS, i), (ABSMAX, i)] * self.states
+      operands += [(AXIS, (i, d - self.ranks[i])) for d in range(self.ranks[i])] if self.stochastic else []
       results += [(ELEMENTS, i)] + [(ELEMENTS, i), (ABSMAX, i)] * self.states
     return operands, results
 
 
-def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, in_place: bool = True):
+def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, in_place: bool = True,
+               stochastic: bool = False):
   """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
   ``hypers`` is ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -140,9 +154,11 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   leaves alike) and ``states`` a tuple of ``(codes, absmax)``. Returns
   ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
   ``apply``, written over the parameters where ``in_place``.
-  Natively the whole group is one kernel call.
+  Natively the whole group is one kernel call. With ``stochastic`` the
+  states are rounded stochastically (`optax8.rounding`), by the pure-JAX
+  step on every platform.
   """
-  group = StepGroup.of(algo, block_size, apply, leaves, in_place)
+  group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic)
   operands, results = group.roles()
   op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
                         rows=group.rows, group=group)
@@ -155,17 +171,19 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
 
   def native_fn(*args):
     hypers, leaves = group.unflatten(args)
-    return group.flatten_results(native.step_group(group.algo, hypers, leaves, group.block_size, group.apply,
-                                                   rows=group.rows, in_place=group.in_place))
+    return group.flatten_results(native.step_group(group.algo, hypers, [leaf[:3] for leaf in leaves],
+                                                   group.block_size, group.apply, rows=group.rows,
+                                                   in_place=group.in_place))
 
   def jax_fn(*args, step=jax_step.step):
     hypers, leaves = group.unflatten(args)
     return group.flatten_results([step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
-                                       rows=group.rows) for i, (g, p, s) in enumerate(leaves)])
+                                       rows=group.rows, index=index) for i, (g, p, s, index) in enumerate(leaves)])
 
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
   branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
-  branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)})
+  if not group.stochastic:   # the native kernels round to nearest
+    branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)})
   if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

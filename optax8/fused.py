@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax8 import clipping, dispatch, maps
+from optax8 import clipping, dispatch, maps, rounding
 from optax8.apply import FusedGradientTransformation, chain, fused_transformation, overwritable
 from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_view
 from optax8.kernels import jax_step
@@ -215,6 +215,7 @@ class LeafPlan:
     coupled: the weight decay is added to the gradient (by the kernel).
     has_pre_hook: the `Rule` has a ``pre`` hook (the learning rate then
       scales the gradient, before the rule).
+    stochastic: its 8-bit states are rounded stochastically (`optax8.rounding`).
   """
 
   path: str
@@ -227,6 +228,7 @@ class LeafPlan:
   post_arg: Any
   coupled: bool
   has_pre_hook: bool
+  stochastic: bool = False
 
   @property
   def needs_params(self) -> bool:
@@ -239,8 +241,9 @@ class LeafPlan:
 
   @property
   def hyper_key(self):
-    """Leaves with equal keys share a hyperparameter vector (None: the leaf's own, from its pre-scale)."""
-    return None if self.has_pre_hook else (self.decay, self.post)
+    """Leaves with equal keys share a hyperparameter vector (None: the leaf's own, from its pre-scale or its
+    rounding seed)."""
+    return None if self.has_pre_hook or self.stochastic else (self.decay, self.post)
 
 
 def plan_leaves(name: str, r: Rule, options: Options, treedef, updates, params) -> list[LeafPlan]:
@@ -255,15 +258,20 @@ def plan_leaves(name: str, r: Rule, options: Options, treedef, updates, params) 
   pre = (_leaf_flags(r.pre_mask, configured, treedef, name, "the mask of the pre-scale") if r.pre is not None
          else [False] * n)
   post_args = r.post_args(updates) if r.post_args is not None else [None] * n
+  stochastic = [x == rounding.STOCHASTIC for x in options.leaf_roundings(name, configured)]
   return [LeafPlan(path, bits[i], block_sizes[i], decay[i], pre[i], unorms[i],
-                   r.post is not None or unorms[i] is not None, post_args[i], r.coupled, r.pre is not None)
+                   r.post is not None or unorms[i] is not None, post_args[i], r.coupled, r.pre is not None,
+                   stochastic[i])
           for i, path in enumerate(_paths(updates))]
 
 
-def _leaf_hyper(r: Rule, base: dict, plan: LeafPlan, scale, wd, g, p) -> dict:
+def _leaf_hyper(r: Rule, base: dict, plan: LeafPlan, scale, wd, g, p, count) -> dict:
   """The hyperparameter slots of one leaf's kernel call."""
   wd_leaf = wd if plan.decay else 0.0
   hyper = dict(base)
+  if plan.stochastic:
+    hyper["rounding_step"] = jnp.bitwise_and(count, (1 << rounding.SEED_BITS) - 1)
+    hyper["rounding_seed"] = rounding.leaf_seed(plan.path)
   if r.coupled:
     hyper["coupled_decay"] = wd_leaf
   if r.pre is not None:   # the learning rate scales the gradient, before the rule
@@ -354,8 +362,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
         _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
       kernel_p = p if fused_apply or (plan.kernel_params and needs_decay_params) else None
-      calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p), plan.hyper_key, g, kernel_p, leaf_states,
-                            fused_apply, pairs, own))
+      calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p, count), plan.hyper_key, g, kernel_p,
+                            leaf_states, fused_apply, pairs, own, plan.stochastic))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
     for (u, new), plan, call, p, out in zip(results, plans, calls, views, ps if apply else grads):
@@ -407,6 +415,7 @@ class LeafCall(NamedTuple):
   apply: bool  # 8-bit leaves only: return p + update
   pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
   in_place: bool = True   # with apply: the kernel may write over p (nothing traced before reads it)
+  stochastic: bool = False   # round the 8-bit states stochastically
 
 
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
@@ -437,8 +446,8 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       results[i] = _step_pairs(algorithm, vector(c), c)
     elif all(isinstance(s, QuantizedArray) for s in c.states):
       block_size = c.states[0].block_size
-      groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place),
-                        []).append(i)
+      groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place,
+                         c.stochastic), []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
@@ -454,7 +463,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       current.append(i)
       size += n
     batches.append((key, current))
-  for (block_size, _, _, apply, in_place), idx in batches:
+  for (block_size, _, _, apply, in_place, stochastic), idx in batches:
     leaves = []
     for i in idx:
       c = calls[i]
@@ -467,7 +476,8 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       hypers = jnp.broadcast_to(first, (len(idx),) + first.shape)
     else:
       hypers = jnp.stack([vector(calls[i]) for i in idx])
-    for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply, in_place)):
+    for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply, in_place,
+                                                    stochastic)):
       c = calls[i]
       shape = tuple(c.g.shape)
       results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)
@@ -479,7 +489,8 @@ def _step_pairs(algorithm: Algorithm, hyper, c: LeafCall):
   """A complex leaf's (output, new states), in JAX on its real view (``rule`` and ``step`` with ``pairs``)."""
   if isinstance(c.states[0], QuantizedArray):
     out, new = jax_step.step(algorithm, hyper, c.g, c.p, tuple((s.codes, s.absmax) for s in c.states),
-                             c.states[0].block_size, c.apply, pairs=True)
+                             c.states[0].block_size, c.apply, pairs=True,
+                             index=rounding.index_vectors(c.g.shape) if c.stochastic else None)
     return out, tuple(QuantizedArray(code, a, s.block_size, s.kind) for (code, a), s in zip(new, c.states))
   u, new = rule(algorithm, hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                 c.states, pairs=True)

@@ -1,7 +1,7 @@
 """The 8-bit options of every optimizer, given once or per parameter leaf.
 
-``bits``, ``block_size``, ``max_unorm`` and ``percentile_clipping`` each
-take, like optax's ``mask``:
+``bits``, ``block_size``, ``max_unorm``, ``percentile_clipping`` and
+``rounding`` each take, like optax's ``mask``:
 
 - a single value, for every leaf;
 - a pytree whose structure is a prefix of the params' (each value applies to
@@ -34,6 +34,7 @@ import numpy as np
 
 from optax8.complex_leaves import is_complex
 from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, check_block_size
+from optax8.rounding import NEAREST, ROUNDINGS
 
 STABLE_EMBEDDING = "stable_embedding"
 DEFAULT_MIN_8BIT_SIZE = 4096
@@ -289,6 +290,8 @@ class Options:
     percentile_clipping: clip each leaf's gradient to the norm at this
       percentile of its recent history (see `optax8.clipping`), per
       leaf. Default 100 (off).
+    rounding: how 8-bit states are requantized, per leaf: ``'nearest'``
+      (the default) or ``'stochastic'`` (unbiased: `optax8.rounding`).
 
   The defaults are ``None`` rather than numbers so that
   `optax.inject_hyperparams` treats them as static.
@@ -299,6 +302,7 @@ class Options:
   min_8bit_size: Any = None
   max_unorm: Any = None
   percentile_clipping: Any = None
+  rounding: Any = None
 
   def check(self, name: str) -> Options:
     """Checks every option given as one value (pytrees and callables are checked per leaf at init).
@@ -316,7 +320,15 @@ class Options:
       self._bits(self.bits, name + ": bits")
     if given(self.block_size):
       self._block_size(self.block_size, name + ": block_size")
+    if given(self.rounding):
+      self._rounding(self.rounding, name + ": rounding")
     return self
+
+  @staticmethod
+  def _rounding(r, where: str) -> str:
+    if not isinstance(r, str) or r not in ROUNDINGS:
+      raise ValueError(f"{where} must be one of {ROUNDINGS}, got {r!r}")
+    return r
 
   @staticmethod
   def _bits(b, where: str) -> int:
@@ -374,6 +386,13 @@ class Options:
       else:
         out.append(self._block_size(v, where))
     return out
+
+  def leaf_roundings(self, name: str, tree) -> list[str]:
+    """The rounding of each leaf's 8-bit states: ``'nearest'`` or ``'stochastic'``."""
+    explicit = not is_single(self.rounding)
+    return [NEAREST if v is None else
+            self._rounding(v, f"{name}: " + (f"rounding of leaf {path_str(path)}" if explicit else "rounding"))
+            for path, v in zip(key_paths(tree), leaf_values(self.rounding, tree, name, "rounding"))]
 
   def leaf_max_unorms(self, name: str, tree) -> list:
     """Each leaf's max_unorm: None where off, else a number or (under inject_hyperparams) an array."""

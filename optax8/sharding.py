@@ -63,6 +63,7 @@ def keeps_blocks(n: int, shards: int, extent: int) -> bool:
 
 ELEMENTS = "elements"  # an array of a leaf's shape: values, codes, updates
 ABSMAX = "absmax"      # a leaf's absmax (one value per block: `optax8.layout.absmax_shape`)
+AXIS = "axis"          # a vector along one axis of a leaf, split like it (``(AXIS, (leaf, axis))``, axis < 0)
 REPLICATED = "replicated"
 
 
@@ -78,7 +79,8 @@ class Op:
     rows: rows of a block (`optax8.layout.tile_rows`), the same for every leaf.
     leaf_shapes: the elements' shape of each leaf.
     operands, results: the role of each array: ``(ELEMENTS, leaf)``,
-      ``(ABSMAX, leaf)`` or ``(REPLICATED, rank)``.
+      ``(ABSMAX, leaf)``, ``(AXIS, (leaf, axis))`` (``axis`` counted from
+      the end, so a batch axis in front keeps it) or ``(REPLICATED, rank)``.
   """
 
   kernel: Callable
@@ -131,10 +133,10 @@ def _shard_local_jit(op: Op, *arrays):
       example = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype) for a, b in zip(args, in_batched)]
       out = [jnp.zeros((0,) + r.shape, r.dtype) for r in jax.eval_shape(op.call, *example)]
       return tuple(out), (True,) * len(out)
-    if any(b and role[0] == REPLICATED for b, role in zip(in_batched, op.operands)):
+    if any(b and role[0] in (REPLICATED, AXIS) for b, role in zip(in_batched, op.operands)):
       out = jax.vmap(op.call, in_axes=tuple(0 if b else None for b in in_batched))(*args)
     else:
-      args = [a if b or role[0] == REPLICATED else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      args = [a if b or role[0] in (REPLICATED, AXIS) else jnp.broadcast_to(a, (axis_size,) + a.shape)
               for a, b, role in zip(args, in_batched, op.operands)]
       out = shard_local(op.batched(axis_size), *args)
     return tuple(out), (True,) * len(out)
@@ -162,8 +164,14 @@ def _leaf_specs(op: Op, mesh, arg_shapes) -> list[tuple]:
 
 
 def _shardings(op: Op, mesh, specs, roles):
-  return tuple(NamedSharding(mesh, PartitionSpec() if role == REPLICATED else PartitionSpec(*specs[leaf]))
-               for role, leaf in roles)
+  def spec(role, leaf):
+    if role == REPLICATED:
+      return PartitionSpec()
+    if role == AXIS:
+      return PartitionSpec(specs[leaf[0]][leaf[1]])
+    return PartitionSpec(*specs[leaf])
+
+  return tuple(NamedSharding(mesh, spec(*r)) for r in roles)
 
 
 def _partition(op: Op, mesh, arg_shapes, result_shape):
@@ -223,6 +231,8 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
       replicated[0] += 1
       need.extend(names)
       return ArrayMapping(*names)
+    if role == AXIS:
+      return ArrayMapping(leaves[arg[0]][0][arg[1]])
     return ArrayMapping(*leaves[arg][0 if role == ELEMENTS else 1])
 
   operands = tuple(mapping(*r) for r in op.operands)

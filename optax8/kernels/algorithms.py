@@ -60,6 +60,8 @@ class Hyper(enum.IntEnum):
   ALPHA = 14          # AdEMAMix's mixing coefficient
   PRE_SCALE = 15      # multiplies the gradient before momentum (LARS: -lr * trust ratio)
   NESTEROV = 16       # 0 or 1
+  ROUNDING_STEP = 17  # stochastic rounding (`optax8.rounding`): the step count modulo 2**24
+  ROUNDING_SEED = 18  # and the leaf's seed
 
 
 NUM_HYPER = len(Hyper)

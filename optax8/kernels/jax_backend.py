@@ -165,11 +165,23 @@ def code_of(v, kind):
                                 default=lambda v: level_code(v, kind))
 
 
-def quantize(x, block_size, kind, rows):
+def stochastic_code(v, nearest, u, kind):
+  """Codes of normalized float32 values ``v`` rounded stochastically (`optax8.rounding`), from their nearest
+  codes and their draws ``u`` in [0, 1)."""
+  values = maps.dynamic_map(kind)
+  c = nearest.astype(jnp.int32)
+  lo = c - (_lookup(values, c) > v).astype(jnp.int32)   # the code of the map value at or below v; -1 below the map
+  low, high = _lookup(values, jnp.clip(lo, 0, 255)), _lookup(values, jnp.clip(lo + 1, 0, 255))
+  return jnp.clip(lo + (u * (high - low) < v - low).astype(jnp.int32), 0, 255).astype(jnp.uint8)
+
+
+def quantize(x, block_size, kind, rows, u=None):
   """Returns (codes uint8 of x's shape, absmax float32) for blocks of ``rows`` rows (`optax8.layout`).
 
   With the signed map, a block's absmax has the sign of its element of
-  largest magnitude (`optax8.maps.SIGNS_ABSMAX`).
+  largest magnitude (`optax8.maps.SIGNS_ABSMAX`). With draws ``u`` (float32
+  in [0, 1), x's shape) the codes are rounded stochastically
+  (`optax8.rounding`), else to nearest.
   """
   xb = _blocked(x.astype(jnp.float32), block_size, rows, 0)
   a = jnp.abs(xb)
@@ -186,6 +198,8 @@ def quantize(x, block_size, kind, rows):
   inv = jnp.where(nonzero, 1 / jnp.where(nonzero, absmax * scale, 1), 0)
   v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * _per_element(scale, rows)) * _per_element(inv, rows), 0)
   codes = code_of(v, kind)
+  if u is not None:
+    codes = stochastic_code(v, codes, _blocked(u, block_size, rows, 0), kind)
   floor = maps.POSITIVE_FLOOR[kind]   # the unsigned map's code 0 is for zero alone
   if floor:
     codes = jnp.where(xb >= _TINY, jnp.maximum(codes, np.uint8(floor)), codes)

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from optax8 import layout
+from optax8 import layout, rounding
 from optax8.complex_leaves import PAIRS, REAL
 from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
@@ -46,7 +46,7 @@ def rule(algo, h, g, p, states, pairs: bool = False):
 
 
 def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-         rows: int | None = None):
+         rows: int | None = None, index=None):
   """Dequantize, apply ``rule``, requantize: returns (update, new states).
 
   ``g`` and ``p`` have rank >= 1 (``p`` may be None); ``states`` is a tuple
@@ -55,20 +55,28 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   parameter ``p + update`` (computed in float32) in ``p``'s dtype. With
   ``pairs``, ``g``, ``p`` and the states are real views of a complex leaf.
   Blocks have ``rows`` rows (default: ``optax8.layout.tile_rows`` of g's shape).
+  With ``index``, g's elements' `optax8.rounding.index_vectors` in their
+  whole leaf, the new states are rounded stochastically under the
+  hyperparameters' rounding step and seed.
   """
   rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   kinds = algorithms.get(algo).states
   values = tuple(jax_backend.dequantize(c, a, block_size, k, jnp.float32, rows) for (c, a), k in zip(states, kinds))
   p32 = None if p is None else p.astype(jnp.float32)
   u, new = rule(algo, hyper, g.astype(jnp.float32), p32, values, pairs)
-  new_states = tuple(jax_backend.quantize(x, block_size, k, rows) for x, k in zip(new, kinds))
+  draws = [None] * len(kinds)
+  if index is not None:
+    where = rounding.element_index(index)
+    draws = [rounding.uniform(where, rounding.state_key(hyper[Hyper.ROUNDING_STEP], hyper[Hyper.ROUNDING_SEED], i))
+             for i in range(len(kinds))]
+  new_states = tuple(jax_backend.quantize(x, block_size, k, rows, d) for x, k, d in zip(new, kinds, draws))
   if apply:
     return (p32 + u).astype(p.dtype), new_states
   return u.astype(g.dtype), new_states
 
 
 def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-                   rows: int | None = None):
+                   rows: int | None = None, index=None):
   """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``) at a time.
 
   The same results, from a loop that writes each slice's output, codes and
@@ -84,7 +92,7 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
   length = max(extent, CHUNK_ELEMENTS // max(inner, 1) // extent * extent)
   chunks = g.shape[0] // length
   if chunks < 2 or jax_backend.on_explicit_mesh(g):
-    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows)
+    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index)
   blocks = length // extent   # absmax rows of a slice
 
   def run(i, n, out, new_states):
@@ -101,7 +109,8 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
     nb = -(-n // extent)
     gi, pi = cut(g, n), None if p is None else cut(p, n)
     si = tuple((cut(c, n), cut_absmax(a, nb)) for (c, _), (_, a) in zip(new_states, states))
-    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows)
+    ii = None if index is None else (cut(index[0], n),) + tuple(index[1:])
+    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii)
     put = lambda x, y, at: lax.dynamic_update_slice_in_dim(x, y, at, 0)
     return put(out, o, start), tuple((put(c, nc, start), put(a, na, block_start))
                                      for (c, a), (nc, na) in zip(new_states, new))

@@ -40,18 +40,19 @@ def _hyper(eps):
 
 
 def scale_by_rss8bit(initial_accumulator_value=0.1, eps=1e-7, *, bits=None, block_size=None, min_8bit_size=None,
-                     max_unorm=None):
+                     max_unorm=None, rounding=None):
   r"""Adagrad's scaling with an 8-bit sum of squares (``optax.scale_by_rss``).
 
   .. math:: s_t = s_{t-1} + g^2, \quad u = g / \sqrt{s_t + \epsilon} \text{ (0 where } s_t = 0)
   """
   check_hyperparameters("scale_by_rss8bit", **locals())
   return fused("scale_by_rss8bit", Rule(RSS, ScaleByRss8bitState, _hyper(eps), initial=(initial_accumulator_value,)),
-               Options(bits, block_size, min_8bit_size, max_unorm))
+               Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding))
 
 
 def adagrad8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value=0.1, eps=1e-7, *, weight_decay=None,
-                bits=None, block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+                bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
+                percentile_clipping=None):
   r"""Adagrad with an 8-bit sum of squares (``optax.adagrad``).
 
   .. math:: s_t = s_{t-1} + g^2, \quad u = -\text{lr}\, g / \sqrt{s_t + \epsilon}
@@ -63,7 +64,7 @@ def adagrad8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value
   check_hyperparameters("adagrad8bit", **locals())
   return fused("adagrad8bit", Rule(RSS, ScaleByRss8bitState, _hyper(eps), initial=(initial_accumulator_value,),
                                    learning_rate=learning_rate, weight_decay=weight_decay, coupled=True),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
 
 
 register_optimizer("adagrad8bit", adagrad8bit, optax.adagrad, ("sum_of_squares",))

@@ -57,7 +57,7 @@ def _hyper(b1, b2, b3, alpha, eps, eps_root):
 
 def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999, alpha: optax.ScalarOrSchedule = 6.0,
                           eps=1e-8, eps_root=0.0, mu_dtype=None, *, bits=None, block_size=None, min_8bit_size=None,
-                          max_unorm=None):
+                          max_unorm=None, rounding=None):
   r"""AdEMAMix's direction with three 8-bit states (``optax.contrib.scale_by_ademamix``).
 
   .. math::
@@ -71,12 +71,12 @@ def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999,
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("scale_by_ademamix8bit",
                Rule(ADEMAMIX, ScaleByAdemamix8bitState, _hyper(b1, b2, b3, alpha, eps, eps_root)),
-               Options(bits, block_size, min_8bit_size, max_unorm))
+               Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding))
 
 
 def ademamix8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999,
                  alpha: optax.ScalarOrSchedule = 5.0, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=0.0,
-                 mask=None, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+                 mask=None, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
                  percentile_clipping=None):
   r"""AdEMAMix with three 8-bit states (``optax.contrib.ademamix``).
 
@@ -90,7 +90,7 @@ def ademamix8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3: op
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("ademamix8bit", Rule(ADEMAMIX, ScaleByAdemamix8bitState, _hyper(b1, b2, b3, alpha, eps, eps_root),
                                     learning_rate=learning_rate, weight_decay=weight_decay, decay_mask=mask),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
 
 
 register_optimizer("ademamix8bit", ademamix8bit, contrib.ademamix, ("m1", "m2", "nu"))

@@ -115,7 +115,7 @@ def _rule(name, ns_coeffs, ns_steps, beta, eps, nesterov, adaptive, precondition
 
 def scale_by_muon8bit(ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95, eps=1e-8, mu_dtype=None, *,
                       nesterov=True, adaptive=False, preconditioning="frobenius", weight_dimension_numbers=None,
-                      bits=None, block_size=None, min_8bit_size=None, max_unorm=None):
+                      bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None):
   r"""Muon's direction with an 8-bit momentum (``optax.contrib.scale_by_muon``).
 
   .. math::
@@ -132,14 +132,14 @@ def scale_by_muon8bit(ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95,
   return fused("scale_by_muon8bit",
                _rule("scale_by_muon8bit", ns_coeffs, ns_steps, beta, eps, nesterov, adaptive, preconditioning,
                      weight_dimension_numbers),
-               Options(bits, block_size, min_8bit_size, max_unorm))
+               Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding))
 
 
 def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_COEFFS, ns_steps=5, beta=0.95,
              eps=1e-8, weight_decay=0.0, weight_decay_mask=None, mu_dtype=None, *, nesterov=True, adaptive=False,
              preconditioning="frobenius", adam_b1=0.9, adam_b2=0.999, adam_eps_root=0.0, adam_weight_decay=0.0,
              adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms=None, bits=None,
-             block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+             block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
   r"""Muon with an 8-bit momentum (``optax.contrib.muon``).
 
   .. math:: u = -\text{lr} \left(s \operatorname{NS}(\hat m) + \text{wd}\, p\right)
@@ -152,14 +152,14 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
   """
   check_hyperparameters("muon8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
-  options = Options(bits, block_size, min_8bit_size, max_unorm)
+  options = Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding)
   muon = fused("muon8bit", _rule("muon8bit", ns_coeffs, ns_steps, beta, eps, nesterov, adaptive, preconditioning,
                                  muon_weight_dimension_numbers, consistent_rms, shape_scale=True,
                                  learning_rate=learning_rate, weight_decay=weight_decay,
                                  decay_mask=weight_decay_mask), options)
   adam = adamw8bit(learning_rate if adam_learning_rate is None else adam_learning_rate, b1=adam_b1, b2=adam_b2,
                    eps=eps, eps_root=adam_eps_root, weight_decay=adam_weight_decay, nesterov=nesterov, bits=bits,
-                   block_size=block_size, min_8bit_size=min_8bit_size, max_unorm=max_unorm)
+                   block_size=block_size, min_8bit_size=min_8bit_size, max_unorm=max_unorm, rounding=rounding)
   return with_percentile_clipping("muon8bit", percentile_clipping,
                                   partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers)))
 

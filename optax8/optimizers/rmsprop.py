@@ -49,7 +49,7 @@ def _hyper(decay, eps, eps_in_sqrt=True, bias_correction=False):
 
 
 def scale_by_rms8bit(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, bias_correction=False, *,
-                     bits=None, block_size=None, min_8bit_size=None, max_unorm=None):
+                     bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None):
   r"""RMSprop's scaling with an 8-bit second moment (``optax.scale_by_rms``).
 
   .. math:: v_t = \text{decay}\, v_{t-1} + (1 - \text{decay}) g^2, \quad u = g / \sqrt{v_t + \epsilon}
@@ -59,12 +59,12 @@ def scale_by_rms8bit(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, b
   return fused("scale_by_rms8bit",
                Rule(RMS, ScaleByRms8bitState, _hyper(decay, eps, eps_in_sqrt, bias_correction),
                     initial=(initial_scale,)),
-               Options(bits, block_size, min_8bit_size, max_unorm))
+               Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding))
 
 
 def rmsprop8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
                 centered=False, momentum=None, nesterov=False, bias_correction=False, *, weight_decay=None, bits=None,
-                block_size=None, min_8bit_size=None, max_unorm=None, percentile_clipping=None):
+                block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
   r"""RMSprop with an 8-bit second moment (``optax.rmsprop``).
 
   .. math:: v_t = \text{decay}\, v_{t-1} + (1 - \text{decay}) g^2, \quad u = -\text{lr}\, g / \sqrt{v_t + \epsilon}
@@ -79,13 +79,14 @@ def rmsprop8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, init
   check_hyperparameters("rmsprop8bit", **locals())
   if centered:
     raise NotImplementedError("rmsprop8bit: centered=True is not supported; use optax.rmsprop(centered=True)")
-  opts = Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping)
+  opts = Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding)
   rule = Rule(RMS, ScaleByRms8bitState, _hyper(decay, eps, eps_in_sqrt, bias_correction), initial=(initial_scale,),
               learning_rate=learning_rate, weight_decay=weight_decay, coupled=True)
   if momentum is None:
     return fused("rmsprop8bit", rule, opts)
   tx = chain(fused("rmsprop8bit", rule, dataclasses.replace(opts, percentile_clipping=None)),
-             trace8bit(momentum, nesterov, bits=bits, block_size=block_size, min_8bit_size=min_8bit_size))
+             trace8bit(momentum, nesterov, bits=bits, block_size=block_size, min_8bit_size=min_8bit_size,
+                       rounding=rounding))
   return with_percentile_clipping("rmsprop8bit", percentile_clipping, tx)   # in front of the whole chain
 
 

@@ -42,7 +42,7 @@ def momentum_hyper(decay, nesterov=False):
 
 
 def trace8bit(decay, nesterov=False, accumulator_dtype=None, *, bits=None, block_size=None, min_8bit_size=None,
-              max_unorm=None):
+              max_unorm=None, rounding=None):
   r"""Momentum with an 8-bit trace (``optax.trace``).
 
   .. math:: m_t = g + \text{decay}\, m_{t-1}, \quad u = m_t \text{ (or } g + \text{decay}\, m_t
@@ -51,11 +51,11 @@ def trace8bit(decay, nesterov=False, accumulator_dtype=None, *, bits=None, block
   check_hyperparameters("trace8bit", **locals())
   check_state_dtype(accumulator_dtype, "accumulator_dtype")
   return fused("trace8bit", Rule(MOMENTUM, Trace8bitState, momentum_hyper(decay, nesterov)),
-               Options(bits, block_size, min_8bit_size, max_unorm))
+               Options(bits, block_size, min_8bit_size, max_unorm, rounding=rounding))
 
 
 def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum=None, nesterov=False, accumulator_dtype=None, *,
-            weight_decay=None, bits=None, block_size=None, min_8bit_size=None, max_unorm=None,
+            weight_decay=None, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
             percentile_clipping=None):
   r"""SGD with an 8-bit momentum buffer (``optax.sgd``).
 
@@ -73,7 +73,7 @@ def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum=None, nesterov=False
                                     optax.chain(*parts, optax.scale_by_learning_rate(learning_rate)))
   return fused("sgd8bit", Rule(MOMENTUM, Trace8bitState, momentum_hyper(momentum, nesterov),
                                learning_rate=learning_rate, weight_decay=weight_decay, coupled=True),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
 
 
 register_optimizer("sgd8bit", sgd8bit, optax.sgd, ("trace",))

@@ -57,7 +57,7 @@ OPTAX8_HD constexpr int64_t state_map(int64_t algo, int i) {
 // Algorithm.fingerprint of each row: the libraries report them
 // (optax8_<platform>_rule_fingerprint), and a row whose rule changed since
 // the build runs on the pure-JAX backend instead.
-constexpr uint32_t kRuleFingerprints[kNumAlgos] = {0x3a7fb1b6u, 0x51d4d9b6u, 0xcfe43bcdu, 0xc9573ae1u, 0x7e396903u, 0x11871c31u, 0x21c49d33u};
+constexpr uint32_t kRuleFingerprints[kNumAlgos] = {0x4c34f1bbu, 0x0f09be24u, 0x4f05d57bu, 0x7d9e03cdu, 0x7604b000u, 0xec67f46fu, 0xbef4e64fu};
 
 // Slots of the float32 hyperparameter vector (a device buffer, so a new
 // learning rate or step count never recompiles); see optax8.kernels.algorithms.Hyper.
@@ -79,7 +79,9 @@ enum Hyper : int {
   kAlpha = 14,
   kPreScale = 15,
   kNesterov = 16,
-  kNumHyper = 17,
+  kRoundingStep = 17,
+  kRoundingSeed = 18,
+  kNumHyper = 19,
 };
 
 // The largest block of the CUDA step (optax8.kernels.algorithms.CUDA_MAX_STEP_BLOCK).
