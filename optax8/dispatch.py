@@ -155,8 +155,8 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
   ``apply``, written over the parameters where ``in_place``.
   Natively the whole group is one kernel call. With ``stochastic`` the
-  states are rounded stochastically (`optax8.rounding`), by the pure-JAX
-  step on every platform.
+  states are rounded stochastically (`optax8.rounding`), by the native CPU
+  kernel or the pure-JAX step (GPUs and TPUs).
   """
   group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic)
   operands, results = group.roles()
@@ -169,21 +169,29 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
   """`step_group` on flat operands; flat results."""
   del block_size, rows   # the group's, given to the sharding rule
 
-  def native_fn(*args):
+  def unflatten(args):
+    """The group's operands; index vectors gain zeros for a batch axis in front (vmap: examples draw alike)."""
     hypers, leaves = group.unflatten(args)
-    return group.flatten_results(native.step_group(group.algo, hypers, [leaf[:3] for leaf in leaves],
-                                                   group.block_size, group.apply, rows=group.rows,
-                                                   in_place=group.in_place))
+    if group.stochastic:
+      leaves = [(g, p, s, tuple(jnp.zeros((n,), jnp.uint32) for n in g.shape[:g.ndim - len(index)]) + index)
+                for g, p, s, index in leaves]
+    return hypers, leaves
+
+  def native_fn(*args):
+    hypers, leaves = unflatten(args)
+    return group.flatten_results(native.step_group(
+        group.algo, hypers, [leaf[:3] for leaf in leaves], group.block_size, group.apply, rows=group.rows,
+        in_place=group.in_place, indices=[leaf[3] for leaf in leaves] if group.stochastic else None))
 
   def jax_fn(*args, step=jax_step.step):
-    hypers, leaves = group.unflatten(args)
+    hypers, leaves = unflatten(args)
     return group.flatten_results([step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
                                        rows=group.rows, index=index) for i, (g, p, s, index) in enumerate(leaves)])
 
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
   branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
-  if not group.stochastic:   # the native kernels round to nearest
-    branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)})
+  branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)
+                   and (p in native.STOCHASTIC_PLATFORMS or not group.stochastic)})
   if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

@@ -8,7 +8,7 @@ import pytest
 
 import optax8
 from optax8 import maps, rounding
-from optax8.kernels import jax_backend, jax_step
+from optax8.kernels import jax_backend, jax_step, native
 
 from helpers import TINY
 
@@ -118,27 +118,38 @@ def test_stochastic_steps_are_reproducible_and_differ_by_step_and_leaf(make):
 
 
 def test_every_path_rounds_alike(monkeypatch):
-  """update, apply_gradients, eager, disable_jit, a leaf stepped in slices (the CPU's pure-JAX step) and whole,
-  and a vmapped step: the same codes."""
+  """update, apply_gradients, eager, disable_jit and vmap on the native CPU kernel: the same codes; the pure-JAX
+  step (GPUs, TPUs) a leaf in slices and whole: the same codes, and the kernel's to float32 rounding of the rule."""
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.standard_normal((1024, 512)), jnp.float32)}   # two slices of 2**18
   grads = jax.tree.map(lambda p: p * 0.01, params)
   tx = optax8.adamw8bit(1e-2, rounding="stochastic")
   state = tx.init(params)
-  _, ref = jax.jit(tx.update)(grads, state, params)
+  update = lambda g, s, p: tx.update(g, s, p)
+  _, ref = jax.jit(update)(grads, state, params)
   _, applied = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, state, params)
   results = [applied, tx.update(grads, state, params)[1]]
   with jax.disable_jit():
     results.append(tx.update(grads, state, params)[1])
-  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 30)   # one slice
-  jax.clear_caches()   # traced again
-  results.append(jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state, params)[1])
   batched = jax.vmap(tx.update)(jax.tree.map(lambda x: x[None], grads), jax.tree.map(lambda x: x[None], state),
                                 jax.tree.map(lambda x: x[None], params))[1]
   results.append(jax.tree.map(lambda x: x[0], batched))
   for got in results:
     for a, b in zip(_codes(got), _codes(ref)):
       np.testing.assert_array_equal(a, b)
+
+  monkeypatch.setattr(native, "has_rule", lambda *args: False)   # the pure-JAX step
+  jax.clear_caches()   # backends are chosen when a step is traced
+  _, sliced = jax.jit(update)(grads, state, params)
+  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 30)
+  jax.clear_caches()
+  _, whole = jax.jit(update)(grads, state, params)
+  monkeypatch.undo()
+  jax.clear_caches()
+  for a, b, c in zip(_codes(sliced), _codes(whole), _codes(ref)):
+    np.testing.assert_array_equal(a, b)
+    diff = np.abs(a.astype(int) - c.astype(int))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
 
 
 def test_apply_gradients_matches_update_then_apply_updates():

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import optax8
-from optax8 import dispatch
+from optax8 import dispatch, rounding
 from optax8.kernels import jax_step, native
 from optax8.kernels import algorithms
 from optax8.kernels.algorithms import Hyper, hyper_vector
@@ -121,6 +121,30 @@ def test_every_cpu_isa_gives_the_same_bits(algo, dtype, monkeypatch):
   for isa in CPU_ISAS[:-1]:
     for a, b in zip(jax.tree.leaves(results[isa]), jax.tree.leaves(results["avx512"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+@pytest.mark.parametrize("shape,block_size", [((5, 700), 256), ((3, 5, 513), 64), ((1000,), 128), ((64, 4096), 2048)])
+def test_stochastic_rounding_native_matches_jax_on_every_isa(algo, shape, block_size, monkeypatch):
+  """rounding='stochastic' (optax8.rounding) in the CPU handler: the pure-JAX step's codes (to float32 rounding of
+  the rule, as with round to nearest), the same bits on every ISA, and other codes than round to nearest."""
+  g, p, states = _case(algo, shape, jnp.float32, block_size)
+  hyper = hyper_vector(**HYPER, rounding_step=12345.0, rounding_seed=float(0xABCDEF))
+  index = rounding.index_vectors(shape)
+  ref = jax.jit(lambda h, g, p, s: jax_step.step(algo.id, h, g, p, s, block_size, index=index))(hyper, g, p, states)
+  nearest = _run("jax", algo, hyper, g, p, states, block_size)
+  results = {}
+  for isa in CPU_ISAS:
+    monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
+    results[isa] = jax.jit(lambda h, g, p, s: native.step_group(algo.id, h[None], [(g, p, s)], block_size,
+                                                                indices=[index])[0])(hyper, g, p, states)
+    assert_steps_agree(results[isa], ref)
+  for isa in CPU_ISAS[:-1]:
+    for a, b in zip(jax.tree.leaves(results[isa]), jax.tree.leaves(results["avx512"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
+  changed = [np.mean(np.asarray(c1) != np.asarray(c2)) for (c1, _), (c2, _) in zip(ref[1], nearest[1])]
+  assert max(changed) > 0.01, changed
 
 
 @needs_native_cpu

@@ -76,6 +76,10 @@ inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const No
                              const HostMap& map) {
   lanes_codes(x, codes, n, normalize, map);
 }
+inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                                   const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  stochastic_codes(x, codes, n, normalize, map, row_index, col_index, key);
+}
 
 #include "cpu_step_loop.inc"
 
@@ -148,6 +152,10 @@ inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const No
     avx2::store_codes8(codes + k, avx2::floor_codes8(avx2::bucket_code8(_mm256_mul_ps(xv, inv), map.table), xv,
                                                      map.floor));
   }
+}
+inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                                   const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  stochastic_codes(x, codes, n, normalize, map, row_index, col_index, key);
 }
 
 #include "cpu_step_loop.inc"
@@ -339,6 +347,53 @@ inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const No
   codes16<false, true>(x, codes, n, normalize, map.table);
 }
 
+// mix32 (quantize.h) of 16 lanes.
+inline __m512i mix32_16(__m512i h) {
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(int(0x846ca68bu)));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+// stochastic_codes (cpu_map.h) 16 values at a time, the rest one by one.
+inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                                   const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
+  const __m512i row = _mm512_set1_epi32(int(row_index)), keys = _mm512_set1_epi32(int(key));
+  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const V xv = _mm512_loadu_ps(x + k);
+    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+    const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
+    const V v = _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv));   // Normalizer
+    const __m512i bits = _mm512_castps_si512(v);   // bucket_code: the nearest code
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
+    const __m512i lo0 = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+    const __m512i order = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)),
+                                           _mm512_set1_epi32(0xffff));
+    const __m512i nearest = _mm512_mask_add_epi32(lo0, _mm512_cmpgt_epi32_mask(order, _mm512_srli_epi32(entry, 16)),
+                                                  lo0, one);
+    const __m512i index = _mm512_add_epi32(row, _mm512_loadu_si512(col_index + k));   // rounding_draw
+    const V u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, keys)), 8)),
+                              _mm512_set1_ps(0x1p-24f));
+    const __mmask16 above = _mm512_cmp_ps_mask(_mm512_i32gather_ps(nearest, map.values, 4), v, _CMP_GT_OQ);
+    const __m512i lo = _mm512_mask_sub_epi32(nearest, above, nearest, one);   // stochastic_code
+    const V low = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(lo, zero), top), map.values, 4);
+    const V high = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(lo, one), zero), top),
+                                       map.values, 4);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(high, low)), _mm512_sub_ps(v, low),
+                                            _CMP_LT_OQ);
+    __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_add_epi32(lo, up, lo, one), zero), top);
+    if (map.floor)
+      code = _mm512_mask_max_epi32(code, _mm512_cmp_ps_mask(xv, _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ), code,
+                                   _mm512_set1_epi32(map.floor));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+  }
+  stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
+}
+
 #include "cpu_step_loop.inc"
 
 }  // namespace cpu_avx512
@@ -384,14 +439,16 @@ constexpr int64_t kGrainElements = 1 << 14;
 // All leaves' blocks form one range that the thread pool splits, so many
 // small leaves cost what one leaf of the same total size costs.
 ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows) {
-  if (auto e = check_step_call(args, rets, algo, leaves); e.failure()) return e;
+                int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows,
+                int64_t stochastic) {
+  if (auto e = check_step_call(args, rets, algo, leaves, stochastic); e.failure()) return e;
   std::vector<StepBuffers> bufs(leaves);
   std::vector<BlockFn> fns(leaves);
   std::vector<int64_t> first_block(leaves + 1, 0);
   const Isa cap = isa_cap();
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, &bufs[i]);
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, stochastic,
+                            &bufs[i]);
         e.failure())
       return e;
     const ffi::DataType dtype = bufs[i].dtype;

@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax8 import layout
+from optax8 import layout, rounding
 from optax8.kernels import algorithms
 from optax8.sharding import num_shards
 
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
 TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
+STOCHASTIC_PLATFORMS = ("cpu",)   # whose step handler rounds stochastically (`optax8.rounding`)
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -264,7 +265,7 @@ def _kernel_dtype(g, p):
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step",
-               rows: int | None = None, in_place: bool = True):
+               rows: int | None = None, in_place: bool = True, indices=None):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -280,6 +281,8 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   one dtype), so neither is rounded: the output is rounded once, to g's
   dtype (update) or p's (apply), as the pure-JAX step does. Every leaf's
   blocks have ``rows`` rows (default: those of the first leaf's own layout).
+  With ``indices``, each leaf's `optax8.rounding.index_vectors` (one per
+  axis of g), the states are rounded stochastically (CPU handler only).
   """
   _ensure_registered()
   with_params = leaves[0][1] is not None
@@ -287,7 +290,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
     raise ValueError("step: apply=True needs the parameters")
   mode = 2 if apply else int(with_params)
   operands, out, aliases, out_dtypes = [hypers], [], {}, []
-  for g, p, states in leaves:
+  for leaf, (g, p, states) in enumerate(leaves):
     if (p is not None) != with_params:
       raise ValueError("step_group: give p for every leaf or for none")
     out_dtypes.append(p.dtype if apply else g.dtype)
@@ -305,9 +308,13 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
         aliases[len(operands)] = len(out)
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
+    if indices is not None:   # element (r, c)'s index in its leaf: row_index[r] + col_index[c]
+      index = indices[leaf]
+      operands += [rounding.element_index(index[:-1]).reshape(-1), index[-1]]
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
   results = _varying(call(*operands, algo=np.int64(int(algo)), leaves=np.int64(len(leaves)),
-                          params_mode=np.int64(mode), **_layout_attrs(leaves[0][0].shape, block_size, rows)),
+                          params_mode=np.int64(mode), stochastic=np.int64(indices is not None),
+                          **_layout_attrs(leaves[0][0].shape, block_size, rows)),
                      operands)
   per_leaf, k = [], 0
   for (_, _, states), dtype in zip(leaves, out_dtypes):

@@ -57,6 +57,17 @@ struct HostMap {
   }
 };
 
+// Codes of n values x rounded stochastically (stochastic_code, quantize.h), raised to the map's floor: element
+// k's index in its leaf is row_index + col_index[k], its draw rounding_draw(index, key).
+inline void stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
+                             const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = normalize(x[k]);
+    const float u = rounding_draw(row_index + col_index[k], key);
+    codes[k] = uint8_t(floor_code(stochastic_code(v, bucket_code(v, map.table), u, map.values), x[k], map.floor));
+  }
+}
+
 inline const HostMap& host_map(int64_t kind) {
   static const float signed_values[256] = {OPTAX8_SIGNED_MAP};
   static const float signed_mids[256] = {OPTAX8_SIGNED_MIDS};

@@ -203,6 +203,35 @@ OPTAX8_HD int search_code(float v, const float* mids) {
   return c;
 }
 
+// ---- stochastic rounding (optax8/rounding.py) ---------------------------------
+
+// The "lowbias32" integer hash.
+OPTAX8_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+
+// The key of state `state` of a leaf: its rounding step and seed are integers below 2**24 in float slots.
+OPTAX8_HD uint32_t rounding_key(float step, float seed, int state) {
+  return mix32(mix32(uint32_t(step)) ^ uint32_t(seed)) ^ (0x9E3779B9u * uint32_t(state + 1));
+}
+
+// The draw in [0, 1) of the element of uint32 index `index` under `key`.
+OPTAX8_HD float rounding_draw(uint32_t index, uint32_t key) { return float(mix32(index ^ key) >> 8) * 0x1p-24f; }
+
+// The stochastic code of normalized v from its nearest code c and draw u:
+// the map value at or below v, or the next one with probability (v - lo) / (hi - lo).
+OPTAX8_HD int stochastic_code(float v, int c, float u, const float* values) {
+  const int lo = c - (values[c] > v ? 1 : 0);
+  if (lo < 0) return 0;
+  if (lo >= 255) return 255;
+  const float low = values[lo], high = values[lo + 1];
+  return lo + (u * (high - low) < v - low ? 1 : 0);
+}
+
 // Number of blocks along an axis of n elements.
 OPTAX8_HD int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 

@@ -2,12 +2,16 @@
 // and CUDA handlers. One call updates L leaves of one algorithm:
 //
 //   args: hyper f32[..., L, kNumHyper] (row i for leaf i), then per leaf:
-//         g, p, and (codes u8, absmax f32) per state
+//         g, p, (codes u8, absmax f32) per state, and with stochastic
+//         rounding row_index u32[rows] and col_index u32[cols]: element
+//         (r, c)'s index in its whole leaf is row_index[r] + col_index[c]
 //   rets: per leaf: u (g's dtype and shape), and (codes, absmax) per state
 //   attrs: algo, block_size, leaves (L), params_mode: 0 (p is a
 //          placeholder, read as 0), 1 (p is read) or 2 (p is read and u =
 //          p + update, the new parameter, which XLA may alias to p),
-//          tile_rows (the block layout of every leaf: BlockLayout)
+//          tile_rows (the block layout of every leaf: BlockLayout),
+//          stochastic: 0 (round to nearest) or 1 (stochastic rounding,
+//          optax8/rounding.py; the CPU handler only)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
 // leaf evenly between them (whole matrices where blocks are tiles).
 #pragma once
@@ -38,6 +42,8 @@ struct StepBuffers {
   const float* absmax_in[kMaxStates] = {};
   uint8_t* codes_out[kMaxStates] = {};
   float* absmax_out[kMaxStates] = {};
+  const uint32_t* row_index = nullptr;  // stochastic rounding: element indices (see above); else null
+  const uint32_t* col_index = nullptr;
 };
 
 inline bool same_dims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int64_t> b) {
@@ -47,25 +53,35 @@ inline bool same_dims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int6
   return true;
 }
 
+// Arguments per leaf (after the hyperparameters).
+inline int64_t step_args_per_leaf(int64_t algo, int64_t stochastic) {
+  return 2 + 2 * algo_states(algo) + (stochastic ? 2 : 0);
+}
+
 // Checks the counts of buffers of a call with `leaves` leaves.
 inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, const xla::ffi::RemainingRets& rets,
-                                       int64_t algo, int64_t leaves) {
+                                       int64_t algo, int64_t leaves, int64_t stochastic) {
   using xla::ffi::Error;
   if (algo < 0 || algo >= kNumAlgos)
     return Error::InvalidArgument("optax8 step: unknown algo " + std::to_string(algo));
+  if (stochastic != 0 && stochastic != 1)
+    return Error::InvalidArgument("optax8 step: stochastic must be 0 or 1, got " + std::to_string(stochastic));
   const int64_t n = algo_states(algo);
-  if (leaves < 1 || int64_t(args.size()) != leaves * (2 + 2 * n) || int64_t(rets.size()) != leaves * (1 + 2 * n))
-    return Error::InvalidArgument("optax8 step: algo " + std::to_string(algo) + " takes, per leaf, g, p and " +
-                                  std::to_string(n) + " (codes, absmax) states; got " + std::to_string(args.size()) +
-                                  " arguments and " + std::to_string(rets.size()) + " results for " +
-                                  std::to_string(leaves) + " leaves");
+  if (leaves < 1 || int64_t(args.size()) != leaves * step_args_per_leaf(algo, stochastic) ||
+      int64_t(rets.size()) != leaves * (1 + 2 * n))
+    return Error::InvalidArgument("optax8 step: algo " + std::to_string(algo) + " takes, per leaf, g, p, " +
+                                  std::to_string(n) + " (codes, absmax) states" +
+                                  (stochastic ? " and row and column indices" : "") + "; got " +
+                                  std::to_string(args.size()) + " arguments and " + std::to_string(rets.size()) +
+                                  " results for " + std::to_string(leaves) + " leaves");
   return Error::Success();
 }
 
 // Decodes and checks leaf `leaf` of a call (after check_step_call).
 inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const xla::ffi::RemainingArgs& args,
                                   const xla::ffi::RemainingRets& rets, int64_t leaf, int64_t leaves, int64_t algo,
-                                  int64_t block, int64_t tile_rows, int64_t params_mode, StepBuffers* out) {
+                                  int64_t block, int64_t tile_rows, int64_t params_mode, int64_t stochastic,
+                                  StepBuffers* out) {
   using xla::ffi::Error;
   namespace ffi = xla::ffi;
   StepBuffers s;
@@ -75,7 +91,8 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
     return Error::InvalidArgument("optax8 step: params_mode must be 0, 1 or 2, got " + std::to_string(params_mode));
   s.with_params = params_mode >= 1;
   s.apply = params_mode == 2;
-  const size_t a0 = size_t(leaf) * (2 + 2 * s.n_states), r0 = size_t(leaf) * (1 + 2 * s.n_states);
+  const size_t a0 = size_t(leaf) * size_t(step_args_per_leaf(algo, stochastic)),
+               r0 = size_t(leaf) * (1 + 2 * s.n_states);
   auto g = args.get<ffi::AnyBuffer>(a0);
   auto p = args.get<ffi::AnyBuffer>(a0 + 1);
   auto u = rets.get<ffi::AnyBuffer>(r0);
@@ -111,6 +128,18 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
     s.codes_out[i] = (*codes_out)->typed_data();
     s.absmax_out[i] = (*absmax_out)->typed_data();
   }
+  if (stochastic) {
+    auto row_index = args.get<ffi::Buffer<ffi::U32>>(a0 + 2 + 2 * s.n_states);
+    auto col_index = args.get<ffi::Buffer<ffi::U32>>(a0 + 3 + 2 * s.n_states);
+    // (vmap's broadcast_all repeats the column indices once per example: the first cols serve all rows)
+    if (!row_index.has_value() || !col_index.has_value() || int64_t(row_index->element_count()) != s.l.rows ||
+        s.l.cols == 0 || int64_t(col_index->element_count()) % s.l.cols != 0)
+      return Error::InvalidArgument(where + "stochastic rounding needs uint32 row indices (" +
+                                    std::to_string(s.l.rows) + ") and column indices (" + std::to_string(s.l.cols) +
+                                    ")");
+    s.row_index = row_index->typed_data();
+    s.col_index = col_index->typed_data();
+  }
   const auto hd = hyper.dimensions();
   if (hd.size() < 2 || hd.back() != kNumHyper || hd[hd.size() - 2] != leaves)
     return Error::InvalidArgument("optax8 step: the hyperparameters must have shape (..., " + std::to_string(leaves) +
@@ -144,7 +173,8 @@ auto step_binding() {
       .template Attr<int64_t>("block_size")
       .template Attr<int64_t>("leaves")
       .template Attr<int64_t>("params_mode")
-      .template Attr<int64_t>("tile_rows");
+      .template Attr<int64_t>("tile_rows")
+      .template Attr<int64_t>("stochastic");
 }
 
 }  // namespace optax8
