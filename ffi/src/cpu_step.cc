@@ -153,9 +153,44 @@ inline void lanes_codes_fast(const float* x, uint8_t* codes, int64_t n, const No
                                                      map.floor));
   }
 }
+
+// mix32 (quantize.h) of 8 lanes.
+inline __m256i mix32_8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(0x7feb352d));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 15));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int(0x846ca68bu)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// stochastic_codes (cpu_map.h) 8 values at a time, the rest one by one; as the AVX-512 loop.
 inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                                    const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
-  stochastic_codes(x, codes, n, normalize, map, row_index, col_index, key);
+  const __m256i row = _mm256_set1_epi32(int(row_index)), keys = _mm256_set1_epi32(int(key));
+  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), zero = _mm256_setzero_si256();
+  const __m256i top = _mm256_set1_epi32(255);
+  const auto clamp = [&](__m256i c) { return _mm256_min_epi32(_mm256_max_epi32(c, zero), top); };
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    const __m256 v = avx2::normalize8(xv, normalize);
+    const __m256i nearest = avx2::bucket_code8(v, map.table);
+    const __m256i index = _mm256_add_epi32(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_index + k)));
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(mix32_8(_mm256_xor_si256(index, keys)), 8)),
+                                   _mm256_set1_ps(0x1p-24f));
+    const __m256 near_value = _mm256_i32gather_ps(map.values, nearest, 4);
+    const __m256 above = _mm256_cmp_ps(near_value, v, _CMP_GT_OQ);   // all ones: -1 as an integer
+    const __m256i lo = _mm256_add_epi32(nearest, _mm256_castps_si256(above));
+    const __m256i other = _mm256_sub_epi32(_mm256_add_epi32(nearest, one),
+                                           _mm256_and_si256(_mm256_castps_si256(above), two));
+    const __m256 other_value = _mm256_i32gather_ps(map.values, clamp(other), 4);
+    const __m256 low = _mm256_blendv_ps(near_value, other_value, above);
+    const __m256 high = _mm256_blendv_ps(other_value, near_value, above);
+    const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(high, low)), _mm256_sub_ps(v, low), _CMP_LT_OQ);
+    const __m256i code = clamp(_mm256_sub_epi32(lo, _mm256_castps_si256(up)));
+    avx2::store_codes8(codes + k, avx2::floor_codes8(code, xv, map.floor));
+  }
+  stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
 }
 
 #include "cpu_step_loop.inc"
@@ -378,11 +413,15 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
     const __m512i index = _mm512_add_epi32(row, _mm512_loadu_si512(col_index + k));   // rounding_draw
     const V u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, keys)), 8)),
                               _mm512_set1_ps(0x1p-24f));
-    const __mmask16 above = _mm512_cmp_ps_mask(_mm512_i32gather_ps(nearest, map.values, 4), v, _CMP_GT_OQ);
-    const __m512i lo = _mm512_mask_sub_epi32(nearest, above, nearest, one);   // stochastic_code
-    const V low = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(lo, zero), top), map.values, 4);
-    const V high = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(lo, one), zero), top),
-                                       map.values, 4);
+    // stochastic_code: lo is the nearest code, or the one below where the nearest value is above v; the
+    // nearest value is then high (else low), and the other one its neighbour (clamped to the map).
+    const V near_value = _mm512_i32gather_ps(nearest, map.values, 4);
+    const __mmask16 above = _mm512_cmp_ps_mask(near_value, v, _CMP_GT_OQ);
+    const __m512i lo = _mm512_mask_sub_epi32(nearest, above, nearest, one);
+    const __m512i other = _mm512_mask_sub_epi32(_mm512_add_epi32(nearest, one), above, nearest, one);
+    const V other_value = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(other, zero), top), map.values, 4);
+    const V low = _mm512_mask_blend_ps(above, near_value, other_value);
+    const V high = _mm512_mask_blend_ps(above, other_value, near_value);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(high, low)), _mm512_sub_ps(v, low),
                                             _CMP_LT_OQ);
     __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_add_epi32(lo, up, lo, one), zero), top);
