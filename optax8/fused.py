@@ -308,6 +308,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     bits = options.leaf_bits(name, params)
     block_sizes = options.leaf_block_sizes(name, params)
     options.leaf_max_unorms(name, params)   # checked here, used by update
+    options.leaf_roundings(name, params)
     states = []
     for path, x, b, bs, box in zip(paths, leaves, bits, block_sizes, boxes(params)):
       x = real_view(x) if is_complex(x) else x   # a complex leaf's state has its real view's shape
