@@ -16,6 +16,7 @@ from optax8.checkpoint import check_state
 from optax8.clipping import PercentileClippingState, percentile_clipping
 from optax8.dispatch import backends
 from optax8.layout import DEFAULT_BLOCK_SIZE, absmax_shape
+from optax8.low_precision import ParamRoundingState, param_rounding
 from optax8.maps import SIGNED, UNSIGNED, dynamic_map
 from optax8.offload import offload
 from optax8.options import STABLE_EMBEDDING
@@ -35,6 +36,8 @@ __all__ = [
     "chain",
     "check_state",
     "offload",
+    "param_rounding",
+    "ParamRoundingState",
     "partition",
     "percentile_clipping",
     "QuantizedArray",

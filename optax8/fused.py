@@ -42,6 +42,7 @@ from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
+from optax8.low_precision import with_param_rounding
 from optax8.quantize import QuantizedArray
 from optax8.sharding import state_shardings, zero_count
 
@@ -291,7 +292,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
 
   With ``options.percentile_clipping`` on, the result is
   ``optax.chain(percentile_clipping(...), optimizer)`` (see
-  `with_percentile_clipping`).
+  `with_percentile_clipping`); with ``options.param_rounding``
+  stochastic anywhere, that is followed by `optax8.param_rounding`.
   """
   options.check(name)
   algorithm = r.algorithm
@@ -391,7 +393,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     return run(grads, state, params, apply=True)
 
   tx = fused_transformation(init_fn, update_fn, apply_gradients_fn)
-  return with_percentile_clipping(name, options.percentile_clipping, tx)
+  return with_param_rounding(name, options.param_rounding,
+                             with_percentile_clipping(name, options.percentile_clipping, tx))
 
 
 def with_percentile_clipping(name: str, percentile, tx):

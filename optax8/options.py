@@ -1,7 +1,7 @@
 """The 8-bit options of every optimizer, given once or per parameter leaf.
 
-``bits``, ``block_size``, ``max_unorm``, ``percentile_clipping`` and
-``rounding`` each take, like optax's ``mask``:
+``bits``, ``block_size``, ``max_unorm``, ``percentile_clipping``,
+``rounding`` and ``param_rounding`` each take, like optax's ``mask``:
 
 - a single value, for every leaf;
 - a pytree whose structure is a prefix of the params' (each value applies to
@@ -215,6 +215,21 @@ def _by_path(value, leaves, name: str, what: str) -> list:
   return [entries[k] for k in keys]
 
 
+def check_rounding(value, where: str) -> str:
+  """A rounding option's value: ``'nearest'`` or ``'stochastic'``."""
+  if not isinstance(value, str) or value not in ROUNDINGS:
+    raise ValueError(f"{where} must be one of {ROUNDINGS}, got {value!r}")
+  return value
+
+
+def leaf_roundings(value, tree, name: str, option: str) -> list[str]:
+  """Each leaf's rounding from ``value`` (one string, a pytree prefix of ``tree`` or a callable; None: nearest)."""
+  explicit = not is_single(value)
+  return [NEAREST if v is None else
+          check_rounding(v, f"{name}: " + (f"{option} of leaf {path_str(path)}" if explicit else option))
+          for path, v in zip(key_paths(tree), leaf_values(value, tree, name, option))]
+
+
 def as_array(x):
   """A pytree leaf as an array: Python numbers (which optax accepts as leaves) become 0-d arrays."""
   return x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
@@ -292,6 +307,9 @@ class Options:
       leaf. Default 100 (off).
     rounding: how 8-bit states are requantized, per leaf: ``'nearest'``
       (the default) or ``'stochastic'`` (unbiased: `optax8.rounding`).
+    param_rounding: how the new bfloat16 and float16 parameters are
+      rounded, per leaf: ``'nearest'`` (the default, as optax) or
+      ``'stochastic'`` (`optax8.low_precision`).
 
   The defaults are ``None`` rather than numbers so that
   `optax.inject_hyperparams` treats them as static.
@@ -303,6 +321,7 @@ class Options:
   max_unorm: Any = None
   percentile_clipping: Any = None
   rounding: Any = None
+  param_rounding: Any = None
 
   def check(self, name: str) -> Options:
     """Checks every option given as one value (pytrees and callables are checked per leaf at init).
@@ -321,14 +340,11 @@ class Options:
     if given(self.block_size):
       self._block_size(self.block_size, name + ": block_size")
     if given(self.rounding):
-      self._rounding(self.rounding, name + ": rounding")
+      check_rounding(self.rounding, name + ": rounding")
+    if given(self.param_rounding):
+      check_rounding(self.param_rounding, name + ": param_rounding")
     return self
 
-  @staticmethod
-  def _rounding(r, where: str) -> str:
-    if not isinstance(r, str) or r not in ROUNDINGS:
-      raise ValueError(f"{where} must be one of {ROUNDINGS}, got {r!r}")
-    return r
 
   @staticmethod
   def _bits(b, where: str) -> int:
@@ -389,10 +405,7 @@ class Options:
 
   def leaf_roundings(self, name: str, tree) -> list[str]:
     """The rounding of each leaf's 8-bit states: ``'nearest'`` or ``'stochastic'``."""
-    explicit = not is_single(self.rounding)
-    return [NEAREST if v is None else
-            self._rounding(v, f"{name}: " + (f"rounding of leaf {path_str(path)}" if explicit else "rounding"))
-            for path, v in zip(key_paths(tree), leaf_values(self.rounding, tree, name, "rounding"))]
+    return leaf_roundings(self.rounding, tree, name, "rounding")
 
   def leaf_max_unorms(self, name: str, tree) -> list:
     """Each leaf's max_unorm: None where off, else a number or (under inject_hyperparams) an array."""

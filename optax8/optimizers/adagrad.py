@@ -52,7 +52,7 @@ def scale_by_rss8bit(initial_accumulator_value=0.1, eps=1e-7, *, bits=None, bloc
 
 def adagrad8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value=0.1, eps=1e-7, *, weight_decay=None,
                 bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
-                percentile_clipping=None):
+                percentile_clipping=None, param_rounding=None):
   r"""Adagrad with an 8-bit sum of squares (``optax.adagrad``).
 
   .. math:: s_t = s_{t-1} + g^2, \quad u = -\text{lr}\, g / \sqrt{s_t + \epsilon}
@@ -64,7 +64,7 @@ def adagrad8bit(learning_rate: optax.ScalarOrSchedule, initial_accumulator_value
   check_hyperparameters("adagrad8bit", **locals())
   return fused("adagrad8bit", Rule(RSS, ScaleByRss8bitState, _hyper(eps), initial=(initial_accumulator_value,),
                                    learning_rate=learning_rate, weight_decay=weight_decay, coupled=True),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("adagrad8bit", adagrad8bit, optax.adagrad, ("sum_of_squares",))

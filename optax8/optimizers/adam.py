@@ -73,18 +73,18 @@ def scale_by_adam8bit(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *
 
 def adam8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
              nesterov=False, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
-             percentile_clipping=None):
+             percentile_clipping=None, param_rounding=None):
   r"""Adam with 8-bit moments (``optax.adam``): ``u = -lr * m_hat / (sqrt(v_hat) + eps)``."""
   check_hyperparameters("adam8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("adam8bit", Rule(ADAM, ScaleByAdam8bitState, adam_hyper(b1, b2, eps, eps_root, nesterov),
                                 learning_rate=learning_rate),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 def adamw8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
               weight_decay: optax.ScalarOrSchedule = 1e-4, mask=None, *, nesterov=False, bits=None, block_size=None,
-              min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
+              min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None, param_rounding=None):
   r"""AdamW with 8-bit moments (``optax.adamw``).
 
   .. math:: u = -\text{lr} \left(\frac{\hat m}{\sqrt{\hat v + \epsilon_{root}} + \epsilon} + \text{wd}\, p\right)
@@ -96,7 +96,7 @@ def adamw8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8,
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("adamw8bit", Rule(ADAM, ScaleByAdam8bitState, adam_hyper(b1, b2, eps, eps_root, nesterov),
                                  learning_rate=learning_rate, weight_decay=weight_decay, decay_mask=mask),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("adam8bit", adam8bit, optax.adam, ("mu", "nu"))

@@ -77,7 +77,7 @@ def scale_by_ademamix8bit(b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999,
 def ademamix8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3: optax.ScalarOrSchedule = 0.9999,
                  alpha: optax.ScalarOrSchedule = 5.0, eps=1e-8, eps_root=0.0, mu_dtype=None, weight_decay=0.0,
                  mask=None, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
-                 percentile_clipping=None):
+                 percentile_clipping=None, param_rounding=None):
   r"""AdEMAMix with three 8-bit states (``optax.contrib.ademamix``).
 
   .. math:: u = -\text{lr} \left(\frac{\hat m_1 + \alpha m_2}{\sqrt{\hat \nu + \epsilon_{root}} + \epsilon}
@@ -90,7 +90,7 @@ def ademamix8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3: op
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("ademamix8bit", Rule(ADEMAMIX, ScaleByAdemamix8bitState, _hyper(b1, b2, b3, alpha, eps, eps_root),
                                     learning_rate=learning_rate, weight_decay=weight_decay, decay_mask=mask),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("ademamix8bit", ademamix8bit, contrib.ademamix, ("m1", "m2", "nu"))

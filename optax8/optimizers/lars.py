@@ -24,7 +24,7 @@ def _trust(g, p, wd, coefficient, eps):
 def lars8bit(learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOrSchedule = 0.0,
              weight_decay_mask=True, trust_coefficient=0.001, eps=0.0, trust_ratio_mask=True, momentum=0.9,
              nesterov=False, *, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
-             percentile_clipping=None):
+             percentile_clipping=None, param_rounding=None):
   r"""LARS with an 8-bit momentum (``optax.lars``).
 
   .. math:: x = g + \text{wd}\, p, \quad
@@ -40,7 +40,7 @@ def lars8bit(learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOr
                                 decay_mask=weight_decay_mask,
                                 pre=functools.partial(_trust, coefficient=trust_coefficient, eps=eps),
                                 pre_mask=trust_ratio_mask),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("lars8bit", lars8bit, optax.lars, ("trace",))

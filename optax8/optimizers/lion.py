@@ -55,13 +55,13 @@ def scale_by_lion8bit(b1=0.9, b2=0.99, mu_dtype=None, *, bits=None, block_size=N
 
 def lion8bit(learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.99, mu_dtype=None,
              weight_decay: optax.ScalarOrSchedule = 1e-3, mask=None, *, bits=None, block_size=None,
-             min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
+             min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None, param_rounding=None):
   r"""Lion with an 8-bit momentum (``optax.lion``): ``u = -lr * (sign(...) + wd * p)``."""
   check_hyperparameters("lion8bit", **locals())
   check_state_dtype(mu_dtype, "mu_dtype")
   return fused("lion8bit", Rule(LION, ScaleByLion8bitState, _hyper(b1, b2), learning_rate=learning_rate,
                                 weight_decay=weight_decay, decay_mask=mask),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("lion8bit", lion8bit, optax.lion, ("mu",))

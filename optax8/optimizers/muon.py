@@ -24,6 +24,7 @@ from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.optimizers.adam import adamw8bit
 from optax8.options import check_hyperparameters
+from optax8.low_precision import with_param_rounding
 
 __all__ = ["ScaleByMuon8bitState", "muon8bit", "scale_by_muon8bit"]
 
@@ -139,7 +140,8 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
              eps=1e-8, weight_decay=0.0, weight_decay_mask=None, mu_dtype=None, *, nesterov=True, adaptive=False,
              preconditioning="frobenius", adam_b1=0.9, adam_b2=0.999, adam_eps_root=0.0, adam_weight_decay=0.0,
              adam_learning_rate=None, muon_weight_dimension_numbers=None, consistent_rms=None, bits=None,
-             block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
+             block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None,
+             param_rounding=None):
   r"""Muon with an 8-bit momentum (``optax.contrib.muon``).
 
   .. math:: u = -\text{lr} \left(s \operatorname{NS}(\hat m) + \text{wd}\, p\right)
@@ -160,8 +162,8 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
   adam = adamw8bit(learning_rate if adam_learning_rate is None else adam_learning_rate, b1=adam_b1, b2=adam_b2,
                    eps=eps, eps_root=adam_eps_root, weight_decay=adam_weight_decay, nesterov=nesterov, bits=bits,
                    block_size=block_size, min_8bit_size=min_8bit_size, max_unorm=max_unorm, rounding=rounding)
-  return with_percentile_clipping("muon8bit", percentile_clipping,
-                                  partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers)))
+  tx = partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers))
+  return with_param_rounding("muon8bit", param_rounding, with_percentile_clipping("muon8bit", percentile_clipping, tx))
 
 
 def _muon_labels(spec):

@@ -17,6 +17,7 @@ from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.optimizers.sgd import trace8bit
 from optax8.options import check_hyperparameters
+from optax8.low_precision import with_param_rounding
 
 __all__ = ["ScaleByRms8bitState", "rmsprop8bit", "scale_by_rms8bit"]
 
@@ -64,7 +65,8 @@ def scale_by_rms8bit(decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True, b
 
 def rmsprop8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
                 centered=False, momentum=None, nesterov=False, bias_correction=False, *, weight_decay=None, bits=None,
-                block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None):
+                block_size=None, min_8bit_size=None, max_unorm=None, rounding=None, percentile_clipping=None,
+                param_rounding=None):
   r"""RMSprop with an 8-bit second moment (``optax.rmsprop``).
 
   .. math:: v_t = \text{decay}\, v_{t-1} + (1 - \text{decay}) g^2, \quad u = -\text{lr}\, g / \sqrt{v_t + \epsilon}
@@ -79,15 +81,16 @@ def rmsprop8bit(learning_rate: optax.ScalarOrSchedule, decay=0.9, eps=1e-8, init
   check_hyperparameters("rmsprop8bit", **locals())
   if centered:
     raise NotImplementedError("rmsprop8bit: centered=True is not supported; use optax.rmsprop(centered=True)")
-  opts = Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding)
+  opts = Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding)
   rule = Rule(RMS, ScaleByRms8bitState, _hyper(decay, eps, eps_in_sqrt, bias_correction), initial=(initial_scale,),
               learning_rate=learning_rate, weight_decay=weight_decay, coupled=True)
   if momentum is None:
     return fused("rmsprop8bit", rule, opts)
-  tx = chain(fused("rmsprop8bit", rule, dataclasses.replace(opts, percentile_clipping=None)),
+  tx = chain(fused("rmsprop8bit", rule, dataclasses.replace(opts, percentile_clipping=None, param_rounding=None)),
              trace8bit(momentum, nesterov, bits=bits, block_size=block_size, min_8bit_size=min_8bit_size,
                        rounding=rounding))
-  return with_percentile_clipping("rmsprop8bit", percentile_clipping, tx)   # in front of the whole chain
+  return with_param_rounding("rmsprop8bit", param_rounding,   # after the whole chain,
+                             with_percentile_clipping("rmsprop8bit", percentile_clipping, tx))   # in front of it
 
 
 register_optimizer("rmsprop8bit", rmsprop8bit, optax.rmsprop, ("nu",))

@@ -14,6 +14,7 @@ from optax8.fused import Options, Rule, check_state_dtype, fused, with_percentil
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.options import check_hyperparameters
+from optax8.low_precision import with_param_rounding
 
 __all__ = ["Trace8bitState", "sgd8bit", "trace8bit"]
 
@@ -56,7 +57,7 @@ def trace8bit(decay, nesterov=False, accumulator_dtype=None, *, bits=None, block
 
 def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum=None, nesterov=False, accumulator_dtype=None, *,
             weight_decay=None, bits=None, block_size=None, min_8bit_size=None, max_unorm=None, rounding=None,
-            percentile_clipping=None):
+            percentile_clipping=None, param_rounding=None):
   r"""SGD with an 8-bit momentum buffer (``optax.sgd``).
 
   .. math:: g' = g + \text{wd}\, p, \quad m_t = g' + \mu m_{t-1}, \quad u = -\text{lr}\, m_t
@@ -69,11 +70,11 @@ def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum=None, nesterov=False
   check_state_dtype(accumulator_dtype, "accumulator_dtype")
   if momentum is None:
     parts = [] if weight_decay is None else [optax.add_decayed_weights(weight_decay)]
-    return with_percentile_clipping("sgd8bit", percentile_clipping,
-                                    optax.chain(*parts, optax.scale_by_learning_rate(learning_rate)))
+    return with_param_rounding("sgd8bit", param_rounding, with_percentile_clipping(
+        "sgd8bit", percentile_clipping, optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))))
   return fused("sgd8bit", Rule(MOMENTUM, Trace8bitState, momentum_hyper(momentum, nesterov),
                                learning_rate=learning_rate, weight_decay=weight_decay, coupled=True),
-               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding))
+               Options(bits, block_size, min_8bit_size, max_unorm, percentile_clipping, rounding, param_rounding))
 
 
 register_optimizer("sgd8bit", sgd8bit, optax.sgd, ("trace",))
