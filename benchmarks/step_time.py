@@ -33,7 +33,7 @@ from optax import contrib
 
 import optax8
 
-OPTIONS = {}   # 8-bit options of every optax8 optimizer (--rounding, --param-rounding)
+OPTIONS = {}   # 8-bit options of every optax8 optimizer (--bits, --rounding, --param-rounding)
 PAIRS = {
     "adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2),
               lambda: optax8.adamw8bit(1e-3, weight_decay=1e-2, **OPTIONS)),
@@ -164,8 +164,9 @@ def main():
   ap.add_argument("--rounding", default="nearest", help="optax8's rounding: nearest or stochastic")
   ap.add_argument("--param-rounding", default="nearest",
                   help="optax8's param_rounding (with --dtype bfloat16): nearest or stochastic")
+  ap.add_argument("--bits", type=int, default=8, help="optax8's bits: 8 or 4")
   args = ap.parse_args()
-  OPTIONS.update(rounding=args.rounding, param_rounding=args.param_rounding)
+  OPTIONS.update(rounding=args.rounding, param_rounding=args.param_rounding, bits=args.bits)
   names = list(PAIRS) if args.optimizers == "all" else args.optimizers.split(",")
   loss = _loss
   if args.mlp:
@@ -184,7 +185,7 @@ def main():
   n = sum(x.size for x in jax.tree.leaves(params))
   what = f"MLP train step, batch {args.batch}" if args.mlp else "grads " + ("inside" if args.grads_inside else "given")
   print(f"# {jax.devices()[0].device_kind} backend={optax8.backends()} jax {jax.__version__}; "
-        f"{n} params in {args.leaves} leaves, {args.dtype}, {what}, rounding {args.rounding}, "
+        f"{n} params in {args.leaves} leaves, {args.dtype}, {what}, bits {args.bits}, rounding {args.rounding}, "
         f"param_rounding {args.param_rounding}")
   if args.mlp:
     t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss, chain=args.chain)

@@ -81,6 +81,21 @@ def fused_transformation(init: Callable, update: Callable, apply_gradients: Call
   return FusedGradientTransformation(init, FusedUpdate(update, apply_gradients))
 
 
+def fused_from_run(init: Callable, run: Callable) -> FusedGradientTransformation:
+  """A `FusedGradientTransformation` from ``init`` and ``run(updates, state, params, apply)``, which returns
+  the updates (``apply`` False) or the new params (``apply`` True), and the new state."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return run(updates, state, params, apply=False)
+
+  def apply_gradients_fn(grads, state, params, **extra_args):
+    del extra_args
+    return run(grads, state, params, apply=True)
+
+  return fused_transformation(init, update_fn, apply_gradients_fn)
+
+
 def fused_apply(tx) -> Callable | None:
   """``tx``'s fused apply, ``(grads, state, params, **extra_args) -> (new_params, new_state)``, or None."""
   update = getattr(tx, "update", None)

@@ -107,11 +107,11 @@ def check_state(state, expected) -> None:
   got, want = _optimizer_states(_flat(state), _flat(expected))
   q_got, q_want = _optimizer_states(_quantized(state), _quantized(expected))
   for names, (path, q) in q_got.items():
-    if tuple(q.absmax.shape) != absmax_shape(q.codes.shape, q.block_size):
-      blocks = " x ".join(map(str, block_shape(q.codes.shape, q.block_size))) or "1"
-      problems.append(f"{path}: absmax shape {tuple(q.absmax.shape)} does not fit codes shape "
-                      f"{tuple(q.codes.shape)} with block_size {q.block_size} (blocks of {blocks}: expected "
-                      f"{absmax_shape(q.codes.shape, q.block_size)}); was it quantized with another block size or "
+    if tuple(q.absmax.shape) != absmax_shape(q.shape, q.block_size):
+      blocks = " x ".join(map(str, block_shape(q.shape, q.block_size))) or "1"
+      problems.append(f"{path}: absmax shape {tuple(q.absmax.shape)} does not fit the shape "
+                      f"{q.shape} with block_size {q.block_size} (blocks of {blocks}: expected "
+                      f"{absmax_shape(q.shape, q.block_size)}); was it quantized with another block size or "
                       "block layout?")
     elif names in q_want:
       w = q_want[names][1]
@@ -119,7 +119,9 @@ def check_state(state, expected) -> None:
         problems.append(f"{path}: the state was quantized with block_size {q.block_size}, the optimizer uses "
                         f"block_size {w.block_size}")
       if q.kind != w.kind:
-        problems.append(f"{path}: the state uses the {q.kind} map, the optimizer the {w.kind} map")
+        problems.append(f"{path}: the state uses the {q.kind} map, the optimizer the {w.kind} map"
+                        + (f" (the state has {q.bits}-bit codes, the optimizer {w.bits}-bit ones: other bits)"
+                           if q.bits != w.bits else ""))
   keystr = jax.tree_util.keystr
   for names, (key_path, leaf) in want.items():
     path = keystr(key_path)
@@ -185,7 +187,7 @@ def _register_flax() -> None:
                          "parameters of other shapes?")
     return QuantizedArray(serialization.from_state_dict(target.codes, state["codes"], "codes"),
                           serialization.from_state_dict(target.absmax, state["absmax"], "absmax"),
-                          target.block_size, target.kind)
+                          target.block_size, target.kind, target.columns)
 
   serialization.register_serialization_state(QuantizedArray, to_state_dict, from_state_dict, override=True)
 

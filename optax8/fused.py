@@ -35,12 +35,12 @@ import numpy as np
 import optax
 
 from optax8 import clipping, dispatch, maps, rounding
-from optax8.apply import FusedGradientTransformation, chain, fused_transformation, overwritable
+from optax8.apply import FusedGradientTransformation, chain, fused_from_run, overwritable
 from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_view
 from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
-from optax8.layout import absmax_shape, tile_rows
+from optax8.layout import absmax_shape, packed_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
 from optax8.low_precision import with_param_rounding
 from optax8.quantize import QuantizedArray
@@ -89,26 +89,35 @@ def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings
   full = jnp.full if shardings is None else shardings.full
   if bits == 32:
     return full(shape, initial, jnp.float32)
-  code = 255 if not is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
+  kind = maps.with_bits(kind, bits)
+  top = len(maps.dynamic_map(kind)) - 1   # the code of 1: initial * 1
+  code = top if not is_static_zero(initial) else int(maps.nearest_code(np.zeros(1, np.float32), kind)[0])
   absmax = full(absmax_shape(shape, block_size), jnp.asarray(initial, jnp.float32), jnp.float32)
+  if bits == 4:   # two codes a byte
+    return QuantizedArray(full(packed_shape(shape), code | code << 4, jnp.uint8), absmax, block_size, kind, shape[-1])
   return QuantizedArray(full(shape, code, jnp.uint8), absmax, block_size, kind)
 
 
 def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None, bits: int | None = None):
   shape = tuple(g.shape)
-  if bits is not None and bits != (8 if isinstance(leaf, QuantizedArray) else 32):
-    raise ValueError(f"{name}: leaf {path}: the state has {'8' if bits == 32 else '32'}-bit state where the optimizer "
+  has = leaf.bits if isinstance(leaf, QuantizedArray) else 32
+  if bits is not None and bits != has:
+    raise ValueError(f"{name}: leaf {path}: the state has {has}-bit state where the optimizer "
                      f"keeps {bits}-bit state; was it made with other bits or min_8bit_size?")
   if isinstance(leaf, QuantizedArray):
+    kind = maps.with_bits(kind, leaf.bits)
     if leaf.kind != kind:
       raise ValueError(f"{name}: leaf {path}: state uses the {leaf.kind} map, expected {kind}")
     if block_size is not None and leaf.block_size != block_size:
       raise ValueError(f"{name}: leaf {path}: state was made with block_size {leaf.block_size}, "
                        f"but the optimizer uses block_size {block_size}")
-    got = tuple(leaf.codes.shape)
+    got = leaf.shape
     if jnp.dtype(leaf.codes.dtype) != jnp.uint8 or jnp.dtype(leaf.absmax.dtype) != jnp.float32:
-      raise TypeError(f"{name}: leaf {path}: 8-bit state must have uint8 codes and float32 absmax, got "
+      raise TypeError(f"{name}: leaf {path}: {leaf.bits}-bit state must have uint8 codes and float32 absmax, got "
                       f"{leaf.codes.dtype} and {leaf.absmax.dtype}")
+    if leaf.bits == 4 and (not leaf.codes.ndim or tuple(leaf.codes.shape) != packed_shape(got)):
+      raise ValueError(f"{name}: leaf {path}: 4-bit codes of shape {tuple(leaf.codes.shape)} do not hold "
+                       f"{leaf.columns} columns two a byte")
     if got == shape and tuple(leaf.absmax.shape) != absmax_shape(shape, leaf.block_size):
       raise ValueError(f"{name}: leaf {path}: absmax shape {tuple(leaf.absmax.shape)} does not fit shape "
                        f"{shape} with block_size {leaf.block_size}")
@@ -252,9 +261,9 @@ def plan_leaves(name: str, r: Rule, options: Options, treedef, updates, params) 
   configured = params if params is not None else updates
   n = treedef.num_leaves
   unorms = options.leaf_max_unorms(name, configured)
-  block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True)
   traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((options.bits, options.min_8bit_size)))
   bits = [None] * n if traced else options.leaf_bits(name, configured)
+  block_sizes = options.leaf_block_sizes(name, configured, traced_ok=True, bits=bits)
   decay = _leaf_flags(r.decay_mask, configured, treedef, name, "the weight-decay mask")
   pre = (_leaf_flags(r.pre_mask, configured, treedef, name, "the mask of the pre-scale") if r.pre is not None
          else [False] * n)
@@ -308,7 +317,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     for path, x in zip(paths, leaves):
       _check_param(name, path, x, algorithm)
     bits = options.leaf_bits(name, params)
-    block_sizes = options.leaf_block_sizes(name, params)
+    block_sizes = options.leaf_block_sizes(name, params, bits=bits)
     options.leaf_max_unorms(name, params)   # checked here, used by update
     options.leaf_roundings(name, params)
     states = []
@@ -384,15 +393,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       new_state = boxed_def.unflatten(jax.tree.leaves(new_state))
     return treedef.unflatten(out_u), new_state
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    return run(updates, state, params, apply=False)
-
-  def apply_gradients_fn(grads, state, params, **extra_args):
-    del extra_args
-    return run(grads, state, params, apply=True)
-
-  tx = fused_transformation(init_fn, update_fn, apply_gradients_fn)
+  tx = fused_from_run(init_fn, run)
   return with_param_rounding(name, options.param_rounding,
                              with_percentile_clipping(name, options.percentile_clipping, tx))
 
@@ -417,7 +418,7 @@ class LeafCall(NamedTuple):
   p: jax.Array | None
   states: tuple
   apply: bool  # 8-bit leaves only: return p + update
-  pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
+  pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX, as 4-bit states are
   in_place: bool = True   # with apply: the kernel may write over p (nothing traced before reads it)
   stochastic: bool = False   # round the 8-bit states stochastically
 
@@ -446,8 +447,8 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   results = [None] * len(calls)
   groups: dict[tuple, list[int]] = {}
   for i, c in enumerate(calls):
-    if c.pairs:
-      results[i] = _step_pairs(algorithm, vector(c), c)
+    if c.pairs or any(isinstance(s, QuantizedArray) and s.bits == 4 for s in c.states):
+      results[i] = _step_in_jax(algorithm, vector(c), c)
     elif all(isinstance(s, QuantizedArray) for s in c.states):
       block_size = c.states[0].block_size
       groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place,
@@ -489,15 +490,21 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   return results
 
 
-def _step_pairs(algorithm: Algorithm, hyper, c: LeafCall):
-  """A complex leaf's (output, new states), in JAX on its real view (``rule`` and ``step`` with ``pairs``)."""
+def _step_in_jax(algorithm: Algorithm, hyper, c: LeafCall):
+  """(output, new states) of a complex leaf (on its real view: ``rule`` and ``step`` with ``pairs``) or a leaf of
+  4-bit states, in JAX."""
   if isinstance(c.states[0], QuantizedArray):
-    out, new = jax_step.step(algorithm, hyper, c.g, c.p, tuple((s.codes, s.absmax) for s in c.states),
-                             c.states[0].block_size, c.apply, pairs=True,
-                             index=rounding.index_vectors(c.g.shape) if c.stochastic else None)
-    return out, tuple(QuantizedArray(code, a, s.block_size, s.kind) for (code, a), s in zip(new, c.states))
+    first = c.states[0]
+    options = dict(block_size=first.block_size, apply=c.apply, pairs=c.pairs, bits=first.bits)
+    out, new = jax.lax.platform_dependent(   # XLA:CPU: a slice at a time (bounded temporaries)
+        c.g, c.p, tuple((s.codes, s.absmax) for s in c.states),
+        rounding.index_vectors(c.g.shape) if c.stochastic else None,
+        cpu=lambda g, p, states, index: jax_step.step_in_chunks(algorithm, hyper, g, p, states, index=index,
+                                                                **options),
+        default=lambda g, p, states, index: jax_step.step(algorithm, hyper, g, p, states, index=index, **options))
+    return out, tuple(QuantizedArray(code, a, s.block_size, s.kind, s.columns) for (code, a), s in zip(new, c.states))
   u, new = rule(algorithm, hyper, c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
-                c.states, pairs=True)
+                c.states, pairs=c.pairs)
   return u.astype(c.g.dtype), new
 
 

@@ -9,6 +9,11 @@ axis may be short). A vector's blocks are runs of B elements, and a scalar
 is one block of one element. Codes have the array's shape; absmax has
 ``ceil(shape[d] / block_shape[d])`` along each axis (``(1,)`` for a scalar).
 
+4-bit codes (`optax8.maps.MAP4_KINDS`) are packed two a byte along the
+last axis: element ``2j`` in the low half of byte ``j``, element ``2j + 1``
+in the high half (`packed_shape`); blocks and absmax are those of the
+unpacked array.
+
 The layout depends on the shape and B only, so a code means the same on
 every mesh. A block lies within one shard wherever each axis is unsharded
 or split into shards whose length is a multiple of the block's extent on it:
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_BLOCK_SIZE = 256
+DEFAULT_BLOCK_SIZE4 = 128   # of 4-bit states (B128 of Li et al., "Memory Efficient Optimizers with 4-bit States")
 MAX_BLOCK_SIZE = 1 << 20
 VALUE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -80,6 +86,12 @@ def absmax_shape(shape: Sequence[int], block_size: int, rows: int | None = None)
     return (1,)
   rows = tile_rows(shape, block_size) if rows is None else rows
   return tuple(num_blocks(n, b) for n, b in zip(shape, extents(len(shape), check_block_size(block_size), rows)))
+
+
+def packed_shape(shape: Sequence[int]) -> tuple[int, ...]:
+  """The shape of the 4-bit codes of an array of ``shape`` (rank >= 1): two codes a byte along the last axis."""
+  shape = tuple(shape)
+  return shape[:-1] + ((shape[-1] + 1) // 2,)
 
 
 def check_value_dtype(dtype, what: str = "values") -> jnp.dtype:

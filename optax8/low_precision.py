@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax8.apply import FusedGradientTransformation, chain, fused_transformation
+from optax8.apply import FusedGradientTransformation, chain, fused_from_run
 from optax8.options import as_array, check_rounding, is_single, key_paths, leaf_roundings, path_str, unbox
 from optax8.rounding import NEAREST, SEED_BITS, STOCHASTIC, element_index, index_vectors, leaf_seed, mix, state_key
 from optax8.sharding import zero_count
@@ -132,15 +132,7 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding") 
       out.append(new if apply else (new.astype(jnp.float32) - p.astype(jnp.float32)).astype(u.dtype))
     return treedef.unflatten(out), ParamRoundingState(optax.safe_increment(state.count))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    return run(updates, state, params, apply=False)
-
-  def apply_gradients_fn(updates, state, params, **extra_args):
-    del extra_args
-    return run(updates, state, params, apply=True)
-
-  return fused_transformation(init_fn, update_fn, apply_gradients_fn)
+  return fused_from_run(init_fn, run)
 
 
 def with_param_rounding(name: str, value, tx):

@@ -1,4 +1,4 @@
-"""Quantization maps: the 256 float32 values an 8-bit code stands for.
+"""Quantization maps: the 256 float32 values an 8-bit code stands for (16 for a 4-bit code).
 
 Both maps come from the "dynamic exponent" construction of Dettmers et al.
 (2022). At exponent level ``i = 0..6`` the magnitudes are the midpoints of
@@ -28,21 +28,36 @@ import numpy as np
 
 SIGNED = "signed"
 UNSIGNED = "unsigned"
-MAP_KINDS = (SIGNED, UNSIGNED)
+MAP_KINDS = (SIGNED, UNSIGNED)   # the 8-bit maps (the native kernels' maps)
+SIGNED4 = "signed4"
+UNSIGNED4 = "unsigned4"
+MAP4_KINDS = (SIGNED4, UNSIGNED4)   # the 4-bit maps: 16 values, two codes a byte
+BITS = {SIGNED: 8, UNSIGNED: 8, SIGNED4: 4, UNSIGNED4: 4}
 _MAP_IDS = {SIGNED: 0, UNSIGNED: 1}
+_LEVELS = {8: 7, 4: 3}   # exponent levels of the construction per code width
 
 
 # The lowest code of a positive normal value (x >= the smallest normal float32) in each map: the unsigned map
 # keeps code 0 for zero alone, so a positive second moment never dequantizes to 0 (however small it is against
 # its block's absmax; the zero-point problem of Li et al. 2023). The signed map has no floor.
-POSITIVE_FLOOR = {SIGNED: 0, UNSIGNED: 1}
+POSITIVE_FLOOR = {SIGNED: 0, UNSIGNED: 1, SIGNED4: 0, UNSIGNED4: 1}
 
 # Whether a block's absmax takes the sign of its element of largest magnitude (the positive one of a tie). The
 # signed map runs from -0.99297 to +1, so with absmax = max |x| a block's most negative element cannot be
 # represented, and a state that is its block's extreme shrinks by 0.7% at every requantization (Lion's momentum
 # then stalls on Rosenbrock); with the sign, that element is +1 times absmax, exactly. Codes dequantize as before,
 # map[code] * absmax, so states saved with a positive absmax stay valid. The unsigned map keeps max |x|.
-SIGNS_ABSMAX = {SIGNED: True, UNSIGNED: False}
+SIGNS_ABSMAX = {SIGNED: True, UNSIGNED: False, SIGNED4: True, UNSIGNED4: False}
+
+
+def is_signed(kind: str) -> bool:
+  return kind in (SIGNED, SIGNED4)
+
+
+def with_bits(kind: str, bits: int) -> str:
+  """The map of ``kind``'s sign at ``bits`` (8 or 4): ``with_bits('unsigned', 4) == 'unsigned4'``."""
+  signed = is_signed(kind)
+  return {8: SIGNED if signed else UNSIGNED, 4: SIGNED4 if signed else UNSIGNED4}[bits]
 
 
 def map_id(kind: str) -> int:
@@ -53,27 +68,40 @@ def map_id(kind: str) -> int:
     raise ValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}") from None
 
 
+def check_kind(kind: str) -> str:
+  if kind not in BITS:
+    raise ValueError(f"map kind must be one of {MAP_KINDS + MAP4_KINDS}, got {kind!r}")
+  return kind
+
+
 @functools.cache
 def dynamic_map(kind: str = SIGNED) -> np.ndarray:
-  """The sorted float32 map of ``kind`` ('signed' or 'unsigned'), 256 values."""
-  map_id(kind)
+  """The sorted float32 map of ``kind``: 256 values ('signed', 'unsigned') or 16 ('signed4', 'unsigned4').
+
+  The 4-bit maps are the same construction with three levels (``10**(i -
+  2)``, ``i = 0..2``): the signed one ``0, +-0.0055, +-0.0325, +-0.0775,
+  +-0.2125, +-0.4375, +-0.6625, +-0.8875, 1``, the unsigned one from
+  0.00325 to 1 (code 0 for zero alone: `POSITIVE_FLOOR`).
+  """
+  bits = BITS[check_kind(kind)]
+  levels = _LEVELS[bits]
   values = [0.0, 1.0]
-  for i in range(7):
-    k = 2**i if kind == SIGNED else 2 ** (i + 1)
+  for i in range(levels):
+    k = 2**i if is_signed(kind) else 2 ** (i + 1)
     points = np.linspace(0.1, 1.0, k + 1)
-    magnitudes = (points[:-1] + points[1:]) / 2 * 10.0 ** (i - 6)
+    magnitudes = (points[:-1] + points[1:]) / 2 * 10.0 ** (i - levels + 1)
     values.extend(magnitudes)
-    if kind == SIGNED:
+    if is_signed(kind):
       values.extend(-magnitudes)
   out = np.sort(np.asarray(values, np.float64)).astype(np.float32)
-  assert out.shape == (256,) and np.all(np.diff(out) > 0)
+  assert out.shape == (1 << bits,) and np.all(np.diff(out) > 0)
   out.setflags(write=False)
   return out
 
 
 @functools.cache
 def midpoints(kind: str = SIGNED) -> np.ndarray:
-  """256 float32 decision points: the 255 midpoints and a +inf sentinel."""
+  """float32 decision points: the 255 (4-bit: 15) midpoints and a +inf sentinel."""
   m = dynamic_map(kind).astype(np.float64)
   mids = ((m[:-1] + m[1:]) / 2).astype(np.float32)
   out = np.append(mids, np.float32(np.inf))
@@ -83,7 +111,7 @@ def midpoints(kind: str = SIGNED) -> np.ndarray:
 
 def nearest_code(v: np.ndarray, kind: str = SIGNED) -> np.ndarray:
   """Reference rounding: codes of normalized float32 values (numpy)."""
-  return np.searchsorted(midpoints(kind)[:255], np.asarray(v, np.float32), side="left").astype(np.uint8)
+  return np.searchsorted(midpoints(kind)[:-1], np.asarray(v, np.float32), side="left").astype(np.uint8)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax8.complex_leaves import is_complex
-from optax8.layout import DEFAULT_BLOCK_SIZE, VALUE_DTYPES, check_block_size
+from optax8.layout import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE4, VALUE_DTYPES, check_block_size
 from optax8.rounding import NEAREST, ROUNDINGS
 
 STABLE_EMBEDDING = "stable_embedding"
@@ -294,11 +294,12 @@ class Options:
   """The 8-bit options every optimizer takes (``None``: the default).
 
   Attributes:
-    bits: 8 (quantized state) or 32 (float32 state), per leaf. Default 8, and
-      32 for [`STABLE_EMBEDDING`][optax8.STABLE_EMBEDDING] leaves unless ``bits`` is a pytree or
-      callable.
+    bits: 8 (quantized state), 4 (4-bit codes, two a byte) or 32 (float32
+      state), per leaf. Default 8, and 32 for
+      [`STABLE_EMBEDDING`][optax8.STABLE_EMBEDDING] leaves unless ``bits`` is
+      a pytree or callable.
     block_size: elements per quantization block, a power of two, per leaf.
-      Default 256.
+      Default 256 (128 for 4-bit state).
     min_8bit_size: leaves with fewer elements keep float32 state. Default 4096.
     max_unorm: if > 0, scale the leaf's update direction down so that its
       norm is at most ``max_unorm * ||p||``, per leaf. Default 0 (off).
@@ -349,8 +350,8 @@ class Options:
   @staticmethod
   def _bits(b, where: str) -> int:
     b = static_int(b, where, "bits")
-    if b not in (8, 32):
-      raise ValueError(f"{where} must be 8 or 32, got {b}")
+    if b not in (4, 8, 32):
+      raise ValueError(f"{where} must be 4, 8 or 32, got {b}")
     return b
 
   @staticmethod
@@ -369,11 +370,11 @@ class Options:
     return size
 
   def leaf_bits(self, name: str, params) -> list[int]:
-    """The state width (8 or 32) of each leaf of ``params``.
+    """The state width (4, 8 or 32) of each leaf of ``params``.
 
-    A leaf gets 8-bit state if its bits are 8, it has at least
+    A leaf gets 8-bit (4-bit) state if its bits are 8 (4), it has at least
     ``min_8bit_size`` elements and a float32, bfloat16, float16 or complex
-    dtype.
+    dtype (4 bits: and rank >= 1, its codes pack the last axis).
     """
     explicit = not is_single(self.bits)
     min_size = max(self.resolved_min_8bit_size(), 1)
@@ -385,18 +386,22 @@ class Options:
         b = self._bits(b, where)
       if b is None or (not explicit and is_stable_embedding(path)):
         b = 32 if is_stable_embedding(path) else (b or 8)
-      eight = b == 8 and math.prod(x.shape) >= min_size and (jnp.dtype(x.dtype) in VALUE_DTYPES or is_complex(x))
-      out.append(8 if eight else 32)
+      quantized = (b in (4, 8) and math.prod(x.shape) >= min_size and (b == 8 or np.ndim(x) >= 1)
+                   and (jnp.dtype(x.dtype) in VALUE_DTYPES or is_complex(x)))
+      out.append(b if quantized else 32)
     return out
 
-  def leaf_block_sizes(self, name: str, tree, *, traced_ok: bool = False) -> list[int | None]:
-    """The block size of each leaf (None for a traced value where ``traced_ok``)."""
+  def leaf_block_sizes(self, name: str, tree, *, traced_ok: bool = False, bits=None) -> list[int | None]:
+    """The block size of each leaf (None for a traced value where ``traced_ok``); the default depends on the
+    leaf's ``bits`` (a list, default 8 for all; a None entry: unknown, and so is that leaf's default)."""
     explicit = not is_single(self.block_size)
     out = []
-    for path, v in zip(key_paths(tree), leaf_values(self.block_size, tree, name, "block_size")):
+    paths = key_paths(tree)
+    bits = [8] * len(paths) if bits is None else bits
+    for path, v, b in zip(paths, leaf_values(self.block_size, tree, name, "block_size"), bits):
       where = f"{name}: " + (f"block_size of leaf {path_str(path)}" if explicit else "block_size")
       if v is None:
-        out.append(DEFAULT_BLOCK_SIZE)
+        out.append(None if b is None else DEFAULT_BLOCK_SIZE4 if b == 4 else DEFAULT_BLOCK_SIZE)
       elif traced_ok and isinstance(v, jax.core.Tracer):
         out.append(None)
       else:

@@ -294,7 +294,7 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
   """The shardings of the state of parameter ``x`` (None where ``x`` carries no mesh sharding).
 
   ``x`` is a concrete array or, on an Explicit mesh, a traced one (its
-  ``jax.typeof`` has the sharding). For 8-bit state each axis must hold
+  ``jax.typeof`` has the sharding). For 8-bit (and 4-bit) state each axis must hold
   whole blocks on every shard (with block_size 256: a matrix axis unsharded
   or split into shards of a multiple of 16); otherwise this raises a
   ValueError naming the leaf, its sharding, the block size and what to change.
@@ -304,7 +304,7 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
     return None
   shape = tuple(x.shape)
   spec = _spec(sharding, len(shape))
-  if bits == 8 and shape:
+  if bits in (4, 8) and shape:
     extents = layout.block_shape(shape, block_size)
     for d, (n, b, entry) in enumerate(zip(shape, extents, spec)):
       shards = num_shards(sharding.mesh, entry)
@@ -324,6 +324,11 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
           f"{what} is split {shards} ways into shards of {n / shards:g}, which cuts its quantization blocks "
           f"(blocks of {block_size} elements, {' x '.join(map(str, extents))} along the axes, must each lie "
           f"within one shard). To fix it, {fix}or keep this leaf at 32 bits.")
+  if bits == 4 and shape and num_shards(sharding.mesh, spec[-1]) > 1 and (shape[-1] // num_shards(
+      sharding.mesh, spec[-1])) % 2:
+    raise ValueError(f"{name}: leaf {path} of shape {shape} is sharded {sharding.spec}: its last axis is split into "
+                     "shards of an odd length, and 4-bit codes pack that axis two a byte. Use a block_size whose "
+                     "blocks span an even number of columns, shard another axis, or keep this leaf at 8 bits.")
   return StateShardings(NamedSharding(sharding.mesh, PartitionSpec(*spec)), isinstance(x, jax.core.Tracer))
 
 

@@ -21,6 +21,7 @@ OPTIMIZERS = {
     "adamw8bit": lambda **kw: optax8.adamw8bit(1e-2, weight_decay=1e-2, **{"min_8bit_size": 1024, **kw}),
     "chain": lambda **kw: optax.chain(optax.clip_by_global_norm(1.0), optax8.lion8bit(1e-3, min_8bit_size=1024)),
     "offload": lambda **kw: optax8.offload(optax8.adamw8bit(1e-2, min_8bit_size=1024)),
+    "adamw-4bit": lambda **kw: optax8.adamw8bit(1e-2, weight_decay=1e-2, bits=4, min_8bit_size=1024),
 }
 
 
@@ -204,7 +205,7 @@ def test_check_state_finds_inconsistent_quantized_arrays():
   tx, params = OPTIMIZERS["adamw8bit"](), _params()
   state = tx.init(params)
   bad = state._replace(mu={**state.mu, "w": optax8.QuantizedArray(state.mu["w"].codes, state.mu["w"].absmax, 128)})
-  with pytest.raises(ValueError, match=r"\.mu\['w'\]: absmax shape \(4, 32\) does not fit codes shape \(64, 512\) "
+  with pytest.raises(ValueError, match=r"\.mu\['w'\]: absmax shape \(4, 32\) does not fit the shape \(64, 512\) "
                                        r"with block_size 128 \(blocks of 8 x 16: expected \(8, 32\)\)"):
     optax8.check_state(bad, jax.eval_shape(tx.init, params))
   with pytest.raises(ValueError, match=r"\.nu\['w'\]: the state uses the signed map, the optimizer the unsigned"):

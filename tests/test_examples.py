@@ -93,3 +93,17 @@ def test_per_leaf_bits(tmp_path):
   assert state["head/kernel"]["bits"] == 32 and state["head/kernel"]["bytes_per_param"] == 8
   assert state["hidden/kernel"]["bits"] == 8 and abs(state["hidden/kernel"]["bytes_per_param"] - 2.0312) < 1e-3
   assert result["loss_last"] < 0.8 * result["loss_first"]
+
+
+def test_lm_convergence_benchmark_runs_every_storage_and_draws_its_figure(tmp_path):
+  """benchmarks/lm_convergence.py (the quickstart's model under each state and params storage), a few steps."""
+  figure = tmp_path / "lm.png"
+  result = run_example(str(EXAMPLES.parent / "benchmarks" / "lm_convergence.py"), "--steps", "6", "--figure",
+                       str(figure), cwd=tmp_path)
+  runs = result["runs"]
+  assert set(runs) == {"float32", "8bit", "8bit-stochastic", "4bit", "bf16-params", "bf16-params-stochastic"}
+  assert all(r["val_loss"] < 0.8 * r["curve"][0] for r in runs.values())   # every run trains
+  assert runs["float32"]["bytes_per_param"] == pytest.approx(12.0, abs=1e-3)
+  assert runs["4bit"]["bytes_per_param"] < runs["8bit"]["bytes_per_param"] - 0.9
+  assert runs["bf16-params-stochastic"]["bytes_per_param"] < 4.1
+  assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

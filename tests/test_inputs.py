@@ -348,7 +348,7 @@ BAD_OPTIONS = [
     ("max_unorm", -1.0, ValueError, r"max_unorm must be a finite number >= 0"),
     ("bits", True, TypeError, r"bits must be an int, got bool"),
     ("bits", "8", TypeError, r"bits must be an int, got str"),
-    ("bits", 4, ValueError, r"bits must be 8 or 32, got 4"),
+    ("bits", 2, ValueError, r"bits must be 4, 8 or 32, got 2"),
     ("block_size", 100, ValueError, r"block_size.*power of two"),
     ("block_size", 256.5, TypeError, r"block_size must be an int"),
     ("min_8bit_size", -1, ValueError, r"min_8bit_size must be an int >= 0"),

@@ -266,8 +266,8 @@ def test_inject_hyperparams_max_unorm_is_a_hyperparameter():
 
 
 BAD = [
-    (dict(bits=16), ValueError, r"adamw8bit: bits must be 8 or 32, got 16"),
-    (dict(bits={"embed": 4, "w": 8}), ValueError, r"bits of leaf \['embed'\] must be 8 or 32, got 4"),
+    (dict(bits=16), ValueError, r"adamw8bit: bits must be 4, 8 or 32, got 16"),
+    (dict(bits={"embed": 2, "w": 8}), ValueError, r"bits of leaf \['embed'\] must be 4, 8 or 32, got 2"),
     (dict(bits={"embed": 32}), ValueError, r"bits does not match .* no value for leaf \['w'\]"),
     (dict(bits={"embed": 32, "w": 8, "x": 8}), ValueError, r"bits does not match .* entry \['x'\] is not in"),
     (dict(bits={"embed": {"table": 32}, "w": 8}), ValueError, r"entry \['embed'\]\['table'\] is not in"),

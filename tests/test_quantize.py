@@ -274,13 +274,13 @@ def test_large_block_size_on_short_rows_needs_no_padding():
                                 jax_backend.dequantize(codes, absmax, 2**20, maps.SIGNED, jnp.float32, 1024))
 
 
-@pytest.mark.parametrize("kind", maps.MAP_KINDS)
+@pytest.mark.parametrize("kind", maps.MAP_KINDS + maps.MAP4_KINDS)
 def test_level_encoder_equals_the_table_encoder(kind):
-  """The arithmetic encoder (TPU) and the bucket-table one (CPU, CUDA) give the same code: around every
-  decision point and map value, both signs, and on random floats of every exponent (all 2**32 floats
-  were compared once)."""
+  """The arithmetic encoder (TPU; 4-bit maps: `small_code`'s comparisons) and the bucket-table one (CPU, CUDA)
+  give the same code: around every decision point and map value, both signs, and on random floats of every
+  exponent (all 2**32 floats were compared once for the 8-bit maps)."""
   from optax8.kernels import jax_backend
-  points = np.concatenate([maps.midpoints(kind)[:255], maps.dynamic_map(kind), [0.0, 1.0, 3e38, np.inf]])
+  points = np.concatenate([maps.midpoints(kind)[:-1], maps.dynamic_map(kind), [0.0, 1.0, 3e38, np.inf]])
   points = np.concatenate([points, -points]).astype(np.float32)
   near = [points]
   for direction in (np.inf, -np.inf):
@@ -291,7 +291,8 @@ def test_level_encoder_equals_the_table_encoder(kind):
   bits = np.random.default_rng(0).integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)
   v = np.concatenate(near + [bits.view(np.float32)])
   v = jnp.asarray(v[~np.isnan(v)])
-  level = jax.jit(jax_backend.level_code, static_argnums=1)(v, kind)
+  encoder = jax_backend.small_code if kind in maps.MAP4_KINDS else jax_backend.level_code
+  level = jax.jit(encoder, static_argnums=1)(v, kind)
   table = jax.jit(jax_backend.table_code, static_argnums=1)(v, kind)
   np.testing.assert_array_equal(np.asarray(level), np.asarray(table))
   np.testing.assert_array_equal(np.asarray(level), maps.nearest_code(np.asarray(v), kind))
@@ -304,10 +305,13 @@ def test_lowered_for_tpu_the_jax_path_gathers_from_small_tables_only():
   from optax8.kernels.algorithms import hyper_vector
   x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
   codes, absmax = jax.ShapeDtypeStruct((64, 256), jnp.uint8), jax.ShapeDtypeStruct((4, 16), jnp.float32)
+  packed, absmax4 = jax.ShapeDtypeStruct((64, 128), jnp.uint8), jax.ShapeDtypeStruct((8, 16), jnp.float32)
   fns = [(lambda x: jax_backend.quantize(x, 256, "signed", 16), (x,)),
          (lambda c, a: jax_backend.dequantize(c, a, 256, "unsigned", jnp.float32, 16), (codes, absmax)),
          (lambda g, p, s: jax_step.step(0, hyper_vector(scale=-1e-3), g, p, s, 256, True),
-          (x, x, ((codes, absmax), (codes, absmax))))]
+          (x, x, ((codes, absmax), (codes, absmax)))),
+         (lambda g, p, s: jax_step.step(0, hyper_vector(scale=-1e-3), g, p, s, 128, True, bits=4),   # 4-bit
+          (x, x, ((packed, absmax4), (packed, absmax4))))]
   for fn, args in fns:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     tables = [int(n) for n in re.findall(r'"stablehlo.gather"\(.*? : \(tensor<(\d+)x', text)]

@@ -154,25 +154,57 @@ def level_code(v, kind):
 
 
 def code_of(v, kind):
-  """Codes of normalized float32 values: `table_code` on CPU and CUDA, `level_code` elsewhere (TPU).
+  """Codes of normalized float32 values: `table_code` on CPU and CUDA, `level_code` (4-bit maps:
+  `small_code`) elsewhere (TPU).
 
-  The two give the same code for every float32 (a test checks every
-  decision point's neighbours, and they were compared on all 2**32
+  They give the same code for every float32 (a test checks every decision
+  point's neighbours, and the 8-bit ones were compared on all 2**32
   floats); a gather from a table of 65,536 entries is cheap on a CPU or a
   GPU and slow on a TPU, where the levels' arithmetic is not.
   """
+  other = small_code if maps.BITS[kind] == 4 else level_code
   return lax.platform_dependent(v, cpu=lambda v: table_code(v, kind), cuda=lambda v: table_code(v, kind),
-                                default=lambda v: level_code(v, kind))
+                                default=lambda v: other(v, kind))
+
+
+def small_code(v, kind):
+  """Codes of normalized float32 values in a 4-bit map: ``#{j : midpoints[j] < v}`` by 15 comparisons."""
+  count = jnp.zeros(v.shape, jnp.uint8)
+  for mid in maps.midpoints(kind)[:-1]:
+    count = count + (v > mid).astype(jnp.uint8)
+  return count
 
 
 def stochastic_code(v, nearest, u, kind):
   """Codes of normalized float32 values ``v`` rounded stochastically (`optax8.rounding`), from their nearest
   codes and their draws ``u`` in [0, 1)."""
   values = maps.dynamic_map(kind)
+  top = len(values) - 1
   c = nearest.astype(jnp.int32)
   lo = c - (_lookup(values, c) > v).astype(jnp.int32)   # the code of the map value at or below v; -1 below the map
-  low, high = _lookup(values, jnp.clip(lo, 0, 255)), _lookup(values, jnp.clip(lo + 1, 0, 255))
-  return jnp.clip(lo + (u * (high - low) < v - low).astype(jnp.int32), 0, 255).astype(jnp.uint8)
+  low, high = _lookup(values, jnp.clip(lo, 0, top)), _lookup(values, jnp.clip(lo + 1, 0, top))
+  return jnp.clip(lo + (u * (high - low) < v - low).astype(jnp.int32), 0, top).astype(jnp.uint8)
+
+
+def pack4(codes):
+  """4-bit codes (uint8 below 16) two a byte along the last axis (`optax8.layout.packed_shape`).
+
+  A pair of codes is read as one little-endian uint16 (a bitcast, no
+  shuffle), which XLA fuses into the loop that makes the codes.
+  """
+  if codes.shape[-1] % 2:
+    codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)])
+  pairs = _reshape(codes, codes.shape[:-1] + (codes.shape[-1] // 2, 2), _spec(codes) + (None,))
+  both = lax.bitcast_convert_type(pairs, jnp.uint16)   # element 2j in the low byte
+  return ((both & np.uint16(0x0F)) | ((both >> np.uint16(4)) & np.uint16(0xF0))).astype(jnp.uint8)
+
+
+def unpack4(packed, columns: int):
+  """The codes of `pack4`: ``(..., ceil(columns / 2))`` bytes to ``(..., columns)`` codes."""
+  b = packed.astype(jnp.uint16)
+  pairs = lax.bitcast_convert_type((b & np.uint16(0x0F)) | ((b & np.uint16(0xF0)) << np.uint16(4)), jnp.uint8)
+  out = _reshape(pairs, packed.shape[:-1] + (2 * packed.shape[-1],), _spec(packed))
+  return out if out.shape[-1] == columns else out[..., :columns]
 
 
 def quantize(x, block_size, kind, rows, u=None):
@@ -181,7 +213,8 @@ def quantize(x, block_size, kind, rows, u=None):
   With the signed map, a block's absmax has the sign of its element of
   largest magnitude (`optax8.maps.SIGNS_ABSMAX`). With draws ``u`` (float32
   in [0, 1), x's shape) the codes are rounded stochastically
-  (`optax8.rounding`), else to nearest.
+  (`optax8.rounding`), else to nearest. A 4-bit map's codes are packed
+  (`pack4`).
   """
   xb = _blocked(x.astype(jnp.float32), block_size, rows, 0)
   a = jnp.abs(xb)
@@ -197,17 +230,21 @@ def quantize(x, block_size, kind, rows, u=None):
   nonzero = absmax != 0
   inv = jnp.where(nonzero, 1 / jnp.where(nonzero, absmax * scale, 1), 0)
   v = jnp.where(a >= _TINY, (jnp.clip(xb, -_FMAX, _FMAX) * _per_element(scale, rows)) * _per_element(inv, rows), 0)
+  four = maps.BITS[kind] == 4
   codes = code_of(v, kind)
   if u is not None:
     codes = stochastic_code(v, codes, _blocked(u, block_size, rows, 0), kind)
   floor = maps.POSITIVE_FLOOR[kind]   # the unsigned map's code 0 is for zero alone
   if floor:
     codes = jnp.where(xb >= _TINY, jnp.maximum(codes, np.uint8(floor)), codes)
-  return _unblocked(codes, x.shape, rows), absmax
+  codes = _unblocked(codes, x.shape, rows)
+  return (pack4(codes) if four else codes), absmax
 
 
-def dequantize(codes, absmax, block_size, kind, dtype, rows):
-  """Returns map[codes] * absmax of each element's block, as dtype."""
+def dequantize(codes, absmax, block_size, kind, dtype, rows, columns: int | None = None):
+  """Returns map[codes] * absmax of each element's block, as dtype (4-bit codes: of ``columns`` columns)."""
+  if maps.BITS[kind] == 4:
+    codes = unpack4(codes, columns)
   cb = _blocked(codes, block_size, rows, 0)
   out = _lookup(maps.dynamic_map(kind), cb.astype(jnp.int32)) * _per_element(absmax, rows)
   out = jnp.where(jnp.abs(out) >= _TINY, out, 0)

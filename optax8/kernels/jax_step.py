@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from optax8 import layout, rounding
+from optax8 import layout, maps, rounding
 from optax8.complex_leaves import PAIRS, REAL
 from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
@@ -46,7 +46,7 @@ def rule(algo, h, g, p, states, pairs: bool = False):
 
 
 def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-         rows: int | None = None, index=None):
+         rows: int | None = None, index=None, bits: int = 8):
   """Dequantize, apply ``rule``, requantize: returns (update, new states).
 
   ``g`` and ``p`` have rank >= 1 (``p`` may be None); ``states`` is a tuple
@@ -57,11 +57,14 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   Blocks have ``rows`` rows (default: ``optax8.layout.tile_rows`` of g's shape).
   With ``index``, g's elements' `optax8.rounding.index_vectors` in their
   whole leaf, the new states are rounded stochastically under the
-  hyperparameters' rounding step and seed.
+  hyperparameters' rounding step and seed. With ``bits`` 4 the states are
+  in the algorithm's maps at 4 bits, their codes packed.
   """
   rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   kinds = algorithms.get(algo).states
-  values = tuple(jax_backend.dequantize(c, a, block_size, k, jnp.float32, rows) for (c, a), k in zip(states, kinds))
+  kinds = kinds if bits == 8 else tuple(maps.with_bits(k, bits) for k in kinds)
+  values = tuple(jax_backend.dequantize(c, a, block_size, k, jnp.float32, rows, g.shape[-1])
+                 for (c, a), k in zip(states, kinds))
   p32 = None if p is None else p.astype(jnp.float32)
   u, new = rule(algo, hyper, g.astype(jnp.float32), p32, values, pairs)
   draws = [None] * len(kinds)
@@ -76,7 +79,7 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
 
 
 def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-                   rows: int | None = None, index=None):
+                   rows: int | None = None, index=None, bits: int = 8):
   """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``) at a time.
 
   The same results, from a loop that writes each slice's output, codes and
@@ -84,15 +87,16 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
   slice, not of the leaf. XLA:CPU fuses `step` into loops that keep several
   float32 arrays of the leaf's size (about 20 bytes a parameter) and takes
   fresh memory from the system for them on every call. Leaves of fewer
-  than two slices, and arrays on an explicit mesh, take `step` directly.
+  than two slices, arrays on an explicit mesh, and vectors of 4-bit
+  states (whose codes pack the first axis) take `step` directly.
   """
   rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   extent = layout.extents(g.ndim, block_size, rows)[0]
   inner = math.prod(g.shape[1:])
   length = max(extent, CHUNK_ELEMENTS // max(inner, 1) // extent * extent)
   chunks = g.shape[0] // length
-  if chunks < 2 or jax_backend.on_explicit_mesh(g):
-    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index)
+  if chunks < 2 or jax_backend.on_explicit_mesh(g) or (bits == 4 and g.ndim == 1):
+    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index, bits)
   blocks = length // extent   # absmax rows of a slice
 
   def run(i, n, out, new_states):
@@ -110,7 +114,7 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
     gi, pi = cut(g, n), None if p is None else cut(p, n)
     si = tuple((cut(c, n), cut_absmax(a, nb)) for (c, _), (_, a) in zip(new_states, states))
     ii = None if index is None else (cut(index[0], n),) + tuple(index[1:])
-    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii)
+    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii, bits)
     put = lambda x, y, at: lax.dynamic_update_slice_in_dim(x, y, at, 0)
     return put(out, o, start), tuple((put(c, nc, start), put(a, na, block_start))
                                      for (c, a), (nc, na) in zip(new_states, new))

@@ -9,7 +9,7 @@ imported with the package and its ``__all__`` is exported by ``optax8``:
 adding an optimizer is adding a module (see docs/adding_an_optimizer.md).
 
 Every optimizer takes its optax namesake's arguments and defaults and the
-8-bit options ``bits`` (8 or 32; default 8), ``block_size`` (default 256),
+8-bit options ``bits`` (8, 4 or 32; default 8), ``block_size`` (default 256, 128 at 4 bits),
 ``min_8bit_size`` (default 4096: smaller leaves keep float32 state),
 ``max_unorm`` (default 0, off) and ``percentile_clipping`` (default 100,
 off: see [`optax8.percentile_clipping`][optax8.clipping.percentile_clipping]).
