@@ -264,3 +264,40 @@ def test_a_last_axis_sharded_into_odd_lengths_is_refused_at_4_bits():
   with pytest.raises(ValueError, match=r"leaf \['w'\] .* split into shards of an odd length, and 4-bit codes pack"):
     optax8.adam8bit(1e-3, bits=4, block_size=1, min_8bit_size=0).init({"w": w})
   optax8.adam8bit(1e-3, bits=8, block_size=1, min_8bit_size=0).init({"w": w})   # 8-bit codes do not pack
+
+
+def test_every_path_gives_the_same_4_bit_step():
+  """jit, disable_jit, vmap (each example as alone) and inject_hyperparams with bits static."""
+  rng = np.random.default_rng(5)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 130)), jnp.float32)}
+  grads = jax.tree.map(lambda p: p * 0.1, params)
+  tx = optax8.adamw8bit(1e-3, bits=4)
+  state = tx.init(params)
+  u, s = jax.jit(tx.update)(grads, state, params)
+  with jax.disable_jit():
+    u_eager, s_eager = tx.update(grads, state, params)
+  np.testing.assert_allclose(np.asarray(u_eager["w"]), np.asarray(u["w"]), rtol=1e-6, atol=1e-9)
+  assert_states_close(s_eager, s)
+  batch = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)
+  u_vmap, _ = jax.vmap(tx.update)(batch(grads), batch(state), batch(params))
+  np.testing.assert_allclose(np.asarray(u_vmap["w"][1]), np.asarray(u["w"]), rtol=1e-6, atol=1e-9)
+  injected = optax8.inject_hyperparams(optax8.adamw8bit, static_args=("bits",))(learning_rate=1e-3, bits=4)
+  u_inj, s_inj = jax.jit(injected.update)(grads, injected.init(params), params)
+  # the injected hyperparameters are float32 arrays: the bias corrections round once more
+  np.testing.assert_allclose(np.asarray(u_inj["w"]), np.asarray(u["w"]), rtol=1e-4, atol=1e-9)
+  assert _moments(s_inj)[0].kind == maps.SIGNED4
+
+
+def test_4_bit_states_with_bfloat16_params_rounded_stochastically():
+  """The smallest footprint: bfloat16 params (2 bytes) and 4-bit AdamW state (1.06 bytes)."""
+  params = {"w": jnp.full((64, 256), 1.0, jnp.bfloat16)}
+  tx = optax8.adamw8bit(1e-4, weight_decay=0.0, bits=4, param_rounding="stochastic")
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+  p = params
+  for _ in range(50):
+    p, state = step(jax.tree.map(jnp.ones_like, p), state, p)
+  mean = float(jnp.mean(p["w"].astype(jnp.float32)))
+  assert abs(mean - (1 - 50 * 1e-4)) < 5e-4   # rounded to nearest, every element would stay 1
+  n = p["w"].size
+  assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((p, state))) / n < 3.1
