@@ -84,7 +84,8 @@ def new_param(p, u, step, path: str):
   return stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, bits)
 
 
-def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding") -> FusedGradientTransformation:
+def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding", option: str = "rounding"
+                   ) -> FusedGradientTransformation:
   """Rounds the new parameters to their dtype stochastically: the last transformation of a chain.
 
   Its ``update`` turns the update ``u`` of each bfloat16 or float16 leaf into
@@ -99,13 +100,15 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding") 
       tx = optax8.adamw8bit(1e-3, param_rounding="stochastic")
       # is
       tx = optax8.chain(optax8.adamw8bit(1e-3), optax8.param_rounding("stochastic"))
+
+  ``name`` and ``option`` name the transformation and the option in errors.
   """
   if is_single(rounding) and rounding is not None:
-    check_rounding(rounding, f"{name}: rounding")
+    check_rounding(rounding, f"{name}: {option}")
 
   def init_fn(params):
     params = unbox(params)
-    leaf_roundings(rounding, params, name, "rounding")
+    leaf_roundings(rounding, params, name, option)
     return ParamRoundingState(zero_count(jax.tree.leaves(params)))
 
   def run(updates, state, params, apply: bool):
@@ -120,7 +123,7 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding") 
     step = jnp.bitwise_and(state.count, (1 << SEED_BITS) - 1)
     out = []
     for path, u, p, r in zip(key_paths(updates), treedef.flatten_up_to(updates), ps,
-                             leaf_roundings(rounding, params, name, "rounding")):
+                             leaf_roundings(rounding, params, name, option)):
       path = path_str(path)
       if tuple(p.shape) != tuple(u.shape):
         raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the update's "
@@ -139,4 +142,4 @@ def with_param_rounding(name: str, value, tx):
   """``chain(tx, param_rounding(value))``, or ``tx`` where ``value`` is None or 'nearest' for every leaf."""
   if value is None or (is_single(value) and check_rounding(value, f"{name}: param_rounding") == NEAREST):
     return tx
-  return chain(tx, param_rounding(value, name=name))
+  return chain(tx, param_rounding(value, name=name, option="param_rounding"))

@@ -189,7 +189,7 @@ def test_param_rounding_per_leaf_and_its_errors():
                                        r"'up'"):
     optax8.lion8bit(1e-3, param_rounding="up")
   bad = optax8.lion8bit(1e-3, param_rounding={"w": "stochastic", "b": "floor", "h": None, "f": None})
-  with pytest.raises(ValueError, match=r"rounding of leaf \['b'\] must be one of .* got 'floor'"):
+  with pytest.raises(ValueError, match=r"lion8bit: param_rounding of leaf \['b'\] must be one of .* got 'floor'"):
     bad.init(params)
   alone = optax8.param_rounding()
   with pytest.raises(ValueError, match=r"param_rounding: rounding the new parameters needs them"):
