@@ -19,6 +19,7 @@ a PNG, prints the optimizer-state bytes of both and ends with one line
 
     python examples/quickstart.py                          # adamw, about 3 minutes on 2 CPU cores
     python examples/quickstart.py --optimizer lion --steps 1000 --plot lion.png
+    python examples/quickstart.py --bits 4                 # 4-bit states
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class LanguageModel(nnx.Module):
     return self.head(self.ln(x))
 
 
-def make_optimizers(name: str, steps: int) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  """``optax.<name>`` and ``optax8.<name>8bit`` with the same warmup-cosine schedule and arguments."""
+def make_optimizers(name: str, steps: int, bits: int = 8) -> tuple[optax.GradientTransformation,
+                                                                    optax.GradientTransformation]:
+  """``optax.<name>`` and ``optax8.<name>8bit`` (with ``bits``) with the same warmup-cosine schedule and
+  arguments."""
   ref, ours, lr, kwargs = OPTIMIZERS[name]
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, end_value=0.1 * lr)
-  return ref(schedule, **kwargs), ours(schedule, **kwargs)
+  return ref(schedule, **kwargs), ours(schedule, **kwargs, bits=bits)
 
 
 def state_bytes(state) -> int:
@@ -168,6 +171,7 @@ def main():
   ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
   ap.add_argument("--plot", default="quickstart.png", help="where to write the loss curves (PNG)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--bits", type=int, choices=(8, 4), default=8, help="optax8's state: 8-bit (default) or 4-bit")
   args = ap.parse_args()
   if args.steps < 1:
     ap.error("--steps must be at least 1")
@@ -180,7 +184,7 @@ def main():
   print(f"optax8 {optax8.__version__} ({optax8.backends()['cpu']} backend on cpu); "
         f"text: pydoc_data.topics, {len(train_data):,} train and {len(val_data):,} validation bytes")
 
-  tx32, tx8 = make_optimizers(args.optimizer, args.steps)
+  tx32, tx8 = make_optimizers(args.optimizer, args.steps, args.bits)
   models = [LanguageModel(rngs=nnx.Rngs(args.seed)) for _ in range(2)]   # the same parameters, twice
   runs = {"32bit": (models[0], nnx.Optimizer(models[0], tx32, wrt=nnx.Param)),
           "8bit": (models[1], optax8.nnx.Optimizer(models[1], tx8, wrt=nnx.Param))}
@@ -220,7 +224,7 @@ def main():
   print(f"validation loss after {args.steps} steps: optax.{args.optimizer} {loss32:.4f}, "
         f"optax8.{args.optimizer}8bit {loss8:.4f} ({abs(loss8 - loss32) / loss32:.2%} apart); plot: {args.plot}")
   print("RESULT " + json.dumps({
-      "optimizer": args.optimizer, "steps": args.steps, "params": n_params,
+      "optimizer": args.optimizer, "bits": args.bits, "steps": args.steps, "params": n_params,
       "loss_32bit": loss32, "loss_8bit": loss8, "loss_rel_diff": abs(loss8 - loss32) / loss32,
       "initial_loss": history["val_32bit"][0],
       "state_bytes_32bit": bytes32, "state_bytes_8bit": bytes8, "state_ratio": bytes8 / bytes32,

@@ -107,3 +107,11 @@ def test_lm_convergence_benchmark_runs_every_storage_and_draws_its_figure(tmp_pa
   assert runs["4bit"]["bytes_per_param"] < runs["8bit"]["bytes_per_param"] - 0.9
   assert runs["bf16-params-stochastic"]["bytes_per_param"] < 4.1
   assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quickstart_with_4_bit_states(tmp_path):
+  result = run_example("quickstart.py", "--steps", "12", "--bits", "4", "--plot", str(tmp_path / "q.png"),
+                       cwd=tmp_path)
+  assert result["bits"] == 4 and result["loss_8bit"] < 0.8 * result["initial_loss"]
+  assert abs(result["loss_8bit"] - result["loss_32bit"]) <= 0.05 * result["loss_32bit"]
+  assert result["state_bytes_8bit"] <= 0.17 * result["state_bytes_32bit"]   # 1.06 of 8 bytes, and small leaves
