@@ -78,10 +78,6 @@ QS.loss_fn = loss_fn   # the quickstart's train_step (all runs in one jitted ste
 train_step, evaluate = QS.train_step, QS.evaluate
 
 
-def nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def figure(history: dict, path: str, steps: int):
   """The validation curves (left) and each run's difference from ``float32`` in percent (right)."""
   from matplotlib.figure import Figure
@@ -129,7 +125,7 @@ def main():
                                                                                   wrt=nnx.Param)
     params = nnx.state(model, nnx.Param)
     n = sum(x.size for x in jax.tree.leaves(params))
-    sizes[label] = (nbytes(params) + nbytes(nnx.state(optimizer, nnx.OptState))) / n
+    sizes[label] = (QS.state_bytes(params) + QS.state_bytes(nnx.state(optimizer, nnx.OptState))) / n
     runs[label] = (model, optimizer)
   history = {label: [] for label in RUNS} | {"val_steps": []}
 

@@ -43,7 +43,7 @@ from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape, packed_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
 from optax8.low_precision import with_param_rounding
-from optax8.quantize import QuantizedArray
+from optax8.quantize import QuantizedArray, packing_problem
 from optax8.sharding import state_shardings, zero_count
 
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
@@ -115,9 +115,8 @@ def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int 
     if jnp.dtype(leaf.codes.dtype) != jnp.uint8 or jnp.dtype(leaf.absmax.dtype) != jnp.float32:
       raise TypeError(f"{name}: leaf {path}: {leaf.bits}-bit state must have uint8 codes and float32 absmax, got "
                       f"{leaf.codes.dtype} and {leaf.absmax.dtype}")
-    if leaf.bits == 4 and (not leaf.codes.ndim or tuple(leaf.codes.shape) != packed_shape(got)):
-      raise ValueError(f"{name}: leaf {path}: 4-bit codes of shape {tuple(leaf.codes.shape)} do not hold "
-                       f"{leaf.columns} columns two a byte")
+    if problem := packing_problem(leaf):
+      raise ValueError(f"{name}: leaf {path}: {problem}")
     if got == shape and tuple(leaf.absmax.shape) != absmax_shape(shape, leaf.block_size):
       raise ValueError(f"{name}: leaf {path}: absmax shape {tuple(leaf.absmax.shape)} does not fit shape "
                        f"{shape} with block_size {leaf.block_size}")

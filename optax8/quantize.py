@@ -78,6 +78,15 @@ jax.tree_util.register_dataclass(QuantizedArray, data_fields=["codes", "absmax"]
                                  meta_fields=["block_size", "kind", "columns"])
 
 
+def packing_problem(q: QuantizedArray) -> str | None:
+  """What is wrong with a 4-bit ``q``'s codes, which must hold its ``columns`` two a byte; None if nothing is
+  (and for 8-bit codes)."""
+  codes = tuple(q.codes.shape)
+  if q.bits != 4 or (q.columns is not None and codes and codes == packed_shape(q.shape)):
+    return None
+  return f"4-bit codes of shape {codes} do not hold {q.columns} columns two a byte"
+
+
 def quantize(x, block_size: int = DEFAULT_BLOCK_SIZE, kind: str = maps.SIGNED) -> QuantizedArray:
   """Quantizes ``x`` (float32, bfloat16 or float16, any shape) block-wise.
 
@@ -115,9 +124,8 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32) -> jax.Array:
     raise TypeError(f"dequantize: codes must be uint8, got {codes.dtype}")
   if absmax.dtype != jnp.float32:
     raise TypeError(f"dequantize: absmax must be float32, got {absmax.dtype}")
-  if four and (q.columns is None or not codes.ndim or codes.shape[-1] != packed_shape(q.shape)[-1]):
-    raise ValueError(f"dequantize: 4-bit codes of shape {tuple(codes.shape)} do not hold {q.columns} columns "
-                     "two a byte")
+  if problem := packing_problem(q):
+    raise ValueError(f"dequantize: {problem}")
   shape = q.shape
   expected = absmax_shape(shape, block_size)
   if tuple(absmax.shape) != expected:

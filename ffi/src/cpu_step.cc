@@ -337,21 +337,39 @@ inline void lanes_dequantize_runs(const uint8_t* codes, int64_t n, const HostMap
   }
 }
 
-// bucket_code (cpu_map.h) of 16 normalized values v, raised to the unsigned map's positive floor where the
-// values x are >= FLT_MIN when kFloor (floor_code, quantize.h), stored as bytes.
-template <bool kFloor>
-inline void store_bucket_codes16(uint8_t* codes, V v, V x, const uint32_t* table) {
+// Normalizer (quantize.h) of 16 values x, with its scale and inverse broadcast.
+inline V normalize16(V x, V scale, V inv) {
+  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+  const V c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
+  return _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv));
+}
+
+// bucket_code (cpu_map.h) of 16 normalized values v.
+inline __m512i bucket_codes16(V v, const uint32_t* table) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
   const __m512i lo = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
   const __m512i key = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)), _mm512_set1_epi32(0xffff));
   const __mmask16 up = _mm512_cmpgt_epi32_mask(key, _mm512_srli_epi32(entry, 16));
-  __m512i code = _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
-  if (kFloor) {
-    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
-    code = _mm512_mask_max_epi32(code, normal, code, _mm512_set1_epi32(OPTAX8_UNSIGNED_POSITIVE_FLOOR));
-  }
+  return _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+}
+
+// floor_code (quantize.h) of 16 codes: raised to `floor` where the values x are >= FLT_MIN.
+inline __m512i floor_codes16(__m512i code, V x, int floor) {
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
+  return _mm512_mask_max_epi32(code, normal, code, _mm512_set1_epi32(floor));
+}
+
+inline void store_codes16(uint8_t* codes, __m512i code) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
+}
+
+// bucket_code of 16 normalized values v, raised to the unsigned map's positive floor where the values x are
+// >= FLT_MIN when kFloor (floor_code, quantize.h), stored as bytes.
+template <bool kFloor>
+inline void store_bucket_codes16(uint8_t* codes, V v, V x, const uint32_t* table) {
+  const __m512i code = bucket_codes16(v, table);
+  store_codes16(codes, kFloor ? floor_codes16(code, x, OPTAX8_UNSIGNED_POSITIVE_FLOOR) : code);
 }
 
 // Normalizer and bucket_code for 16 values at a time (fast: the fast path's normalization, cpu_step_loop.inc).
@@ -360,14 +378,7 @@ inline void codes16(const float* x, uint8_t* codes, int64_t n, const Normalizer&
   const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
   for (int64_t k = 0; k < n; k += 16) {
     const V xv = _mm512_loadu_ps(x + k);
-    if (kFast) {
-      store_bucket_codes16<kFloor>(codes + k, _mm512_mul_ps(xv, inv), xv, table);
-    } else {
-      const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
-      const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
-      store_bucket_codes16<kFloor>(codes + k, _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv)),
-                                   xv, table);
-    }
+    store_bucket_codes16<kFloor>(codes + k, kFast ? _mm512_mul_ps(xv, inv) : normalize16(xv, scale, inv), xv, table);
   }
 }
 inline void lanes_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
@@ -400,16 +411,8 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
     const V xv = _mm512_loadu_ps(x + k);
-    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ);
-    const V c = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-FLT_MAX)), _mm512_set1_ps(FLT_MAX));
-    const V v = _mm512_maskz_mov_ps(ok, _mm512_mul_ps(_mm512_mul_ps(c, scale), inv));   // Normalizer
-    const __m512i bits = _mm512_castps_si512(v);   // bucket_code: the nearest code
-    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.table, 4);
-    const __m512i lo0 = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
-    const __m512i order = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)),
-                                           _mm512_set1_epi32(0xffff));
-    const __m512i nearest = _mm512_mask_add_epi32(lo0, _mm512_cmpgt_epi32_mask(order, _mm512_srli_epi32(entry, 16)),
-                                                  lo0, one);
+    const V v = normalize16(xv, scale, inv);
+    const __m512i nearest = bucket_codes16(v, map.table);
     const __m512i index = _mm512_add_epi32(row, _mm512_loadu_si512(col_index + k));   // rounding_draw
     const V u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, keys)), 8)),
                               _mm512_set1_ps(0x1p-24f));
@@ -424,11 +427,8 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
     const V high = _mm512_mask_blend_ps(above, other_value, near_value);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(high, low)), _mm512_sub_ps(v, low),
                                             _CMP_LT_OQ);
-    __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_add_epi32(lo, up, lo, one), zero), top);
-    if (map.floor)
-      code = _mm512_mask_max_epi32(code, _mm512_cmp_ps_mask(xv, _mm512_set1_ps(FLT_MIN), _CMP_GE_OQ), code,
-                                   _mm512_set1_epi32(map.floor));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
+    const __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_add_epi32(lo, up, lo, one), zero), top);
+    store_codes16(codes + k, map.floor ? floor_codes16(code, xv, map.floor) : code);
   }
   stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
 }
