@@ -18,7 +18,7 @@ from jax import lax
 from optax8 import layout, rounding, sharding
 from optax8.kernels import jax_backend, jax_step, native
 from optax8.kernels.algorithms import CUDA_MAX_STEP_BLOCK
-from optax8.sharding import ABSMAX, AXIS, ELEMENTS, REPLICATED
+from optax8.sharding import ABSMAX, AXIS, ELEMENTS, PACKED, REPLICATED
 
 NATIVE_PLATFORMS = tuple(native.PLATFORMS)
 
@@ -77,6 +77,8 @@ class StepGroup:
   and ``(codes, absmax)`` per state. A ``stochastic`` group rounds its
   states stochastically (`optax8.rounding`): each leaf's operands end with
   its axes' index vectors, which a shard gets sliced like its elements.
+  With ``bits`` 4 every state's codes are 4-bit codes, two a byte along
+  the last axis.
   """
 
   algo: int
@@ -88,6 +90,7 @@ class StepGroup:
   states: int   # states per leaf
   in_place: bool = True   # with apply: the new params may overwrite the params' buffers (native backends)
   ranks: tuple = ()       # with stochastic rounding, each leaf's rank (its index vectors); else ()
+  bits: int = 8           # of every state's codes
 
   @property
   def stochastic(self) -> bool:
@@ -95,7 +98,7 @@ class StepGroup:
 
   @classmethod
   def of(cls, algo, block_size: int, apply: bool, leaves, in_place: bool = True,
-         stochastic: bool = False) -> StepGroup:
+         stochastic: bool = False, bits: int = 8) -> StepGroup:
     """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none; blocks of as many
     rows in each: all of rank >= 2, or all vectors)."""
     with_params = leaves[0][1] is not None
@@ -106,7 +109,7 @@ class StepGroup:
       raise ValueError("step_group: every leaf's blocks must have as many rows (matrices and vectors apart)")
     ranks = tuple(g.ndim for g, _, _ in leaves) if stochastic else ()
     return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]),
-               bool(in_place), ranks)
+               bool(in_place), ranks, int(bits))
 
   def flatten(self, hypers, leaves) -> list:
     """The flat operands; a stochastic group's index vectors are made here, from the leaves' whole shapes."""
@@ -137,16 +140,17 @@ class StepGroup:
   def roles(self):
     """The shard-local roles of the operands and results (`optax8.sharding.make_op`)."""
     per_leaf = 2 if self.with_params else 1
+    codes = PACKED if self.bits == 4 else ELEMENTS
     operands, results = [(REPLICATED, 2)], []
     for i in range(self.leaves):
-      operands += [(ELEMENTS, i)] * per_leaf + [(ELEMENTS, i), (ABSMAX, i)] * self.states
+      operands += [(ELEMENTS, i)] * per_leaf + [(codes, i), (ABSMAX, i)] * self.states
       operands += [(AXIS, (i, d - self.ranks[i])) for d in range(self.ranks[i])] if self.stochastic else []
-      results += [(ELEMENTS, i)] + [(ELEMENTS, i), (ABSMAX, i)] * self.states
+      results += [(ELEMENTS, i)] + [(codes, i), (ABSMAX, i)] * self.states
     return operands, results
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, in_place: bool = True,
-               stochastic: bool = False):
+               stochastic: bool = False, bits: int = 8):
   """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
   ``hypers`` is ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -156,9 +160,10 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   ``apply``, written over the parameters where ``in_place``.
   Natively the whole group is one kernel call. With ``stochastic`` the
   states are rounded stochastically (`optax8.rounding`), by the native CPU
-  kernel or the pure-JAX step (GPUs and TPUs).
+  kernel or the pure-JAX step (GPUs and TPUs); with ``bits`` 4 the codes are
+  4-bit codes (`optax8.layout.packed_shape`), stepped likewise.
   """
-  group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic)
+  group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic, bits)
   operands, results = group.roles()
   op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
                         rows=group.rows, group=group)
@@ -181,17 +186,20 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
     hypers, leaves = unflatten(args)
     return group.flatten_results(native.step_group(
         group.algo, hypers, [leaf[:3] for leaf in leaves], group.block_size, group.apply, rows=group.rows,
-        in_place=group.in_place, indices=[leaf[3] for leaf in leaves] if group.stochastic else None))
+        in_place=group.in_place, indices=[leaf[3] for leaf in leaves] if group.stochastic else None,
+        bits=group.bits))
 
   def jax_fn(*args, step=jax_step.step):
     hypers, leaves = unflatten(args)
     return group.flatten_results([step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
-                                       rows=group.rows, index=index) for i, (g, p, s, index) in enumerate(leaves)])
+                                       rows=group.rows, index=index, bits=group.bits)
+                                  for i, (g, p, s, index) in enumerate(leaves)])
 
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
   branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
   branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo)
-                   and (p in native.STOCHASTIC_PLATFORMS or not group.stochastic)})
+                   and (p in native.STOCHASTIC_PLATFORMS or not group.stochastic)
+                   and (group.bits == 8 or (p in native.FOUR_BIT_PLATFORMS and group.block_size // group.rows % 2 == 0))})
   if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

@@ -417,16 +417,16 @@ class LeafCall(NamedTuple):
   p: jax.Array | None
   states: tuple
   apply: bool  # 8-bit leaves only: return p + update
-  pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX, as 4-bit states are
+  pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
   in_place: bool = True   # with apply: the kernel may write over p (nothing traced before reads it)
-  stochastic: bool = False   # round the 8-bit states stochastically
+  stochastic: bool = False   # round the quantized states stochastically
 
 
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
-  """(output, new states) per leaf: 8-bit leaves in one kernel call per group, float32 ones in JAX.
+  """(output, new states) per leaf: 8-bit and 4-bit leaves in one kernel call per group, float32 ones in JAX.
 
-  8-bit leaves that share block size, layout (tiles of matrices or runs of
-  vectors), params use and apply mode go through
+  Quantized leaves that share block size, layout (tiles of matrices or runs
+  of vectors), params use, apply mode, rounding and bits go through
   `optax8.dispatch.step_group` calls of up to ``GROUP_ELEMENTS``
   elements and ``GROUP_LEAVES`` leaves (a larger leaf gets its own call):
   many small leaves share a call, while large gradients need not all be
@@ -446,12 +446,12 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
   results = [None] * len(calls)
   groups: dict[tuple, list[int]] = {}
   for i, c in enumerate(calls):
-    if c.pairs or any(isinstance(s, QuantizedArray) and s.bits == 4 for s in c.states):
+    if c.pairs:
       results[i] = _step_in_jax(algorithm, vector(c), c)
     elif all(isinstance(s, QuantizedArray) for s in c.states):
       block_size = c.states[0].block_size
       groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place,
-                         c.stochastic), []).append(i)
+                         c.stochastic, c.states[0].bits), []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
@@ -467,13 +467,13 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       current.append(i)
       size += n
     batches.append((key, current))
-  for (block_size, _, _, apply, in_place, stochastic), idx in batches:
+  for (block_size, _, _, apply, in_place, stochastic, bits), idx in batches:
     leaves = []
     for i in idx:
       c = calls[i]
-      flat = tuple(c.g.shape) or (1,)
+      flat = tuple(c.g.shape) or (1,)   # 4-bit leaves have rank >= 1
       leaves.append((c.g.reshape(flat), None if c.p is None else c.p.reshape(flat),
-                     tuple((s.codes.reshape(flat), s.absmax) for s in c.states)))
+                     tuple((s.codes.reshape(s.codes.shape or flat), s.absmax) for s in c.states)))
     key = calls[idx[0]].hyper_key
     if key is not None and all(calls[i].hyper_key == key for i in idx):
       first = vector(calls[idx[0]])
@@ -481,17 +481,15 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
     else:
       hypers = jnp.stack([vector(calls[i]) for i in idx])
     for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply, in_place,
-                                                    stochastic)):
+                                                    stochastic, bits)):
       c = calls[i]
-      shape = tuple(c.g.shape)
-      results[i] = (u.reshape(shape), tuple(QuantizedArray(code.reshape(shape), a, s.block_size, s.kind)
-                                            for (code, a), s in zip(new, c.states)))
+      results[i] = (u.reshape(c.g.shape), tuple(QuantizedArray(code.reshape(s.codes.shape), a, s.block_size, s.kind,
+                                                               s.columns) for (code, a), s in zip(new, c.states)))
   return results
 
 
 def _step_in_jax(algorithm: Algorithm, hyper, c: LeafCall):
-  """(output, new states) of a complex leaf (on its real view: ``rule`` and ``step`` with ``pairs``) or a leaf of
-  4-bit states, in JAX."""
+  """(output, new states) of a complex leaf (on its real view: ``rule`` and ``step`` with ``pairs``), in JAX."""
   if isinstance(c.states[0], QuantizedArray):
     first = c.states[0]
     options = dict(block_size=first.block_size, apply=c.apply, pairs=c.pairs, bits=first.bits)

@@ -63,6 +63,7 @@ def keeps_blocks(n: int, shards: int, extent: int) -> bool:
 
 ELEMENTS = "elements"  # an array of a leaf's shape: values, codes, updates
 ABSMAX = "absmax"      # a leaf's absmax (one value per block: `optax8.layout.absmax_shape`)
+PACKED = "packed"      # a leaf's 4-bit codes, two a byte along the last axis (`optax8.layout.packed_shape`)
 AXIS = "axis"          # a vector along one axis of a leaf, split like it (``(AXIS, (leaf, axis))``, axis < 0)
 REPLICATED = "replicated"
 
@@ -79,7 +80,7 @@ class Op:
     rows: rows of a block (`optax8.layout.tile_rows`), the same for every leaf.
     leaf_shapes: the elements' shape of each leaf.
     operands, results: the role of each array: ``(ELEMENTS, leaf)``,
-      ``(ABSMAX, leaf)``, ``(AXIS, (leaf, axis))`` (``axis`` counted from
+      ``(ABSMAX, leaf)``, ``(PACKED, leaf)``, ``(AXIS, (leaf, axis))`` (``axis`` counted from
       the end, so a batch axis in front keeps it) or ``(REPLICATED, rank)``.
   """
 
@@ -196,7 +197,8 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   """The Shardy rule: one factor per axis a block spans one element of; ``(nb, b)`` for an axis of extent b.
 
   The factor ``b`` needs replication, so such an axis is split only between
-  whole blocks, and absmax's axis shares the leaf's ``nb`` factor. Where
+  whole blocks, and absmax's axis shares the leaf's ``nb`` factor, as packed
+  4-bit codes' last axis does (``(nb, b / 2)``; blocks have even columns). Where
   ``n`` is not a multiple of ``b`` the axis stays whole.
 
   A factor whose size some mesh axis does not divide needs replication too:
@@ -208,6 +210,7 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   axis_sizes = [s for s in dict(getattr(mesh, "shape", {}) or {}).values() if s > 1]
   whole = lambda size: all(size % s == 0 for s in axis_sizes)
   need, sizes, leaves = [], {}, []
+  with_packed = {leaf for role, leaf in op.operands + op.results if role == PACKED}
   for i, shape in enumerate(op.leaf_shapes):
     elements, absmax = (), ()
     for d, (n, b) in enumerate(zip(shape, op.extents(i))):
@@ -222,7 +225,15 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
         axis, nb = f"n{i}_{d}", f"k{i}_{d}"
         need += [axis, nb]
       elements, absmax = elements + (axis,), absmax + (nb,)
-    leaves.append((elements, absmax))
+    packed = None
+    if i in with_packed:   # the last axis: (nb, b / 2) where the elements' is (nb, b), else whole
+      if isinstance(elements[-1], CompoundFactor):
+        packed = CompoundFactor(absmax[-1], f"h{i}")
+        sizes[f"h{i}"] = op.extents(i)[-1] // 2
+      else:
+        packed = f"c{i}"
+      need.append(packed[-1] if isinstance(packed, CompoundFactor) else packed)
+    leaves.append((elements, absmax, elements[:-1] + (packed,)))
   replicated = [0]
 
   def mapping(role, arg):
@@ -233,7 +244,7 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
       return ArrayMapping(*names)
     if role == AXIS:
       return ArrayMapping(leaves[arg[0]][0][arg[1]])
-    return ArrayMapping(*leaves[arg][0 if role == ELEMENTS else 1])
+    return ArrayMapping(*leaves[arg][{ELEMENTS: 0, ABSMAX: 1, PACKED: 2}[role]])
 
   operands = tuple(mapping(*r) for r in op.operands)
   results = tuple(mapping(*r) for r in op.results)

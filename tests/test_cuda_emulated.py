@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import optax8
-from optax8 import layout, maps
+from optax8 import layout, maps, rounding
 from optax8.kernels import algorithms, jax_step, native
 from helpers import DTYPES
 from test_alias import NAMES, OPTIMIZERS
@@ -206,6 +206,25 @@ def test_a_bad_leaf_fails_the_call_before_any_kernel_runs():
   with pytest.raises(Exception, match=r"leaf 1\b|absmax shape"):
     jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(int(ALGOS["lion"]), h, ls, 256, False,
                                                                   "optax8_step" + SUFFIX))(_hypers(3), [good, bad, good]))
+  assert lib.optax8_emulation_launches() == before
+
+
+@pytest.mark.parametrize("what", ["stochastic", "bits"])
+def test_what_the_cuda_handler_does_not_take_is_refused_with_an_error(what):
+  """Stochastic rounding and 4-bit states run on the pure-JAX step on GPUs (optax8.dispatch does not call the CUDA
+  handler with them); a direct call gets an error that says so, and no kernel runs."""
+  lib = library()
+  lib.optax8_emulation_launches.restype = ctypes.c_int64
+  rng = np.random.default_rng(0)
+  leaf = _leaf(rng, ALGOS["lion"], np.float32, (4, 512), 256, True)
+  if what == "bits":   # 4-bit codes of the same elements, two a byte
+    leaf = (leaf[0], leaf[1], tuple((c[:, :256], a) for c, a in leaf[2]))
+  options = dict(indices=[rounding.index_vectors((4, 512))]) if what == "stochastic" else dict(bits=4)
+  before = lib.optax8_emulation_launches()
+  with pytest.raises(Exception, match="stochastic rounding is not supported" if what == "stochastic"
+                     else "4-bit states are not supported"):
+    jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(
+        int(ALGOS["lion"]), h, ls, 256, False, "optax8_step" + SUFFIX, **options))(_hypers(1), [leaf]))
   assert lib.optax8_emulation_launches() == before
 
 

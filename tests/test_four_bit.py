@@ -11,10 +11,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optax8
 from optax8 import maps
-from optax8.kernels import jax_backend
+from optax8.kernels import jax_backend, native
 from optax8.layout import absmax_shape, packed_shape
 
-from helpers import reference_quantize
+from helpers import needs_native_cpu, reference_quantize
 from test_alias import ARGS
 from optax8.optimizers import REGISTRY
 
@@ -264,6 +264,33 @@ def test_a_last_axis_sharded_into_odd_lengths_is_refused_at_4_bits():
   with pytest.raises(ValueError, match=r"leaf \['w'\] .* split into shards of an odd length, and 4-bit codes pack"):
     optax8.adam8bit(1e-3, bits=4, block_size=1, min_8bit_size=0).init({"w": w})
   optax8.adam8bit(1e-3, bits=8, block_size=1, min_8bit_size=0).init({"w": w})   # 8-bit codes do not pack
+
+
+@needs_native_cpu
+def test_the_native_cpu_kernel_steps_4_bit_states_as_the_pure_jax_step(monkeypatch):
+  """On XLA:CPU 4-bit leaves are stepped by the native handler (one call for the matrix, one for the vector: their
+  blocks differ; no pure-JAX loop), with the pure-JAX
+  step's results (to float32 rounding of the rule; tests/test_step_kernels.py compares the kernels)."""
+  rng = np.random.default_rng(6)
+  params = {"w": jnp.asarray(rng.standard_normal((96, 250)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(1001), jnp.float32)}
+  grads = jax.tree.map(lambda p: p * 0.1, params)
+  tx = optax8.adamw8bit(1e-3, bits=4, min_8bit_size=0)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+  hlo = step.lower(grads, state, params).compile().as_text()
+  assert hlo.count('custom_call_target="optax8_step"') == 2 and "while" not in hlo
+  got, got_state = step(grads, state, params)
+  monkeypatch.setattr(native, "FOUR_BIT_PLATFORMS", ())
+  jax.clear_caches()   # the shard-local kernels are jitted and cached
+  step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+  assert 'custom_call_target="optax8_step"' not in step.lower(grads, state, params).compile().as_text()
+  want, want_state = step(grads, state, params)
+  monkeypatch.undo()
+  jax.clear_caches()   # no later test gets the pure-JAX kernels
+  for k in params:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
+  assert_states_close(got_state, want_state)
 
 
 def test_every_path_gives_the_same_4_bit_step():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import optax8
 from optax8 import dispatch, rounding
-from optax8.kernels import jax_step, native
+from optax8.kernels import jax_backend, jax_step, native
 from optax8.kernels import algorithms
 from optax8.kernels.algorithms import Hyper, hyper_vector
 from helpers import DTYPES, needs_native_cpu
@@ -145,6 +145,67 @@ def test_stochastic_rounding_native_matches_jax_on_every_isa(algo, shape, block_
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
   changed = [np.mean(np.asarray(c1) != np.asarray(c2)) for (c1, _), (c2, _) in zip(ref[1], nearest[1])]
   assert max(changed) > 0.01, changed
+
+
+def _case4(algo, shape, dtype, block_size, seed=0):
+  """`_case` with 4-bit states."""
+  g, p, states = _case(algo, shape, dtype, block_size, seed)
+  rng = np.random.default_rng(seed + 1)
+  out = []
+  for kind in algo.states:
+    x = rng.standard_normal(shape) * 0.01
+    q = optax8.quantize(jnp.asarray(x**2 if kind == "unsigned" else x, jnp.float32), block_size, kind + "4")
+    out.append((q.codes, q.absmax))
+  return g, p, tuple(out)
+
+
+def _unpacked(result, columns):
+  """A step's result with its 4-bit codes unpacked (one code a byte)."""
+  u, states = result
+  return u, tuple((jax_backend.unpack4(c, columns), a) for c, a in states)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("algo", ALGORITHMS, ids=lambda a: a.name)
+@pytest.mark.parametrize("shape,block_size", [((5, 700), 128), ((3, 5, 513), 128), ((1001,), 128),
+                                              ((64, 4096), 2048), ((9, 30), 8)])
+def test_four_bit_native_step_matches_jax_on_every_isa(algo, shape, block_size, stochastic, monkeypatch):
+  """bits=4 in the CPU handler (codes unpacked, stepped as 8-bit codes of a 16-value map, packed again): the
+  pure-JAX step's codes (to float32 rounding of the rule) and the same bits on every ISA; an odd last column
+  leaves its byte's high half 0."""
+  g, p, states = _case4(algo, shape, jnp.float32, block_size)
+  hyper = hyper_vector(**HYPER, rounding_step=12345.0, rounding_seed=float(0xABCDEF))
+  index = rounding.index_vectors(shape) if stochastic else None
+  ref = jax.jit(lambda h, g, p, s: jax_step.step(algo.id, h, g, p, s, block_size, index=index, bits=4))(
+      hyper, g, p, states)
+  results = {}
+  for isa in CPU_ISAS:
+    monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
+    results[isa] = jax.jit(lambda h, g, p, s: native.step_group(
+        algo.id, h[None], [(g, p, s)], block_size, indices=None if index is None else [index], bits=4)[0])(
+            hyper, g, p, states)
+    assert_steps_agree(_unpacked(results[isa], shape[-1]), _unpacked(ref, shape[-1]))
+    for (c, _), (c0, _) in zip(results[isa][1], states):
+      assert c.shape == c0.shape and c.dtype == jnp.uint8
+      if shape[-1] % 2:
+        assert not np.any(np.asarray(c)[..., -1] >> 4)
+  for isa in CPU_ISAS[:-1]:
+    for a, b in zip(jax.tree.leaves(results[isa]), jax.tree.leaves(results["avx512"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
+
+
+@needs_native_cpu
+def test_four_bit_native_step_refuses_blocks_of_odd_columns():
+  """Two blocks never share a byte of 4-bit codes: blocks of one column are refused (dispatch steps them in JAX)."""
+  algo = ALGOS["adam"]
+  g, p, states = _case4(algo, (4, 6), jnp.float32, 2)
+  hyper = hyper_vector(**HYPER)
+  with pytest.raises(Exception, match="even number of columns"):
+    jax.block_until_ready(native.step_group(algo.id, hyper[None], [(g, p, states)], 2, rows=2, bits=4))
+  u, _ = jax.jit(lambda h, g, p, s: dispatch.step_group(algo.id, h[None], [(g, p, s)], 1, bits=4)[0])(
+      hyper, g, p, _case4(algo, (4, 6), jnp.float32, 1)[2])
+  assert np.isfinite(np.asarray(u)[np.isfinite(np.asarray(g))]).all()
 
 
 @needs_native_cpu

@@ -479,15 +479,15 @@ constexpr int64_t kGrainElements = 1 << 14;
 // small leaves cost what one leaf of the same total size costs.
 ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
                 int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows,
-                int64_t stochastic) {
-  if (auto e = check_step_call(args, rets, algo, leaves, stochastic); e.failure()) return e;
+                int64_t stochastic, int64_t bits) {
+  if (auto e = check_step_call(args, rets, algo, leaves, stochastic, bits); e.failure()) return e;
   std::vector<StepBuffers> bufs(leaves);
   std::vector<BlockFn> fns(leaves);
   std::vector<int64_t> first_block(leaves + 1, 0);
   const Isa cap = isa_cap();
   for (int64_t i = 0; i < leaves; ++i) {
     if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, stochastic,
-                            &bufs[i]);
+                            bits, &bufs[i]);
         e.failure())
       return e;
     const ffi::DataType dtype = bufs[i].dtype;
@@ -502,7 +502,7 @@ ffi::Error Step(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hyper, ffi::Remainin
   const int64_t tmp_size = int64_t(algo_states(algo)) * std::max(block_size, kTileChunk);
   parallel_for(pool, total, grain, [&](int64_t first, int64_t last) {
     std::vector<float> tmp(tmp_size);
-    std::vector<uint8_t> tile_codes(block_size);
+    std::vector<uint8_t> tile_codes(std::max(block_size, kTileChunk));
     int64_t i = std::upper_bound(first_block.begin(), first_block.end(), first) - first_block.begin() - 1;
     for (; first < last; ++i) {
       const int64_t end = std::min(last, first_block[i + 1]);

@@ -222,16 +222,18 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
 // a bad leaf fails the call before any kernel has written anything.
 ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::RemainingArgs args, ffi::RemainingRets rets,
                 int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows,
-                int64_t stochastic) {
-  if (auto e = check_step_call(args, rets, algo, leaves, stochastic); e.failure()) return e;
+                int64_t stochastic, int64_t bits) {
+  if (auto e = check_step_call(args, rets, algo, leaves, stochastic, bits); e.failure()) return e;
   if (stochastic)   // optax8.dispatch runs stochastic rounding on the pure-JAX step on GPUs
     return ffi::Error::InvalidArgument("optax8 CUDA step: stochastic rounding is not supported");
+  if (bits != 8)   // and 4-bit states
+    return ffi::Error::InvalidArgument("optax8 CUDA step: 4-bit states are not supported");
   if (block_size > kMaxBlock)
     return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
                                        " is not supported");
   std::vector<StepBuffers> bufs(leaves);
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, 0, &bufs[i]);
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, 0, 8, &bufs[i]);
         e.failure())
       return e;
     const int64_t group = std::min<int64_t>(block_size, kThreads);

@@ -35,6 +35,7 @@ LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
 TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
 STOCHASTIC_PLATFORMS = ("cpu",)   # whose step handler rounds stochastically (`optax8.rounding`)
+FOUR_BIT_PLATFORMS = ("cpu",)     # whose step handler keeps 4-bit states
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -265,7 +266,7 @@ def _kernel_dtype(g, p):
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step",
-               rows: int | None = None, in_place: bool = True, indices=None):
+               rows: int | None = None, in_place: bool = True, indices=None, bits: int = 8):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -283,6 +284,8 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   blocks have ``rows`` rows (default: those of the first leaf's own layout).
   With ``indices``, each leaf's `optax8.rounding.index_vectors` (one per
   axis of g), the states are rounded stochastically (CPU handler only).
+  With ``bits`` 4 every state's codes are 4-bit codes, packed two a byte
+  along the last axis (CPU handler only; blocks of an even number of columns).
   """
   _ensure_registered()
   with_params = leaves[0][1] is not None
@@ -313,7 +316,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
       operands += [rounding.element_index(index[:-1]).reshape(-1), index[-1]]
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
   results = _varying(call(*operands, algo=np.int64(int(algo)), leaves=np.int64(len(leaves)),
-                          params_mode=np.int64(mode), stochastic=np.int64(indices is not None),
+                          params_mode=np.int64(mode), stochastic=np.int64(indices is not None), bits=np.int64(bits),
                           **_layout_attrs(leaves[0][0].shape, block_size, rows)),
                      operands)
   per_leaf, k = [], 0

@@ -1,5 +1,6 @@
-// The two maps on the host: values, decision points and the 16-bit bucket
-// table of the CPU code lookup (see optax8/maps.py).
+// The maps on the host (8-bit and 4-bit): values, decision points and the
+// 16-bit bucket table of the CPU code lookup (see optax8/maps.py), and the
+// packing of 4-bit codes.
 //
 // The code of a normalized value v is #{j : mids[j] < v}. All floats with
 // the same top 16 bits (a bucket) lie between two consecutive map values or
@@ -31,6 +32,11 @@ inline int bucket_code(float v, const uint32_t* table) {
   return int(entry & 0xffu) + ((entry >> 16) < bucket_key(bits) ? 1 : 0);
 }
 
+// A map of `count` (256 or 16) values. A 4-bit map's values and decision
+// points are padded with +inf to 256: every lookup and search of the 8-bit
+// maps then serves it, a normalized value (|v| <= 1) never counts past code
+// 15, and stochastic rounding never rounds up from it (u * inf is not
+// below v - 1).
 struct HostMap {
   float values[256];
   float mids[256];
@@ -39,10 +45,10 @@ struct HostMap {
   int floor;                           // positive_floor of the map (quantize.h)
   bool sign;                           // signs_absmax of the map (quantize.h)
 
-  HostMap(const float (&v)[256], const float (&m)[256], int64_t kind)
+  HostMap(const float* v, const float* m, int count, int64_t kind)
       : floor(positive_floor(kind)), sign(signs_absmax(kind)) {
-    std::copy(v, v + 256, values);
-    std::copy(m, m + 256, mids);
+    std::fill(std::copy(v, v + count, values), values + 256, INFINITY);
+    std::fill(std::copy(m, m + count, mids), mids + 256, INFINITY);
     for (int c = 0; c < 256; ++c)
       for (int k = 0; k < 4; ++k) planes[k][c] = uint8_t(float_bits(values[c]) >> (8 * k));
     for (uint32_t b = 0; b < 65536; ++b) {
@@ -73,9 +79,54 @@ inline const HostMap& host_map(int64_t kind) {
   static const float signed_mids[256] = {OPTAX8_SIGNED_MIDS};
   static const float unsigned_values[256] = {OPTAX8_UNSIGNED_MAP};
   static const float unsigned_mids[256] = {OPTAX8_UNSIGNED_MIDS};
-  static const HostMap signed_map(signed_values, signed_mids, kSignedMap);
-  static const HostMap unsigned_map(unsigned_values, unsigned_mids, kUnsignedMap);
-  return kind == kUnsignedMap ? unsigned_map : signed_map;
+  static const float signed4_values[16] = {OPTAX8_SIGNED4_MAP};
+  static const float signed4_mids[16] = {OPTAX8_SIGNED4_MIDS};
+  static const float unsigned4_values[16] = {OPTAX8_UNSIGNED4_MAP};
+  static const float unsigned4_mids[16] = {OPTAX8_UNSIGNED4_MIDS};
+  switch (kind) {
+    case kUnsignedMap: {
+      static const HostMap map(unsigned_values, unsigned_mids, 256, kind);
+      return map;
+    }
+    case kSigned4Map: {
+      static const HostMap map(signed4_values, signed4_mids, 16, kind);
+      return map;
+    }
+    case kUnsigned4Map: {
+      static const HostMap map(unsigned4_values, unsigned4_mids, 16, kind);
+      return map;
+    }
+    default: {
+      static const HostMap map(signed_values, signed_mids, 256, kSignedMap);
+      return map;
+    }
+  }
+}
+
+// ---- 4-bit codes, two a byte along the last axis (optax8/layout.py) --------------
+// Element 2j in the low half of byte j; an odd last element leaves the high
+// half 0. A pair of codes is one little-endian uint16 (codes c0, c1 as bytes).
+
+using PairBytes = uint16_t __attribute__((may_alias));
+
+// The n codes of n elements from packed bytes.
+inline void unpack_codes4(const uint8_t* packed, int64_t n, uint8_t* codes) {
+  PairBytes* pairs = reinterpret_cast<PairBytes*>(codes);
+  for (int64_t j = 0; j < n / 2; ++j) {
+    const uint16_t b = packed[j];
+    pairs[j] = uint16_t((b & 0x0fu) | ((b & 0xf0u) << 4));
+  }
+  if (n % 2) codes[n - 1] = packed[n / 2] & 0x0fu;
+}
+
+// The packed bytes of n codes (each below 16).
+inline void pack_codes4(const uint8_t* codes, int64_t n, uint8_t* packed) {
+  const PairBytes* pairs = reinterpret_cast<const PairBytes*>(codes);
+  for (int64_t j = 0; j < n / 2; ++j) {
+    const uint16_t w = pairs[j];
+    packed[j] = uint8_t((w & 0x0fu) | ((w >> 4) & 0xf0u));
+  }
+  if (n % 2) packed[n / 2] = codes[n - 1];
 }
 
 }  // namespace optax8

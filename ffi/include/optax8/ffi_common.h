@@ -34,10 +34,12 @@ inline xla::ffi::Error check_map_kind(int64_t kind) {
 // Checks the attributes and fills `out` from the array's and absmax's
 // dimensions, for blocks of tile_rows x (block / tile_rows) elements over
 // the last two axes (tile_rows 1: runs of `block` along the last axis).
+// Codes of 4 bits (`bits` 4) are packed two a byte along the last axis, and
+// a block's columns must then be even (no byte is shared by two blocks).
 inline xla::ffi::Error make_layout(xla::ffi::Span<const int64_t> values,
                                    xla::ffi::Span<const int64_t> codes,
                                    xla::ffi::Span<const int64_t> absmax, int64_t block, int64_t tile_rows,
-                                   int64_t map_kind, BlockLayout* out) {
+                                   int64_t map_kind, BlockLayout* out, int bits = 8) {
   if (auto e = check_block_size(block); e.failure()) return e;
   if (auto e = check_map_kind(map_kind); e.failure()) return e;
   if (values.size() == 0)
@@ -47,11 +49,15 @@ inline xla::ffi::Error make_layout(xla::ffi::Span<const int64_t> values,
     return xla::ffi::Error::InvalidArgument("optax8: tile_rows must be a power of two that divides block_size " +
                                             std::to_string(block) + ", and 1 for a vector; got " +
                                             std::to_string(tile_rows) + " for values of shape " + dims_str(values));
+  if (bits == 4 && (block / tile_rows) % 2 != 0)
+    return xla::ffi::Error::InvalidArgument("optax8: 4-bit codes need blocks of an even number of columns, got " +
+                                            std::to_string(tile_rows) + " x " + std::to_string(block / tile_rows));
   bool same = codes.size() == values.size();
-  for (size_t i = 0; same && i < values.size(); ++i) same = codes[i] == values[i];
+  for (size_t i = 0; same && i < values.size(); ++i)
+    same = codes[i] == (bits == 4 && i + 1 == values.size() ? (values[i] + 1) / 2 : values[i]);
   if (!same)
-    return xla::ffi::Error::InvalidArgument("optax8: codes shape " + dims_str(codes) +
-                                            " differs from values shape " + dims_str(values));
+    return xla::ffi::Error::InvalidArgument("optax8: codes shape " + dims_str(codes) + " does not fit values shape " +
+                                            dims_str(values) + (bits == 4 ? " (4-bit codes: two a byte)" : ""));
   BlockLayout l;
   l.block = block;
   l.tile_rows = tile_rows;

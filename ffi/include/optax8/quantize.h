@@ -35,7 +35,13 @@
 
 namespace optax8 {
 
-enum MapKind : int64_t { kSignedMap = 0, kUnsignedMap = 1 };
+// The 8-bit maps (kernel attributes map_kind) and the 4-bit ones (the step's states with bits = 4).
+enum MapKind : int64_t { kSignedMap = 0, kUnsignedMap = 1, kSigned4Map = 2, kUnsigned4Map = 3 };
+
+// The map of `kind`'s sign (an 8-bit kind) with codes of `bits` (8 or 4) bits.
+OPTAX8_HD constexpr int64_t map_with_bits(int64_t kind, int bits) {
+  return bits == 4 ? (kind == kUnsignedMap ? kUnsigned4Map : kSigned4Map) : kind;
+}
 
 OPTAX8_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
@@ -134,7 +140,10 @@ OPTAX8_HD float absmax_term(float x) {
 
 // Whether map `kind` gives a block's absmax the sign of its largest element.
 OPTAX8_HD constexpr bool signs_absmax(int64_t kind) {
-  return kind == kUnsignedMap ? OPTAX8_UNSIGNED_SIGNS_ABSMAX : OPTAX8_SIGNED_SIGNS_ABSMAX;
+  return kind == kUnsignedMap    ? OPTAX8_UNSIGNED_SIGNS_ABSMAX
+         : kind == kSigned4Map   ? OPTAX8_SIGNED4_SIGNS_ABSMAX
+         : kind == kUnsigned4Map ? OPTAX8_UNSIGNED4_SIGNS_ABSMAX
+                                 : OPTAX8_SIGNED_SIGNS_ABSMAX;
 }
 
 // x where it counts toward a block's absmax, else 0 (absmax_term with the sign).
@@ -186,7 +195,10 @@ OPTAX8_HD float scale_value(float value, float absmax) {
 // never dequantizes to 0 (x / absmax below the first decision point would
 // round to it); the signed map has no floor.
 OPTAX8_HD int positive_floor(int64_t kind) {
-  return kind == kUnsignedMap ? OPTAX8_UNSIGNED_POSITIVE_FLOOR : OPTAX8_SIGNED_POSITIVE_FLOOR;
+  return kind == kUnsignedMap    ? OPTAX8_UNSIGNED_POSITIVE_FLOOR
+         : kind == kSigned4Map   ? OPTAX8_SIGNED4_POSITIVE_FLOOR
+         : kind == kUnsigned4Map ? OPTAX8_UNSIGNED4_POSITIVE_FLOOR
+                                 : OPTAX8_SIGNED_POSITIVE_FLOOR;
 }
 
 // `code` of the unnormalized value x, raised to `floor` where x >= FLT_MIN.

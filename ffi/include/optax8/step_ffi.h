@@ -11,7 +11,9 @@
 //          p + update, the new parameter, which XLA may alias to p),
 //          tile_rows (the block layout of every leaf: BlockLayout),
 //          stochastic: 0 (round to nearest) or 1 (stochastic rounding,
-//          optax8/rounding.py; the CPU handler only)
+//          optax8/rounding.py; the CPU handler only),
+//          bits: 8, or 4 (every state's codes in its map at 4 bits, packed
+//          two a byte along the last axis; the CPU handler only)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
 // leaf evenly between them (whole matrices where blocks are tiles).
 #pragma once
@@ -44,6 +46,11 @@ struct StepBuffers {
   float* absmax_out[kMaxStates] = {};
   const uint32_t* row_index = nullptr;  // stochastic rounding: element indices (see above); else null
   const uint32_t* col_index = nullptr;
+  int bits = 8;                         // of every state's codes (4: packed two a byte)
+  int64_t code_cols = 0;                // bytes of codes per row: cols, or (cols + 1) / 2 at 4 bits
+
+  // The byte of the codes that holds element e (e's column even at 4 bits).
+  int64_t code_offset(int64_t e) const { return bits == 4 ? (e / l.cols) * code_cols + (e % l.cols) / 2 : e; }
 };
 
 inline bool same_dims(xla::ffi::Span<const int64_t> a, xla::ffi::Span<const int64_t> b) {
@@ -60,10 +67,12 @@ inline int64_t step_args_per_leaf(int64_t algo, int64_t stochastic) {
 
 // Checks the counts of buffers of a call with `leaves` leaves.
 inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, const xla::ffi::RemainingRets& rets,
-                                       int64_t algo, int64_t leaves, int64_t stochastic) {
+                                       int64_t algo, int64_t leaves, int64_t stochastic, int64_t bits) {
   using xla::ffi::Error;
   if (algo < 0 || algo >= kNumAlgos)
     return Error::InvalidArgument("optax8 step: unknown algo " + std::to_string(algo));
+  if (bits != 8 && bits != 4)
+    return Error::InvalidArgument("optax8 step: bits must be 8 or 4, got " + std::to_string(bits));
   if (stochastic != 0 && stochastic != 1)
     return Error::InvalidArgument("optax8 step: stochastic must be 0 or 1, got " + std::to_string(stochastic));
   const int64_t n = algo_states(algo);
@@ -81,7 +90,7 @@ inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, cons
 inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const xla::ffi::RemainingArgs& args,
                                   const xla::ffi::RemainingRets& rets, int64_t leaf, int64_t leaves, int64_t algo,
                                   int64_t block, int64_t tile_rows, int64_t params_mode, int64_t stochastic,
-                                  StepBuffers* out) {
+                                  int64_t bits, StepBuffers* out) {
   using xla::ffi::Error;
   namespace ffi = xla::ffi;
   StepBuffers s;
@@ -116,13 +125,15 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
       return Error::InvalidArgument(where + "state " + std::to_string(i) + " must be uint8 codes and float32 absmax");
     BlockLayout l;
     if (auto e = make_layout(g->dimensions(), codes->dimensions(), absmax->dimensions(), block, tile_rows,
-                             state_map(algo, i), &l);
+                             state_map(algo, i), &l, int(bits));
         e.failure())
       return e;
     if (!same_dims(codes->dimensions(), (*codes_out)->dimensions()) ||
         !same_dims(absmax->dimensions(), (*absmax_out)->dimensions()))
       return Error::InvalidArgument(where + "new state shapes differ from the old ones");
     s.l = l;
+    s.bits = int(bits);
+    s.code_cols = bits == 4 ? (l.cols + 1) / 2 : l.cols;
     s.codes_in[i] = codes->typed_data();
     s.absmax_in[i] = absmax->typed_data();
     s.codes_out[i] = (*codes_out)->typed_data();
@@ -174,7 +185,8 @@ auto step_binding() {
       .template Attr<int64_t>("leaves")
       .template Attr<int64_t>("params_mode")
       .template Attr<int64_t>("tile_rows")
-      .template Attr<int64_t>("stochastic");
+      .template Attr<int64_t>("stochastic")
+      .template Attr<int64_t>("bits");
 }
 
 }  // namespace optax8
