@@ -2,8 +2,9 @@
 ``benchmarks/gpu_check.py`` runs under compute-sanitizer (memcheck, racecheck).
 
 Quantize and dequantize of both maps in each dtype, and the fused step of
-every algorithm in each dtype, with and without params and in apply mode,
-at block sizes 16, 256 and 4096, one leaf and a group of three. Each result
+every algorithm in each dtype, with and without params and in apply mode
+(and with stochastic rounding), at block sizes 16, 256 and 4096, one leaf
+and a group of three. Each result
 is compared with the CPU handler's; the last line says how many differ.
 
     python benchmarks/gpu_kernels_once.py
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax8 import maps
-from optax8.kernels import algorithms, jax_step, native
+from optax8 import maps, rounding
+from optax8.kernels import algorithms, native
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -72,6 +73,10 @@ def main():
     apply = mode == "apply"
     compare(lambda h, ls: native.step_group(int(algo), h, ls, block, apply), hypers, leaves)
     compare(lambda h, l: native.step(int(algo), h[0], *l, block, apply), hypers, leaves[0])
+    if mode == "apply" and dtype == jnp.float32:   # stochastic rounding
+      indices = [rounding.index_vectors(g.shape) for g, _, _ in leaves]
+      compare(lambda h, ls: native.step_group(int(algo), h.at[:, algorithms.Hyper.ROUNDING_STEP].set(7.0), ls,
+                                              block, apply, indices=indices), hypers, leaves)
   print(f"{runs} handler runs on the GPU, {differ} differ from the CPU handler")
   return 1 if differ else 0
 

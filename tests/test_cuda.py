@@ -264,3 +264,27 @@ def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
     results[device.platform] = jax.tree.map(np.asarray, p)   # "cpu" and "gpu"
   for k in params:
     np.testing.assert_allclose(results["gpu"][k], results["cpu"][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_stochastic_rounding_and_4_bit_states_match_cpu(bits):
+  """rounding='stochastic' (the CUDA kernels' draws; 4-bit states on the pure-JAX step) against the CPU handler's
+  codes, to one code where the rule's float32 rounding differs."""
+  from test_alias import OPTIMIZERS
+  tx = OPTIMIZERS["adamw"][0](min_8bit_size=256, rounding="stochastic", bits=bits)
+  rng = np.random.default_rng(8)
+  params = {f"p{i}": (rng.standard_normal((i + 1, 1024)) * 0.1).astype(np.float32) for i in range(6)}
+  grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
+  results = {}
+  for device in (_cpu(), _gpu()):
+    p, g = _put(params, device), _put(grads, device)
+    state = tx.init(p)
+    for _ in range(3):
+      p, state = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g, state, p)
+    results[device.platform] = jax.tree.map(np.asarray, (p, state))
+  for a, b in zip(jax.tree.leaves(results["gpu"]), jax.tree.leaves(results["cpu"])):
+    if a.dtype == np.uint8:
+      assert np.mean(a != b) < 1e-3
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -160,6 +160,40 @@ def test_vmapped_hyperparameters_match_the_cpu_handler(shape, block):
   assert_same(*out)
 
 
+def _stochastic_hypers(n):
+  return np.stack([np.asarray(algorithms.hyper_vector(**HYPER, rounding_step=12345.0 + i,
+                                                      rounding_seed=float(0xABCDEF))) for i in range(n)])
+
+
+@pytest.mark.parametrize("shape,block", STEP_CASES)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_stochastic_rounding_matches_the_cpu_handler(algo, shape, block):
+  """rounding='stochastic' (optax8.rounding) in both CUDA kernels: the CPU handler's bits, and other codes than
+  round to nearest."""
+  rng = np.random.default_rng(int(algo) * 5 + len(shape))
+  leaf = _leaf(rng, algo, np.float32, shape, block, True, special=block == 256)
+  index = rounding.index_vectors(shape)
+  out = both(lambda s: lambda h, l: native.step_group(int(algo), h, [l], block, True, "optax8_step" + s,
+                                                      indices=[index])[0], _stochastic_hypers(1), leaf)
+  assert_same(*out)
+  nearest = both(lambda s: lambda h, l: native.step(int(algo), h[0], *l, block, True, "optax8_step" + s),
+                 _stochastic_hypers(1), leaf)[1]
+  if algo.states and np.prod(shape) >= 1000:
+    assert np.mean(out[1][1][0][0] != nearest[1][0][0]) > 0.01
+
+
+def test_vmapped_stochastic_rounding_matches_the_cpu_handler():
+  """A batch of hyperparameter rows with stochastic rounding: each example's rows draw with its own key."""
+  rng = np.random.default_rng(12)
+  shape, block = (3, 8, 600), 256
+  g, p, states = _leaf(rng, ALGOS["adam"], np.float32, shape, block, True)
+  index = rounding.index_vectors(shape[1:])
+  out = both(lambda s: jax.vmap(lambda h, g, p, st: native.step_group(
+      int(ALGOS["adam"]), h[None], [(g, p, st)], block, False, "optax8_step" + s, indices=[index])[0]),
+             _stochastic_hypers(3), g, p, states)
+  assert_same(*out)
+
+
 @pytest.fixture
 def cuda_handlers(monkeypatch):
   """The whole library (dispatch, optimizers) on the emulated CUDA handlers instead of the CPU ones."""
@@ -172,10 +206,11 @@ def cuda_handlers(monkeypatch):
   jax.clear_caches()
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("name", NAMES)
-def test_optimizers_on_the_emulated_handlers_match_the_cpu_ones(name, request):
+def test_optimizers_on_the_emulated_handlers_match_the_cpu_ones(name, rounding, request):
   """The nine optimizers (grouped leaves, 8-bit and 32-bit leaves, update and apply) for three steps."""
-  tx = OPTIMIZERS[name][0](min_8bit_size=256)
+  tx = OPTIMIZERS[name][0](min_8bit_size=256, rounding=rounding)
   rng = np.random.default_rng(3)
   params = {f"p{i}": (rng.standard_normal((i + 1, 300 * i + 7)) * 0.1).astype(np.float32) for i in range(6)}
   grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
@@ -209,22 +244,18 @@ def test_a_bad_leaf_fails_the_call_before_any_kernel_runs():
   assert lib.optax8_emulation_launches() == before
 
 
-@pytest.mark.parametrize("what", ["stochastic", "bits"])
-def test_what_the_cuda_handler_does_not_take_is_refused_with_an_error(what):
-  """Stochastic rounding and 4-bit states run on the pure-JAX step on GPUs (optax8.dispatch does not call the CUDA
-  handler with them); a direct call gets an error that says so, and no kernel runs."""
+def test_4_bit_states_are_refused_with_an_error():
+  """4-bit states run on the pure-JAX step on GPUs (optax8.dispatch does not give them to the CUDA handler); a
+  direct call gets an error that says so, and no kernel runs."""
   lib = library()
   lib.optax8_emulation_launches.restype = ctypes.c_int64
   rng = np.random.default_rng(0)
-  leaf = _leaf(rng, ALGOS["lion"], np.float32, (4, 512), 256, True)
-  if what == "bits":   # 4-bit codes of the same elements, two a byte
-    leaf = (leaf[0], leaf[1], tuple((c[:, :256], a) for c, a in leaf[2]))
-  options = dict(indices=[rounding.index_vectors((4, 512))]) if what == "stochastic" else dict(bits=4)
+  g, p, states = _leaf(rng, ALGOS["lion"], np.float32, (4, 512), 256, True)
+  packed = (g, p, tuple((c[:, :256], a) for c, a in states))   # 4-bit codes of the same elements, two a byte
   before = lib.optax8_emulation_launches()
-  with pytest.raises(Exception, match="stochastic rounding is not supported" if what == "stochastic"
-                     else "4-bit states are not supported"):
+  with pytest.raises(Exception, match="4-bit states are not supported"):
     jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(
-        int(ALGOS["lion"]), h, ls, 256, False, "optax8_step" + SUFFIX, **options))(_hypers(1), [leaf]))
+        int(ALGOS["lion"]), h, ls, 256, False, "optax8_step" + SUFFIX, bits=4))(_hypers(1), [packed]))
   assert lib.optax8_emulation_launches() == before
 
 

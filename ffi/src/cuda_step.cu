@@ -10,7 +10,9 @@
 // and keeps the new float32 states in registers while the group reduces each
 // state's absmax (warp shuffles, then shared memory for groups of more than
 // one warp); then it requantizes its own elements by binary search over the
-// decision points held in shared memory.
+// decision points held in shared memory, and with stochastic rounding
+// (optax8/rounding.py) moves each code to stochastic_code's (quantize.h),
+// with the draw of the element's index in its leaf.
 //
 // Aliasing: XLA aliases the old codes and absmax to the new ones and the
 // gradient to the update. Every element is read and written by the same
@@ -140,16 +142,27 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
 
   group_absmax<A>(m, group, scratch);
 
+  const int64_t col0 = off - row * l.cols;   // the block's first column
 #pragma unroll
   for (int i = 0; i < n; ++i) {
     const Normalizer normalize(m[i]);
     const float* mi = mids[state_map(A, i)];
+    const float* vi = values[state_map(A, i)];
     const int floor = positive_floor(state_map(A, i));
+    const uint32_t key = a.row_index ? rounding_key(h.v[kRoundingStep], h.v[kRoundingSeed], i) : 0u;
     uint8_t* codes = a.codes_out[i] + off;
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const int k = lane + j * group;
-      if (k < len) codes[e[j]] = uint8_t(floor_code(search_code(normalize(st[i][j]), mi), st[i][j], floor));
+      if (k < len) {
+        const float v = normalize(st[i][j]);
+        int c = search_code(v, mi);
+        if (a.row_index) {   // element (k / width, k % width) of the block
+          const int r = k / width;
+          c = stochastic_code(v, c, rounding_draw(a.row_index[row + r] + a.col_index[col0 + k - r * width], key), vi);
+        }
+        codes[e[j]] = uint8_t(floor_code(c, st[i][j], floor));
+      }
     }
     if (active && lane == 0) a.absmax_out[i][b] = m[i];
   }
@@ -204,6 +217,8 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
     a.codes_out[i] = s.codes_out[i];
     a.absmax_out[i] = s.absmax_out[i];
   }
+  a.row_index = s.row_index;
+  a.col_index = s.col_index;
   a.group = int(std::min<int64_t>(s.l.block, kThreads));
   a.with_params = s.with_params;
   a.apply = s.apply;
@@ -224,16 +239,15 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::Remaining
                 int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows,
                 int64_t stochastic, int64_t bits) {
   if (auto e = check_step_call(args, rets, algo, leaves, stochastic, bits); e.failure()) return e;
-  if (stochastic)   // optax8.dispatch runs stochastic rounding on the pure-JAX step on GPUs
-    return ffi::Error::InvalidArgument("optax8 CUDA step: stochastic rounding is not supported");
-  if (bits != 8)   // and 4-bit states
+  if (bits != 8)   // optax8.dispatch runs 4-bit states on the pure-JAX step on GPUs
     return ffi::Error::InvalidArgument("optax8 CUDA step: 4-bit states are not supported");
   if (block_size > kMaxBlock)
     return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
                                        " is not supported");
   std::vector<StepBuffers> bufs(leaves);
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, 0, 8, &bufs[i]);
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, stochastic, 8,
+                            &bufs[i]);
         e.failure())
       return e;
     const int64_t group = std::min<int64_t>(block_size, kThreads);

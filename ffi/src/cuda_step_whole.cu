@@ -29,7 +29,9 @@ namespace {
 // same stores. absmax is reduced by warp shuffles (for W > 1, then across the
 // block's warps in shared memory). A new code is looked up in the compact
 // bucket table (optax8.maps.compact_buckets): one byte and one comparison
-// with a decision point, the CPU handler's rule. Aliasing as in cuda_step.cu: each
+// with a decision point, the CPU handler's rule; with stochastic rounding
+// it moves to stochastic_code's (quantize.h) with the element's draw (a
+// chunk's 4 elements lie in one row). Aliasing as in cuda_step.cu: each
 // thread reads its chunks before it writes them, and the absmax is written
 // after the reduction that every thread of the block joins after reading it.
 
@@ -182,23 +184,35 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       __syncthreads();   // scratch is free for the next blocks
     }
+    const bool stochastic = a.row_index != nullptr && active;
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const Normalizer normalize(m[i]);
       const uint8_t* buckets = t.buckets[state_map(A, i)];
       const float* mids = t.mids[state_map(A, i)];
       const int floor = positive_floor(state_map(A, i));
+      const uint32_t key = stochastic ? rounding_key(h.v[kRoundingStep], h.v[kRoundingSeed], i) : 0u;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
+        const int k0 = 4 * (tb + 32 * W * c);
+        const int64_t e = base + int64_t(k0 >> col_shift) * a.l.cols + (k0 & col_mask);
+        uint32_t row_index = 0;
+        const uint32_t* col_index = nullptr;
+        if (stochastic) {
+          const int64_t r = e / a.l.cols;
+          row_index = a.row_index[r];
+          col_index = a.col_index + (e - r * a.l.cols);
+        }
         uint32_t packed = 0;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const int code = floor_code(table_code(normalize(st[i][c][k]), buckets, mids), st[i][c][k], floor);
-          packed |= uint32_t(code) << (8 * k);
+          const float v = normalize(st[i][c][k]);
+          int code = table_code(v, buckets, mids);
+          if (stochastic)
+            code = stochastic_code(v, code, rounding_draw(row_index + col_index[k], key), t.values[state_map(A, i)]);
+          packed |= uint32_t(floor_code(code, st[i][c][k], floor)) << (8 * k);
         }
-        const int k0 = 4 * (tb + 32 * W * c);
-        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + base + int64_t(k0 >> col_shift) * a.l.cols +
-                                                 (k0 & col_mask)) = packed;
+        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + e) = packed;
       }
       if (active && tb == 0) a.absmax_out[i][b] = m[i];
     }

@@ -55,6 +55,8 @@ struct StepArgs {
   const float* absmax_in[kMaxStates];
   uint8_t* codes_out[kMaxStates];
   float* absmax_out[kMaxStates];
+  const uint32_t* row_index;   // stochastic rounding (step_ffi.h): element (r, c)'s index is row_index[r] +
+  const uint32_t* col_index;   // col_index[c]; null: round to nearest
   int group;
   bool with_params;
   bool apply;

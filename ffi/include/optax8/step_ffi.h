@@ -11,7 +11,7 @@
 //          p + update, the new parameter, which XLA may alias to p),
 //          tile_rows (the block layout of every leaf: BlockLayout),
 //          stochastic: 0 (round to nearest) or 1 (stochastic rounding,
-//          optax8/rounding.py; the CPU handler only),
+//          optax8/rounding.py),
 //          bits: 8, or 4 (every state's codes in its map at 4 bits, packed
 //          two a byte along the last axis; the CPU handler only)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
