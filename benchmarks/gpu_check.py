@@ -11,7 +11,7 @@ Runs from a source checkout with the prebuilt libraries in ``optax8/_lib``
    (every handler once, checked against the CPU handler);
 4. step times (``step_time.py``): adamw8bit's update and apply paths
    against optax.adamw and a plain copy of the same bytes, one tensor per
-   leaf and 500 leaves, stochastic rounding, all nine optimizers, bfloat16 params, and
+   leaf and 500 leaves, stochastic rounding, 4-bit states, all nine optimizers, bfloat16 params, and
    bitsandbytes' AdamW8bit and torch's fused AdamW where installed;
 5. with ``--ncu``, Nsight Compute's view of one fused AdamW step launch;
 6. ``gpu_check.json``: all of it, one object, and ``logs.txt``: every log.
@@ -155,7 +155,8 @@ def main():
            ("adamw_1_leaf", ["--params", str(500 * (big // 500 // 1024) * 1024), "--leaves", "1",
                              "--optimizers", "adamw"]),
            ("adamw_stochastic", ["--params", str(big), "--leaves", "16", "--optimizers", "adamw,lion",
-                                 "--rounding", "stochastic"])]
+                                 "--rounding", "stochastic"]),
+           ("adamw_4bit", ["--params", str(big), "--leaves", "16", "--optimizers", "adamw,lion", "--bits", "4"])]
   if not args.quick:
     cases += [("all_16_leaves", ["--params", str(big // 4), "--leaves", "16", "--optimizers", "all"]),
               ("adamw_bf16", ["--params", str(big), "--leaves", "16", "--optimizers", "adamw", "--dtype", "bfloat16"]),

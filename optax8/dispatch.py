@@ -160,8 +160,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   ``apply``, written over the parameters where ``in_place``.
   Natively the whole group is one kernel call. With ``stochastic`` the
   states are rounded stochastically (`optax8.rounding`); with ``bits`` 4
-  the codes are 4-bit codes (`optax8.layout.packed_shape`), stepped by the
-  native CPU kernel or the pure-JAX step (GPUs and TPUs).
+  the codes are 4-bit codes (`optax8.layout.packed_shape`).
   """
   group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic, bits)
   operands, results = group.roles()
@@ -197,9 +196,8 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
 
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
   branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
-  four_bit_ok = lambda p: p in native.FOUR_BIT_PLATFORMS and group.block_size // group.rows % 2 == 0
-  branches.update({p: native_fn for p in NATIVE_PLATFORMS
-                   if native.has_rule(p, group.algo) and (group.bits == 8 or four_bit_ok(p))})
+  packs = group.bits == 8 or group.block_size // group.rows % 2 == 0   # no byte of 4-bit codes in two blocks
+  branches.update({p: native_fn for p in NATIVE_PLATFORMS if native.has_rule(p, group.algo) and packs})
   if group.block_size > CUDA_MAX_STEP_BLOCK:
     branches.pop("cuda", None)   # the CUDA kernel keeps a block's states in registers
   return lax.platform_dependent(*flat, default=jax_fn, **branches)

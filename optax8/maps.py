@@ -167,7 +167,7 @@ def compact_buckets(kind: str = SIGNED) -> np.ndarray:
   for every float32 ``v`` that is not NaN (the CUDA step's lookup, 5.9 KB a map in shared
   memory). Raises if a bucket outside the range changes the code or holds a midpoint.
   """
-  table, mids_bits = bucket_table(kind), midpoints(kind)[:255].view(np.uint32) >> 16
+  table, mids_bits = bucket_table(kind), midpoints(kind)[:-1].view(np.uint32) >> 16
   out = np.zeros((2, BUCKET_COUNT), np.uint8)
   for sign in (0, 1):
     m = np.arange(0x8000)
@@ -247,7 +247,7 @@ def cxx_header() -> str:
   parts.append("// The compact bucket tables (optax8.maps.compact_buckets): positive, then negative floats.")
   parts.append(f"#define OPTAX8_BUCKET_LO {BUCKET_LO:#x}\n#define OPTAX8_BUCKET_HI {BUCKET_HI:#x}\n"
                f"#define OPTAX8_BUCKET_COUNT {BUCKET_COUNT}")
-  for kind in MAP_KINDS:
+  for kind in MAP_KINDS + MAP4_KINDS:
     codes = [str(int(c)) for c in compact_buckets(kind).reshape(-1)]
     lines = [",".join(codes[i:i + 32]) for i in range(0, len(codes), 32)]
     parts.append(f"#define OPTAX8_{kind.upper()}_BUCKETS \\\n    " + ", \\\n    ".join(lines))

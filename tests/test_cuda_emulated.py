@@ -206,11 +206,13 @@ def cuda_handlers(monkeypatch):
   jax.clear_caches()
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("name", NAMES)
-def test_optimizers_on_the_emulated_handlers_match_the_cpu_ones(name, rounding, request):
-  """The nine optimizers (grouped leaves, 8-bit and 32-bit leaves, update and apply) for three steps."""
-  tx = OPTIMIZERS[name][0](min_8bit_size=256, rounding=rounding)
+@pytest.mark.parametrize("name,rounding,bits", [(name, "nearest", 8) for name in NAMES] +
+                         [(name, rounding, bits) for name in ("adamw", "lion")
+                          for rounding, bits in (("stochastic", 8), ("nearest", 4))])
+def test_optimizers_on_the_emulated_handlers_match_the_cpu_ones(name, rounding, bits, request):
+  """The nine optimizers (grouped leaves, 8-bit and 32-bit leaves, update and apply) for three steps; two of them
+  with stochastic rounding and with 4-bit states (the kernel tests above take every algorithm)."""
+  tx = OPTIMIZERS[name][0](min_8bit_size=256, rounding=rounding, bits=bits)
   rng = np.random.default_rng(3)
   params = {f"p{i}": (rng.standard_normal((i + 1, 300 * i + 7)) * 0.1).astype(np.float32) for i in range(6)}
   grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
@@ -244,19 +246,26 @@ def test_a_bad_leaf_fails_the_call_before_any_kernel_runs():
   assert lib.optax8_emulation_launches() == before
 
 
-def test_4_bit_states_are_refused_with_an_error():
-  """4-bit states run on the pure-JAX step on GPUs (optax8.dispatch does not give them to the CUDA handler); a
-  direct call gets an error that says so, and no kernel runs."""
-  lib = library()
-  lib.optax8_emulation_launches.restype = ctypes.c_int64
-  rng = np.random.default_rng(0)
-  g, p, states = _leaf(rng, ALGOS["lion"], np.float32, (4, 512), 256, True)
-  packed = (g, p, tuple((c[:, :256], a) for c, a in states))   # 4-bit codes of the same elements, two a byte
-  before = lib.optax8_emulation_launches()
-  with pytest.raises(Exception, match="4-bit states are not supported"):
-    jax.block_until_ready(jax.jit(lambda h, ls: native.step_group(
-        int(ALGOS["lion"]), h, ls, 256, False, "optax8_step" + SUFFIX, bits=4))(_hypers(1), [packed]))
-  assert lib.optax8_emulation_launches() == before
+FOUR_BIT_CASES = [(shape, block) for shape, block in STEP_CASES if layout.tile(block)[1] % 2 == 0] + [
+    ((7, 33), 8), ((5, 130), 128)]
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,block", FOUR_BIT_CASES)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_4_bit_states_match_the_cpu_handler(algo, shape, block, stochastic):
+  """bits=4 in both CUDA kernels (half-byte reads; whole-blocks rows as one 2-byte access per 4 codes; the general
+  kernel's bytes packed through shared memory, an odd last column's high half 0): the CPU handler's bits."""
+  rng = np.random.default_rng(int(algo) * 3 + len(shape))
+  g, p, states = _leaf(rng, algo, np.float32, shape, block, True, special=block == 256)
+  states = tuple((c[..., :(shape[-1] + 1) // 2], a) for c, a in states)   # any bytes are two 4-bit codes
+  options = dict(bits=4, indices=[rounding.index_vectors(shape)] if stochastic else None)
+  out = both(lambda s: lambda h, l: native.step_group(int(algo), h, [l], block, True, "optax8_step" + s,
+                                                      **options)[0], _stochastic_hypers(1), (g, p, states))
+  assert_same(*out)
+  if shape[-1] % 2:
+    for codes, _ in out[1][1]:
+      assert not np.any(codes[..., -1] >> 4)
 
 
 # ---- the emulation itself catches synchronisation bugs ---------------------------------

@@ -12,7 +12,10 @@
 // one warp); then it requantizes its own elements by binary search over the
 // decision points held in shared memory, and with stochastic rounding
 // (optax8/rounding.py) moves each code to stochastic_code's (quantize.h),
-// with the draw of the element's index in its leaf.
+// with the draw of the element's index in its leaf. 4-bit codes (two a
+// byte) are read a half byte each; the new ones go through shared memory,
+// where each thread packs whole bytes of its block (an odd last column
+// leaves the high half 0).
 //
 // Aliasing: XLA aliases the old codes and absmax to the new ones and the
 // gradient to the update. Every element is read and written by the same
@@ -69,15 +72,17 @@ template <int A, typename G, int E>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   using T = typename G::T;
   constexpr int n = algo_states(A);
-  __shared__ float values[2][256];
+  __shared__ float values[2][256];   // the maps of the signed and unsigned states at a.bits
   __shared__ float mids[2][256];
   __shared__ float scratch[kMaxStates][kThreads / 32];
+  __shared__ uint8_t staged[kThreads * E];   // 4-bit codes: the new codes of the CTA's blocks
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    values[k][threadIdx.x] = kStepMapValues[k][threadIdx.x];
-    mids[k][threadIdx.x] = kStepMapMids[k][threadIdx.x];
+    values[k][threadIdx.x] = map_value(map_with_bits(k, a.bits), threadIdx.x);
+    mids[k][threadIdx.x] = map_mid(map_with_bits(k, a.bits), threadIdx.x);
   }
   __syncthreads();
+  const bool four = a.bits == 4;
 
   const BlockLayout& l = a.l;
   const int group = a.group;
@@ -87,6 +92,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   const Block blk = active ? l.at(b) : Block{0, 0, 1, 0};
   const int len = int(blk.width * blk.height), width = int(blk.width);
   const int64_t off = blk.off, row = blk.row;
+  const int64_t col0 = off - row * l.cols;   // the block's first column (even at 4 bits)
   const T* g = static_cast<const T*>(a.g) + off;
   const T* p = static_cast<const T*>(a.p) + off;
   T* u = static_cast<T*>(a.u) + off;
@@ -110,8 +116,13 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     const bool in = k < len;
     gv[j] = in ? G::load(g[e[j]]) : 0.0f;
     pv[j] = in && a.with_params ? G::load(p[e[j]]) : 0.0f;
+    // 4-bit: element (r, c) of the block is half (c & 1) of byte (row + r) * code_cols + (col0 + c) / 2
+    const int r = in ? k / width : 0, c = k - r * width;
+    const int64_t byte = (row + r) * a.code_cols + (col0 + c) / 2;
 #pragma unroll
-    for (int i = 0; i < n; ++i) code[i][j] = in ? a.codes_in[i][off + e[j]] : uint8_t(0);
+    for (int i = 0; i < n; ++i)
+      code[i][j] = !in ? uint8_t(0)
+                       : four ? uint8_t((a.codes_in[i][byte] >> (4 * (c & 1))) & 0x0fu) : a.codes_in[i][off + e[j]];
   }
 
   HyperF<float> h;
@@ -142,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
 
   group_absmax<A>(m, group, scratch);
 
-  const int64_t col0 = off - row * l.cols;   // the block's first column
+  uint8_t* slot = staged + (threadIdx.x / group) * group * E;   // this block's new 4-bit codes
 #pragma unroll
   for (int i = 0; i < n; ++i) {
     const Normalizer normalize(m[i]);
@@ -161,8 +172,21 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
           const int r = k / width;
           c = stochastic_code(v, c, rounding_draw(a.row_index[row + r] + a.col_index[col0 + k - r * width], key), vi);
         }
-        codes[e[j]] = uint8_t(floor_code(c, st[i][j], floor));
+        if (four)
+          slot[k] = uint8_t(floor_code(c, st[i][j], floor));
+        else
+          codes[e[j]] = uint8_t(floor_code(c, st[i][j], floor));
       }
+    }
+    if (four) {   // whole bytes of the block's rows (every thread of the CTA reaches the barriers)
+      __syncthreads();
+      const int half = (width + 1) / 2;
+      for (int q = lane; q < half * int(blk.height); q += group) {
+        const int r = q / half, c = 2 * (q - r * half);
+        const uint8_t high = c + 1 < width ? slot[r * width + c + 1] : uint8_t(0);
+        a.codes_out[i][(row + r) * a.code_cols + (col0 + c) / 2] = uint8_t(slot[r * width + c] | (high << 4));
+      }
+      __syncthreads();
     }
     if (active && lane == 0) a.absmax_out[i][b] = m[i];
   }
@@ -219,6 +243,8 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   }
   a.row_index = s.row_index;
   a.col_index = s.col_index;
+  a.bits = s.bits;
+  a.code_cols = s.code_cols;
   a.group = int(std::min<int64_t>(s.l.block, kThreads));
   a.with_params = s.with_params;
   a.apply = s.apply;
@@ -239,14 +265,12 @@ ffi::Error Step(cudaStream_t stream, ffi::Buffer<ffi::F32> hyper, ffi::Remaining
                 int64_t algo, int64_t block_size, int64_t leaves, int64_t params_mode, int64_t tile_rows,
                 int64_t stochastic, int64_t bits) {
   if (auto e = check_step_call(args, rets, algo, leaves, stochastic, bits); e.failure()) return e;
-  if (bits != 8)   // optax8.dispatch runs 4-bit states on the pure-JAX step on GPUs
-    return ffi::Error::InvalidArgument("optax8 CUDA step: 4-bit states are not supported");
   if (block_size > kMaxBlock)
     return ffi::Error::InvalidArgument("optax8 CUDA step: block_size above " + std::to_string(kMaxBlock) +
                                        " is not supported");
   std::vector<StepBuffers> bufs(leaves);
   for (int64_t i = 0; i < leaves; ++i) {
-    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, stochastic, 8,
+    if (auto e = parse_step(hyper, args, rets, i, leaves, algo, block_size, tile_rows, params_mode, stochastic, bits,
                             &bufs[i]);
         e.failure())
       return e;

@@ -31,20 +31,30 @@ namespace {
 // bucket table (optax8.maps.compact_buckets): one byte and one comparison
 // with a decision point, the CPU handler's rule; with stochastic rounding
 // it moves to stochastic_code's (quantize.h) with the element's draw (a
-// chunk's 4 elements lie in one row). Aliasing as in cuda_step.cu: each
+// chunk's 4 elements lie in one row). 4-bit codes: a chunk's 4 codes are one
+// 2-byte access (rows are whole blocks, so chunk e's codes start at byte e / 2). Aliasing as in cuda_step.cu: each
 // thread reads its chunks before it writes them, and the absmax is written
 // after the reduction that every thread of the block joins after reading it.
 
 constexpr int kWarps = kThreads / 32;
 
-alignas(16) __device__ const uint8_t kBuckets[2][2 * OPTAX8_BUCKET_COUNT] = {{OPTAX8_SIGNED_BUCKETS},
-                                                                            {OPTAX8_UNSIGNED_BUCKETS}};
+alignas(16) __device__ const uint8_t kBuckets[4][2 * OPTAX8_BUCKET_COUNT] = {
+    {OPTAX8_SIGNED_BUCKETS}, {OPTAX8_UNSIGNED_BUCKETS}, {OPTAX8_SIGNED4_BUCKETS}, {OPTAX8_UNSIGNED4_BUCKETS}};
 
+// The tables of the signed and unsigned maps at the call's bits.
 struct Tables {
   float values[2][256];
   float mids[2][256];
   alignas(16) uint8_t buckets[2][2 * OPTAX8_BUCKET_COUNT];
 };
+
+// Four 4-bit codes (one per half byte of w) as the four bytes of a word, and back.
+__device__ __forceinline__ uint32_t widen4(uint32_t w) {
+  return (w & 0xfu) | ((w & 0xf0u) << 4) | ((w & 0xf00u) << 8) | ((w & 0xf000u) << 12);
+}
+__device__ __forceinline__ uint16_t narrow4(uint32_t b) {
+  return uint16_t((b & 0xfu) | ((b >> 4) & 0xf0u) | ((b >> 8) & 0xf00u) | ((b >> 12) & 0xf000u));
+}
 
 // #{j : mids[j] < v} from the compact bucket table of one map.
 __device__ __forceinline__ int table_code(float v, const uint8_t* buckets, const float* mids) {
@@ -93,14 +103,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kBlock = 128 * C * W, kPerCta = kWarps / W;
   __shared__ Tables t;
   __shared__ float scratch[kMaxStates][kWarps];
+  const bool four = a.bits == 4;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    t.values[k][threadIdx.x] = kStepMapValues[k][threadIdx.x];
-    t.mids[k][threadIdx.x] = kStepMapMids[k][threadIdx.x];
+    t.values[k][threadIdx.x] = map_value(map_with_bits(k, a.bits), threadIdx.x);
+    t.mids[k][threadIdx.x] = map_mid(map_with_bits(k, a.bits), threadIdx.x);
   }
-  const uint4* src = reinterpret_cast<const uint4*>(&kBuckets[0][0]);
+  const uint4* src = reinterpret_cast<const uint4*>(&kBuckets[four ? 2 : 0][0]);
   uint4* dst = reinterpret_cast<uint4*>(&t.buckets[0][0]);
-  for (int w = threadIdx.x; w < int(sizeof(kBuckets) / 16); w += kThreads) dst[w] = src[w];
+  for (int w = threadIdx.x; w < int(sizeof(t.buckets) / 16); w += kThreads) dst[w] = src[w];
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -142,7 +153,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       float gv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, pv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4];
       uint32_t code[n];
 #pragma unroll
-      for (int i = 0; i < n; ++i) code[i] = active ? *reinterpret_cast<const uint32_t*>(a.codes_in[i] + e) : 0u;
+      for (int i = 0; i < n; ++i)
+        code[i] = !active ? 0u
+                  : four  ? widen4(*reinterpret_cast<const uint16_t*>(a.codes_in[i] + e / 2))
+                          : *reinterpret_cast<const uint32_t*>(a.codes_in[i] + e);
       if (active) {
         Chunk4<G>::load(a.g, e, gv);
         if (a.with_params) Chunk4<G>::load(a.p, e, pv);
@@ -212,7 +226,10 @@ __global__ void __launch_bounds__(kThreads, 2)
             code = stochastic_code(v, code, rounding_draw(row_index + col_index[k], key), t.values[state_map(A, i)]);
           packed |= uint32_t(floor_code(code, st[i][c][k], floor)) << (8 * k);
         }
-        if (active) *reinterpret_cast<uint32_t*>(a.codes_out[i] + e) = packed;
+        if (active && four)
+          *reinterpret_cast<uint16_t*>(a.codes_out[i] + e / 2) = narrow4(packed);
+        else if (active)
+          *reinterpret_cast<uint32_t*>(a.codes_out[i] + e) = packed;
       }
       if (active && tb == 0) a.absmax_out[i][b] = m[i];
     }
@@ -246,8 +263,9 @@ bool whole_blocks(const StepBuffers& s) {
   const uintptr_t width = s.dtype == ffi::DataType::F32 ? 16 : 8;
   auto aligned = [](const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
   bool ok = aligned(s.g, width) && aligned(s.u, width) && (!s.with_params || aligned(s.p, width));
+  const uintptr_t codes = s.bits == 4 ? 2 : 4;
   for (int i = 0; i < s.n_states; ++i)
-    ok = ok && aligned(s.codes_in[i], 4) && aligned(s.codes_out[i], 4);
+    ok = ok && aligned(s.codes_in[i], codes) && aligned(s.codes_out[i], codes);
   return ok;
 }
 

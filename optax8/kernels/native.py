@@ -34,7 +34,6 @@ from optax8.sharding import num_shards
 LIB_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 PLATFORMS = {"cpu": ("liboptax8_cpu.so", "cpu", "_cpu"), "cuda": ("liboptax8_cuda.so", "CUDA", "_cuda")}
 TARGETS = ("optax8_quantize", "optax8_dequantize", "optax8_step")
-FOUR_BIT_PLATFORMS = ("cpu",)   # whose step handler keeps 4-bit states
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -284,7 +283,7 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   With ``indices``, each leaf's `optax8.rounding.index_vectors` (one per
   axis of g), the states are rounded stochastically.
   With ``bits`` 4 every state's codes are 4-bit codes, packed two a byte
-  along the last axis (CPU handler only; blocks of an even number of columns).
+  along the last axis (blocks of an even number of columns).
   """
   _ensure_registered()
   with_params = leaves[0][1] is not None

@@ -33,8 +33,19 @@ __device__ __forceinline__ bool vand(bool a, bool b) { return a && b; }
 namespace cuda_step {
 
 namespace {  // each translation unit has its own copy in constant memory
-__constant__ float kStepMapValues[2][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGNED_MAP}};
-__constant__ float kStepMapMids[2][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}};
+__constant__ float kStepMapValues[4][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGNED_MAP}, {OPTAX8_SIGNED4_MAP},
+                                             {OPTAX8_UNSIGNED4_MAP}};
+__constant__ float kStepMapMids[4][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}, {OPTAX8_SIGNED4_MIDS},
+                                           {OPTAX8_UNSIGNED4_MIDS}};
+
+// Entry t of map `kind`'s values or decision points: a 4-bit map's are +inf
+// from 16 on, as on the host (cpu_map.h: the 8-bit searches serve it).
+__device__ __forceinline__ float map_value(int64_t kind, int t) {
+  return kind >= kSigned4Map && t >= 16 ? INFINITY : kStepMapValues[kind][t];
+}
+__device__ __forceinline__ float map_mid(int64_t kind, int t) {
+  return kind >= kSigned4Map && t >= 16 ? INFINITY : kStepMapMids[kind][t];
+}
 }  // namespace
 
 constexpr int kThreads = 256;
@@ -60,6 +71,8 @@ struct StepArgs {
   int group;
   bool with_params;
   bool apply;
+  int bits;            // of the codes: 8, or 4 (two a byte along the last axis)
+  int64_t code_cols;   // bytes of codes per row
 };
 
 // The whole-blocks kernel (cuda_step_whole.cu): whether a leaf can take it,
