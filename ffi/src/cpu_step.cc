@@ -163,31 +163,38 @@ inline __m256i mix32_8(__m256i h) {
   return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
-// stochastic_codes (cpu_map.h) 8 values at a time, the rest one by one; as the AVX-512 loop.
+// stochastic_codes (cpu_map.h) 8 values at a time, the rest one by one; as the AVX-512 loop (the floors
+// table and 64-bit gathers of pairs of map values).
 inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                                    const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
   const __m256i row = _mm256_set1_epi32(int(row_index)), keys = _mm256_set1_epi32(int(key));
-  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), zero = _mm256_setzero_si256();
-  const __m256i top = _mm256_set1_epi32(255);
-  const auto clamp = [&](__m256i c) { return _mm256_min_epi32(_mm256_max_epi32(c, zero), top); };
+  const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+  const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);   // (low, high) pairs to 4 lows, 4 highs
+  const long long* pairs = reinterpret_cast<const long long*>(&map.pairs[0][0]);
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
     const __m256 xv = _mm256_loadu_ps(x + k);
-    const __m256 v = avx2::normalize8(xv, normalize);
-    const __m256i nearest = avx2::bucket_code8(v, map.table);
+    const __m256 v = _mm256_add_ps(avx2::normalize8(xv, normalize), _mm256_setzero_ps());
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(map.floors), _mm256_srli_epi32(bits, 16),
+                                                 4);
+    const __m256i order = _mm256_and_si256(_mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31)),
+                                           _mm256_set1_epi32(0xffff));
+    // lo = (entry & 0x1ff) - 1, plus 1 where order >= entry >> 15: minus 1 where entry >> 15 > order (a
+    // comparison's all ones are -1)
+    const __m256i lo = _mm256_add_epi32(_mm256_and_si256(entry, _mm256_set1_epi32(0x1ff)),
+                                        _mm256_cmpgt_epi32(_mm256_srli_epi32(entry, 15), order));
+    const __m256i lo1 = _mm256_add_epi32(lo, _mm256_set1_epi32(1));   // pairs[lo + 1]: values lo, lo + 1
+    const __m256 a = _mm256_permutevar8x32_ps(
+        _mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_castsi256_si128(lo1), 8)), split);
+    const __m256 b = _mm256_permutevar8x32_ps(
+        _mm256_castsi256_ps(_mm256_i32gather_epi64(pairs, _mm256_extracti128_si256(lo1, 1), 8)), split);
+    const __m256 low = _mm256_permute2f128_ps(a, b, 0x20), high = _mm256_permute2f128_ps(a, b, 0x31);
     const __m256i index = _mm256_add_epi32(row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_index + k)));
     const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(mix32_8(_mm256_xor_si256(index, keys)), 8)),
                                    _mm256_set1_ps(0x1p-24f));
-    const __m256 near_value = _mm256_i32gather_ps(map.values, nearest, 4);
-    const __m256 above = _mm256_cmp_ps(near_value, v, _CMP_GT_OQ);   // all ones: -1 as an integer
-    const __m256i lo = _mm256_add_epi32(nearest, _mm256_castps_si256(above));
-    const __m256i other = _mm256_sub_epi32(_mm256_add_epi32(nearest, one),
-                                           _mm256_and_si256(_mm256_castps_si256(above), two));
-    const __m256 other_value = _mm256_i32gather_ps(map.values, clamp(other), 4);
-    const __m256 low = _mm256_blendv_ps(near_value, other_value, above);
-    const __m256 high = _mm256_blendv_ps(other_value, near_value, above);
     const __m256 up = _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(high, low)), _mm256_sub_ps(v, low), _CMP_LT_OQ);
-    const __m256i code = clamp(_mm256_sub_epi32(lo, _mm256_castps_si256(up)));
+    const __m256i code = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(lo, _mm256_castps_si256(up)), zero), top);
     avx2::store_codes8(codes + k, avx2::floor_codes8(code, xv, map.floor));
   }
   stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
@@ -402,31 +409,39 @@ inline __m512i mix32_16(__m512i h) {
   return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
 }
 
-// stochastic_codes (cpu_map.h) 16 values at a time, the rest one by one.
+// stochastic_codes (cpu_map.h) 16 values at a time, the rest one by one. stochastic_code's lo (the code of
+// the map value at or below v) comes from the floors table, and values lo and lo + 1 from one 64-bit gather
+// of pairs (-inf and +inf past the map's ends make the clamps of lo and lo + 1 unnecessary); v + 0 turns -0
+// into +0, whose floor is the code of 0 as stochastic_code finds it.
 inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, const Normalizer& normalize,
                                    const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
   const V scale = _mm512_set1_ps(normalize.scale), inv = _mm512_set1_ps(normalize.inv);
   const __m512i row = _mm512_set1_epi32(int(row_index)), keys = _mm512_set1_epi32(int(key));
   const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, one);
+  const void* pairs = &map.pairs[0][0];
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
     const V xv = _mm512_loadu_ps(x + k);
-    const V v = normalize16(xv, scale, inv);
-    const __m512i nearest = bucket_codes16(v, map.table);
+    const V v = _mm512_add_ps(normalize16(xv, scale, inv), _mm512_setzero_ps());
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), map.floors, 4);
+    const __m512i order = _mm512_and_si512(_mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31)),
+                                           _mm512_set1_epi32(0xffff));
+    const __m512i below = _mm512_and_si512(entry, _mm512_set1_epi32(0x1ff));   // lo + 1
+    const __m512i lo1 = _mm512_mask_add_epi32(below, _mm512_cmpge_epu32_mask(order, _mm512_srli_epi32(entry, 15)),
+                                              below, one);
+    const __m512i pair_lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(lo1), pairs, 8);
+    const __m512i pair_hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(lo1, 1), pairs, 8);
+    const V low = _mm512_castsi512_ps(_mm512_permutex2var_epi32(pair_lo, even, pair_hi));
+    const V high = _mm512_castsi512_ps(_mm512_permutex2var_epi32(pair_lo, odd, pair_hi));
     const __m512i index = _mm512_add_epi32(row, _mm512_loadu_si512(col_index + k));   // rounding_draw
     const V u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, keys)), 8)),
                               _mm512_set1_ps(0x1p-24f));
-    // stochastic_code: lo is the nearest code, or the one below where the nearest value is above v; the
-    // nearest value is then high (else low), and the other one its neighbour (clamped to the map).
-    const V near_value = _mm512_i32gather_ps(nearest, map.values, 4);
-    const __mmask16 above = _mm512_cmp_ps_mask(near_value, v, _CMP_GT_OQ);
-    const __m512i lo = _mm512_mask_sub_epi32(nearest, above, nearest, one);
-    const __m512i other = _mm512_mask_sub_epi32(_mm512_add_epi32(nearest, one), above, nearest, one);
-    const V other_value = _mm512_i32gather_ps(_mm512_min_epi32(_mm512_max_epi32(other, zero), top), map.values, 4);
-    const V low = _mm512_mask_blend_ps(above, near_value, other_value);
-    const V high = _mm512_mask_blend_ps(above, other_value, near_value);
     const __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(high, low)), _mm512_sub_ps(v, low),
                                             _CMP_LT_OQ);
+    const __m512i lo = _mm512_sub_epi32(lo1, one);
     const __m512i code = _mm512_min_epi32(_mm512_max_epi32(_mm512_mask_add_epi32(lo, up, lo, one), zero), top);
     store_codes16(codes + k, map.floor ? floor_codes16(code, xv, map.floor) : code);
   }

@@ -41,6 +41,12 @@ struct HostMap {
   float values[256];
   float mids[256];
   uint32_t table[65536];
+  // Stochastic rounding's lookup of the map value at or below v (floor_entry) and of its neighbour above:
+  // floors[b] holds 1 + that value's code for the lowest float of bucket b (bits 0-8; 0 below the map) and,
+  // from bit 15, the order key of the next map value where it lies in the bucket (0x10000 where none does);
+  // pairs[c + 1] holds values c and c + 1 (values[-1] = -inf, values[256] = +inf) as one 64-bit word.
+  uint32_t floors[65536];
+  alignas(64) float pairs[257][2];
   alignas(64) uint8_t planes[4][256];  // planes[k][c]: byte k of values[c] (byte-permute lookups)
   int floor;                           // positive_floor of the map (quantize.h)
   bool sign;                           // signs_absmax of the map (quantize.h)
@@ -59,6 +65,14 @@ struct HostMap {
       const uint32_t mid_bits = float_bits(mids[lo]);
       const uint32_t key = (mid_bits >> 16) == b ? bucket_key(mid_bits) : 0xffffu;
       table[b] = uint32_t(lo) | (key << 16);
+      const int below = int(std::upper_bound(values, values + 256, lowest) - values);   // 1 + the floor's code
+      const uint32_t next_bits = below < 256 ? float_bits(values[below]) : 0u;
+      const uint32_t next_key = below < 256 && (next_bits >> 16) == b ? bucket_key(next_bits) : 0x10000u;
+      floors[b] = uint32_t(below) | (next_key << 15);
+    }
+    for (int c = -1; c < 256; ++c) {
+      pairs[c + 1][0] = c < 0 ? -INFINITY : values[c];
+      pairs[c + 1][1] = c + 1 < 256 ? values[c + 1] : INFINITY;
     }
   }
 };
