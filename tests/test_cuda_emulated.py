@@ -13,14 +13,13 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import optax8
 from optax8 import layout, maps, rounding
-from optax8.kernels import algorithms, jax_step, native
+from optax8.kernels import algorithms, native
 from helpers import DTYPES
 from test_alias import NAMES, OPTIMIZERS
 

@@ -13,7 +13,7 @@ import optax8
 from optax8 import dispatch, maps, rounding
 from optax8.kernels import jax_backend, jax_step, native
 from optax8.kernels import algorithms
-from optax8.kernels.algorithms import Hyper, hyper_vector
+from optax8.kernels.algorithms import hyper_vector
 from helpers import DTYPES, needs_native_cpu
 
 GENERATED = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "optax8"

@@ -13,7 +13,7 @@
 //          stochastic: 0 (round to nearest) or 1 (stochastic rounding,
 //          optax8/rounding.py),
 //          bits: 8, or 4 (every state's codes in its map at 4 bits, packed
-//          two a byte along the last axis; the CPU handler only)
+//          two a byte along the last axis)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
 // leaf evenly between them (whole matrices where blocks are tiles).
 #pragma once
