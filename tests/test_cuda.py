@@ -246,14 +246,11 @@ def test_cuda_step_rejects_blocks_above_4096():
     _run_native(ALGOS["lion"], 8192, *inputs)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "lamb"])
-def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
-  """Whole optimizers on the GPU (grouped leaves, apply_gradients) against the same on the CPU."""
-  from test_alias import OPTIMIZERS
-  tx = OPTIMIZERS[name][0](min_8bit_size=256, block_size=256)
-  rng = np.random.default_rng(7)
-  params = {f"p{i}": (rng.standard_normal((i + 1, 700)) * 0.1).astype(np.float32) for i in range(12)}
+def _three_steps_on_cpu_and_gpu(tx, rows: int, cols: int, seed: int):
+  """``{"cpu": (params, state), "gpu": (params, state)}`` after three fused steps of ``tx`` on ``rows`` leaves of
+  shape (i + 1, cols), as numpy."""
+  rng = np.random.default_rng(seed)
+  params = {f"p{i}": (rng.standard_normal((i + 1, cols)) * 0.1).astype(np.float32) for i in range(rows)}
   grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
   results = {}
   for device in (_cpu(), _gpu()):
@@ -261,9 +258,18 @@ def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
     state = tx.init(p)
     for _ in range(3):
       p, state = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g, state, p)
-    results[device.platform] = jax.tree.map(np.asarray, p)   # "cpu" and "gpu"
-  for k in params:
-    np.testing.assert_allclose(results["gpu"][k], results["cpu"][k], rtol=1e-5, atol=1e-7)
+    results[device.platform] = jax.tree.map(np.asarray, (p, state))   # "cpu" and "gpu"
+  return results
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adamw", "lion", "ademamix", "lamb"])
+def test_cuda_optimizer_matches_cpu_with_many_leaves_and_apply(name):
+  """Whole optimizers on the GPU (grouped leaves, apply_gradients) against the same on the CPU."""
+  from test_alias import OPTIMIZERS
+  results = _three_steps_on_cpu_and_gpu(OPTIMIZERS[name][0](min_8bit_size=256, block_size=256), 12, 700, 7)
+  for k in results["cpu"][0]:
+    np.testing.assert_allclose(results["gpu"][0][k], results["cpu"][0][k], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu
@@ -273,16 +279,7 @@ def test_cuda_stochastic_rounding_and_4_bit_states_match_cpu(bits):
   a few equal: the rule's float32 rounding may differ between the devices' compilers)."""
   from test_alias import OPTIMIZERS
   tx = OPTIMIZERS["adamw"][0](min_8bit_size=256, rounding="stochastic", bits=bits)
-  rng = np.random.default_rng(8)
-  params = {f"p{i}": (rng.standard_normal((i + 1, 1024)) * 0.1).astype(np.float32) for i in range(6)}
-  grads = {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
-  results = {}
-  for device in (_cpu(), _gpu()):
-    p, g = _put(params, device), _put(grads, device)
-    state = tx.init(p)
-    for _ in range(3):
-      p, state = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(g, state, p)
-    results[device.platform] = jax.tree.map(np.asarray, (p, state))
+  results = _three_steps_on_cpu_and_gpu(tx, 6, 1024, 8)
   for a, b in zip(jax.tree.leaves(results["gpu"]), jax.tree.leaves(results["cpu"])):
     if a.dtype == np.uint8:
       assert np.mean(a != b) < 1e-3
