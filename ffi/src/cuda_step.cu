@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
   __shared__ uint8_t staged[kThreads * E];   // 4-bit codes: the new codes of the CTA's blocks
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    values[k][threadIdx.x] = map_value(map_with_bits(k, a.bits), threadIdx.x);
-    mids[k][threadIdx.x] = map_mid(map_with_bits(k, a.bits), threadIdx.x);
+    values[k][threadIdx.x] = kStepMapValues[map_with_bits(k, a.bits)][threadIdx.x];
+    mids[k][threadIdx.x] = kStepMapMids[map_with_bits(k, a.bits)][threadIdx.x];
   }
   __syncthreads();
   const bool four = a.bits == 4;

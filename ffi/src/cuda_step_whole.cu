@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool four = a.bits == 4;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    t.values[k][threadIdx.x] = map_value(map_with_bits(k, a.bits), threadIdx.x);
-    t.mids[k][threadIdx.x] = map_mid(map_with_bits(k, a.bits), threadIdx.x);
+    t.values[k][threadIdx.x] = kStepMapValues[map_with_bits(k, a.bits)][threadIdx.x];
+    t.mids[k][threadIdx.x] = kStepMapMids[map_with_bits(k, a.bits)][threadIdx.x];
   }
   const uint4* src = reinterpret_cast<const uint4*>(&kBuckets[four ? 2 : 0][0]);
   uint4* dst = reinterpret_cast<uint4*>(&t.buckets[0][0]);

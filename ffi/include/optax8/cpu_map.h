@@ -32,16 +32,12 @@ inline int bucket_code(float v, const uint32_t* table) {
   return int(entry & 0xffu) + ((entry >> 16) < bucket_key(bits) ? 1 : 0);
 }
 
-// A map of `count` (256 or 16) values. A 4-bit map's values and decision
-// points are padded with +inf to 256: every lookup and search of the 8-bit
-// maps then serves it, a normalized value (|v| <= 1) never counts past code
-// 15, and stochastic rounding never rounds up from it (u * inf is not
-// below v - 1).
+// A map of 256 values (a 4-bit map's 16 padded with +inf: maps.h).
 struct HostMap {
   float values[256];
   float mids[256];
   uint32_t table[65536];
-  // Stochastic rounding's lookup of the map value at or below v (floor_entry) and of its neighbour above:
+  // Stochastic rounding's lookup of the map value at or below v and of its neighbour above:
   // floors[b] holds 1 + that value's code for the lowest float of bucket b (bits 0-8; 0 below the map) and,
   // from bit 15, the order key of the next map value where it lies in the bucket (0x10000 where none does);
   // pairs[c + 1] holds values c and c + 1 (values[-1] = -inf, values[256] = +inf) as one 64-bit word.
@@ -51,10 +47,10 @@ struct HostMap {
   int floor;                           // positive_floor of the map (quantize.h)
   bool sign;                           // signs_absmax of the map (quantize.h)
 
-  HostMap(const float* v, const float* m, int count, int64_t kind)
+  HostMap(const float (&v)[256], const float (&m)[256], int64_t kind)
       : floor(positive_floor(kind)), sign(signs_absmax(kind)) {
-    std::fill(std::copy(v, v + count, values), values + 256, INFINITY);
-    std::fill(std::copy(m, m + count, mids), mids + 256, INFINITY);
+    std::copy(v, v + 256, values);
+    std::copy(m, m + 256, mids);
     for (int c = 0; c < 256; ++c)
       for (int k = 0; k < 4; ++k) planes[k][c] = uint8_t(float_bits(values[c]) >> (8 * k));
     for (uint32_t b = 0; b < 65536; ++b) {
@@ -93,25 +89,25 @@ inline const HostMap& host_map(int64_t kind) {
   static const float signed_mids[256] = {OPTAX8_SIGNED_MIDS};
   static const float unsigned_values[256] = {OPTAX8_UNSIGNED_MAP};
   static const float unsigned_mids[256] = {OPTAX8_UNSIGNED_MIDS};
-  static const float signed4_values[16] = {OPTAX8_SIGNED4_MAP};
-  static const float signed4_mids[16] = {OPTAX8_SIGNED4_MIDS};
-  static const float unsigned4_values[16] = {OPTAX8_UNSIGNED4_MAP};
-  static const float unsigned4_mids[16] = {OPTAX8_UNSIGNED4_MIDS};
+  static const float signed4_values[256] = {OPTAX8_SIGNED4_MAP};
+  static const float signed4_mids[256] = {OPTAX8_SIGNED4_MIDS};
+  static const float unsigned4_values[256] = {OPTAX8_UNSIGNED4_MAP};
+  static const float unsigned4_mids[256] = {OPTAX8_UNSIGNED4_MIDS};
   switch (kind) {
     case kUnsignedMap: {
-      static const HostMap map(unsigned_values, unsigned_mids, 256, kind);
+      static const HostMap map(unsigned_values, unsigned_mids, kind);
       return map;
     }
     case kSigned4Map: {
-      static const HostMap map(signed4_values, signed4_mids, 16, kind);
+      static const HostMap map(signed4_values, signed4_mids, kind);
       return map;
     }
     case kUnsigned4Map: {
-      static const HostMap map(unsigned4_values, unsigned4_mids, 16, kind);
+      static const HostMap map(unsigned4_values, unsigned4_mids, kind);
       return map;
     }
     default: {
-      static const HostMap map(signed_values, signed_mids, 256, kSignedMap);
+      static const HostMap map(signed_values, signed_mids, kSignedMap);
       return map;
     }
   }

@@ -37,15 +37,6 @@ __constant__ float kStepMapValues[4][256] = {{OPTAX8_SIGNED_MAP}, {OPTAX8_UNSIGN
                                              {OPTAX8_UNSIGNED4_MAP}};
 __constant__ float kStepMapMids[4][256] = {{OPTAX8_SIGNED_MIDS}, {OPTAX8_UNSIGNED_MIDS}, {OPTAX8_SIGNED4_MIDS},
                                            {OPTAX8_UNSIGNED4_MIDS}};
-
-// Entry t of map `kind`'s values or decision points: a 4-bit map's are +inf
-// from 16 on, as on the host (cpu_map.h: the 8-bit searches serve it).
-__device__ __forceinline__ float map_value(int64_t kind, int t) {
-  return kind >= kSigned4Map && t >= 16 ? INFINITY : kStepMapValues[kind][t];
-}
-__device__ __forceinline__ float map_mid(int64_t kind, int t) {
-  return kind >= kSigned4Map && t >= 16 ? INFINITY : kStepMapMids[kind][t];
-}
 }  // namespace
 
 constexpr int kThreads = 256;
