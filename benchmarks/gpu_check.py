@@ -160,6 +160,8 @@ def main():
   if not args.quick:
     cases += [("all_16_leaves", ["--params", str(big // 4), "--leaves", "16", "--optimizers", "all"]),
               ("adamw_bf16", ["--params", str(big), "--leaves", "16", "--optimizers", "adamw", "--dtype", "bfloat16"]),
+              ("adamw_bf16_stochastic", ["--params", str(big), "--leaves", "16", "--optimizers", "adamw", "--dtype",
+                                         "bfloat16", "--param-rounding", "stochastic"]),
               ("adamw_mlp", ["--mlp", "4096", "--leaves", "8", "--batch", "256", "--optimizers", "adamw"])]
   if args.cases:
     cases = [c for c in cases if c[0] in args.cases.split(",")]

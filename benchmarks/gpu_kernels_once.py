@@ -3,7 +3,8 @@
 
 Quantize and dequantize of both maps in each dtype, and the fused step of
 every algorithm in each dtype, with and without params and in apply mode
-(and with stochastic rounding and 4-bit states), at block sizes 16, 256
+(and with stochastic rounding of states and of bfloat16 params, and 4-bit
+states), at block sizes 16, 256
 and 4096, one leaf and a group of three. Each result
 is compared with the CPU handler's; the last line says how many differ.
 
@@ -79,6 +80,11 @@ def main():
                                               block, apply, indices=indices), hypers, leaves)
       packed = [(g, p, tuple((c[..., :(g.shape[-1] + 1) // 2], a) for c, a in s)) for g, p, s in leaves]
       compare(lambda h, ls: native.step_group(int(algo), h, ls, block, apply, bits=4), hypers, packed)
+    if mode == "apply" and dtype == jnp.bfloat16:   # the new params rounded stochastically
+      indices = [rounding.index_vectors(g.shape) for g, _, _ in leaves]
+      compare(lambda h, ls: native.step_group(int(algo), h.at[:, algorithms.Hyper.PARAM_ROUNDING_STEP].set(7.0), ls,
+                                              block, apply, indices=indices, round_states=False, round_params=True),
+              hypers, leaves)
   print(f"{runs} handler runs on the GPU, {differ} differ from the CPU handler")
   return 1 if differ else 0
 

@@ -49,13 +49,22 @@ class FusedUpdate:
   Calling it is calling ``update``. ``apply_gradients(grads, state, params,
   **extra_args) -> (new_params, new_state)`` equals ``update`` followed by
   ``optax.apply_updates``, with the kernels writing the new parameters.
+  Two optional parts let `chain` hand a last `optax8.param_rounding` to
+  the fused apply before it: ``apply_rounded(grads, state, params,
+  request, **extra_args)`` is ``apply_gradients`` with the new parameters
+  rounded as ``request`` (`optax8.low_precision.ParamRounding`) asks, and
+  ``param_rounding(updates, state, params) -> (request, new_state)`` is
+  the request of a param_rounding transformation.
   """
 
-  __slots__ = ("_update", "apply_gradients", "__wrapped__", "__weakref__")
+  __slots__ = ("_update", "apply_gradients", "apply_rounded", "param_rounding", "__wrapped__", "__weakref__")
 
-  def __init__(self, update: Callable, apply_gradients: Callable):
+  def __init__(self, update: Callable, apply_gradients: Callable, apply_rounded: Callable | None = None,
+               param_rounding: Callable | None = None):
     self._update = update
     self.apply_gradients = apply_gradients
+    self.apply_rounded = apply_rounded
+    self.param_rounding = param_rounding
     self.__wrapped__ = update   # inspect.signature (and jax.jit) see the update function
 
   def __call__(self, updates, state, params=None, **extra_args):
@@ -76,14 +85,18 @@ class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
     return self.update.apply_gradients(grads, state, params, **extra_args)
 
 
-def fused_transformation(init: Callable, update: Callable, apply_gradients: Callable) -> FusedGradientTransformation:
-  """A `FusedGradientTransformation` from its three functions."""
-  return FusedGradientTransformation(init, FusedUpdate(update, apply_gradients))
+def fused_transformation(init: Callable, update: Callable, apply_gradients: Callable,
+                         apply_rounded: Callable | None = None,
+                         param_rounding: Callable | None = None) -> FusedGradientTransformation:
+  """A `FusedGradientTransformation` from its functions (`FusedUpdate`)."""
+  return FusedGradientTransformation(init, FusedUpdate(update, apply_gradients, apply_rounded, param_rounding))
 
 
-def fused_from_run(init: Callable, run: Callable) -> FusedGradientTransformation:
+def fused_from_run(init: Callable, run: Callable, rounds: bool = False,
+                   param_rounding: Callable | None = None) -> FusedGradientTransformation:
   """A `FusedGradientTransformation` from ``init`` and ``run(updates, state, params, apply)``, which returns
-  the updates (``apply`` False) or the new params (``apply`` True), and the new state."""
+  the updates (``apply`` False) or the new params (``apply`` True), and the new state. With ``rounds``,
+  ``run`` also takes ``request`` (`FusedUpdate`'s ``apply_rounded``)."""
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -93,7 +106,12 @@ def fused_from_run(init: Callable, run: Callable) -> FusedGradientTransformation
     del extra_args
     return run(grads, state, params, apply=True)
 
-  return fused_transformation(init, update_fn, apply_gradients_fn)
+  def apply_rounded_fn(grads, state, params, request, **extra_args):
+    del extra_args
+    return run(grads, state, params, apply=True, request=request)
+
+  return fused_transformation(init, update_fn, apply_gradients_fn, apply_rounded_fn if rounds else None,
+                              param_rounding)
 
 
 def fused_apply(tx) -> Callable | None:
@@ -102,28 +120,55 @@ def fused_apply(tx) -> Callable | None:
   return update.apply_gradients if isinstance(update, FusedUpdate) else None
 
 
+def _part(tx, name: str):
+  """The `FusedUpdate` part ``name`` of ``tx``, or None."""
+  update = getattr(tx, "update", None)
+  return getattr(update, name) if isinstance(update, FusedUpdate) else None
+
+
 def chain(*transforms) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(*transforms)``, keeping the last transformation's fused apply.
 
   Its ``apply_gradients`` runs the other transformations' ``update`` on the
   gradients, then the last one's fused apply; without a fused last
   transformation this is ``optax.chain``. The state is ``optax.chain``'s.
+  Where the last is `optax8.param_rounding` and the one before has a fused
+  apply that rounds (optax8's optimizers), that fused apply rounds the new
+  parameters itself, in the kernels.
   """
   chained = optax.chain(*transforms)
   last = fused_apply(transforms[-1]) if transforms else None
   if last is None:
     return chained
   first = [optax.with_extra_args_support(tx) for tx in transforms[:-1]]
+  rounder = _part(transforms[-1], "param_rounding")
+  rounded = _part(transforms[-2], "apply_rounded") if rounder is not None and len(transforms) > 1 else None
+  last_rounded = _part(transforms[-1], "apply_rounded")
 
-  def apply_gradients(grads, state, params, **extra_args):
+  def run_first(grads, state, params, n, extra_args):
     new_states = []
-    for tx, s in zip(first, state[:-1]):
+    for tx, s in zip(first[:n], state[:n]):
       grads, s = tx.update(grads, s, params, **extra_args)
       new_states.append(s)
+    return grads, new_states
+
+  def apply_gradients(grads, state, params, **extra_args):
+    if rounded is not None:   # the fused apply before the rounding rounds
+      grads, new_states = run_first(grads, state, params, len(first) - 1, extra_args)
+      request, rounding_state = rounder(grads, state[-1], params)
+      params, s = rounded(grads, state[-2], params, request, **extra_args)
+      return params, (*new_states, s, rounding_state)
+    grads, new_states = run_first(grads, state, params, len(first), extra_args)
     params, last_state = last(grads, state[-1], params, **extra_args)
     return params, (*new_states, last_state)
 
-  return fused_transformation(chained.init, chained.update, apply_gradients)
+  def apply_rounded(grads, state, params, request, **extra_args):
+    grads, new_states = run_first(grads, state, params, len(first), extra_args)
+    params, last_state = last_rounded(grads, state[-1], params, request, **extra_args)
+    return params, (*new_states, last_state)
+
+  return fused_transformation(chained.init, chained.update, apply_gradients,
+                              apply_rounded if last_rounded is not None else None)
 
 
 def partition(transforms: dict, param_labels, *, mask_compatible_extra_args: bool = False):

@@ -74,9 +74,11 @@ class StepGroup:
   ``hypers`` (``(leaves, NUM_HYPER)`` float32) and, per leaf, ``g``, ``p``
   (where ``with_params``) and ``(codes, absmax)`` per state; its results,
   per leaf, the update (or with ``apply`` the new parameter ``p + update``)
-  and ``(codes, absmax)`` per state. A ``stochastic`` group rounds its
-  states stochastically (`optax8.rounding`): each leaf's operands end with
-  its axes' index vectors, which a shard gets sliced like its elements.
+  and ``(codes, absmax)`` per state. A group with ``round_states`` rounds
+  its states stochastically (`optax8.rounding`), one with ``round_params``
+  (``apply``, bfloat16 params) its new parameters
+  (`optax8.low_precision`): then each leaf's operands end with its axes'
+  index vectors, which a shard gets sliced like its elements.
   With ``bits`` 4 every state's codes are 4-bit codes, two a byte along
   the last axis.
   """
@@ -91,14 +93,17 @@ class StepGroup:
   in_place: bool = True   # with apply: the new params may overwrite the params' buffers (native backends)
   ranks: tuple = ()       # with stochastic rounding, each leaf's rank (its index vectors); else ()
   bits: int = 8           # of every state's codes
+  round_states: bool = False   # the new states are rounded stochastically
+  round_params: bool = False   # and the new parameters
 
   @property
-  def stochastic(self) -> bool:
+  def indexed(self) -> bool:
+    """Each leaf's operands end with its index vectors."""
     return bool(self.ranks)
 
   @classmethod
   def of(cls, algo, block_size: int, apply: bool, leaves, in_place: bool = True,
-         stochastic: bool = False, bits: int = 8) -> StepGroup:
+         stochastic: bool = False, bits: int = 8, round_params: bool = False) -> StepGroup:
     """The group of ``leaves``, ``(g, p or None, states)`` each (p given for all or none; blocks of as many
     rows in each: all of rank >= 2, or all vectors)."""
     with_params = leaves[0][1] is not None
@@ -107,25 +112,25 @@ class StepGroup:
     rows = {layout.tile_rows(g.shape, block_size) for g, _, _ in leaves}
     if len(rows) != 1:
       raise ValueError("step_group: every leaf's blocks must have as many rows (matrices and vectors apart)")
-    ranks = tuple(g.ndim for g, _, _ in leaves) if stochastic else ()
+    ranks = tuple(g.ndim for g, _, _ in leaves) if stochastic or round_params else ()
     return cls(int(algo), int(block_size), rows.pop(), bool(apply), with_params, len(leaves), len(leaves[0][2]),
-               bool(in_place), ranks, int(bits))
+               bool(in_place), ranks, int(bits), bool(stochastic), bool(round_params))
 
   def flatten(self, hypers, leaves) -> list:
-    """The flat operands; a stochastic group's index vectors are made here, from the leaves' whole shapes."""
+    """The flat operands; the index vectors are made here, from the leaves' whole shapes."""
     return [hypers] + [x for g, p, states in leaves
                        for x in (g, *((p,) if self.with_params else ()), *(a for pair in states for a in pair),
-                                 *(rounding.index_vectors(g.shape) if self.stochastic else ()))]
+                                 *(rounding.index_vectors(g.shape) if self.indexed else ()))]
 
   def unflatten(self, flat):
-    """``(hypers, [(g, p, states, index)])`` from flat operands (``index`` None unless stochastic)."""
+    """``(hypers, [(g, p, states, index)])`` from flat operands (``index`` None unless indexed)."""
     it = iter(flat[1:])
     leaves = []
     for i in range(self.leaves):
       g = next(it)
       p = next(it) if self.with_params else None
       states = tuple((next(it), next(it)) for _ in range(self.states))
-      leaves.append((g, p, states, tuple(next(it) for _ in range(self.ranks[i])) if self.stochastic else None))
+      leaves.append((g, p, states, tuple(next(it) for _ in range(self.ranks[i])) if self.indexed else None))
     return flat[0], leaves
 
   @staticmethod
@@ -144,13 +149,13 @@ class StepGroup:
     operands, results = [(REPLICATED, 2)], []
     for i in range(self.leaves):
       operands += [(ELEMENTS, i)] * per_leaf + [(codes, i), (ABSMAX, i)] * self.states
-      operands += [(AXIS, (i, d - self.ranks[i])) for d in range(self.ranks[i])] if self.stochastic else []
+      operands += [(AXIS, (i, d - self.ranks[i])) for d in range(self.ranks[i])] if self.indexed else []
       results += [(ELEMENTS, i)] + [(codes, i), (ABSMAX, i)] * self.states
     return operands, results
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, in_place: bool = True,
-               stochastic: bool = False, bits: int = 8):
+               stochastic: bool = False, bits: int = 8, round_params: bool = False):
   """The fused optimizer step of many leaves of one algorithm on the platform's backend.
 
   ``hypers`` is ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -159,10 +164,12 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   ``(update, new states)`` per leaf, or ``(p + update, new states)`` with
   ``apply``, written over the parameters where ``in_place``.
   Natively the whole group is one kernel call. With ``stochastic`` the
-  states are rounded stochastically (`optax8.rounding`); with ``bits`` 4
-  the codes are 4-bit codes (`optax8.layout.packed_shape`).
+  states are rounded stochastically (`optax8.rounding`), with
+  ``round_params`` (``apply``, bfloat16 params) the new parameters
+  (`optax8.low_precision`); with ``bits`` 4 the codes are 4-bit codes
+  (`optax8.layout.packed_shape`).
   """
-  group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic, bits)
+  group = StepGroup.of(algo, block_size, apply, leaves, in_place, stochastic, bits, round_params)
   operands, results = group.roles()
   op = sharding.make_op(_step_group, [g.shape for g, _, _ in leaves], operands, results, block_size=block_size,
                         rows=group.rows, group=group)
@@ -176,7 +183,7 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
   def unflatten(args):
     """The group's operands; index vectors gain zeros for a batch axis in front (vmap: examples draw alike)."""
     hypers, leaves = group.unflatten(args)
-    if group.stochastic:
+    if group.indexed:
       leaves = [(g, p, s, tuple(jnp.zeros((n,), jnp.uint32) for n in g.shape[:g.ndim - len(index)]) + index)
                 for g, p, s, index in leaves]
     return hypers, leaves
@@ -185,13 +192,14 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
     hypers, leaves = unflatten(args)
     return group.flatten_results(native.step_group(
         group.algo, hypers, [leaf[:3] for leaf in leaves], group.block_size, group.apply, rows=group.rows,
-        in_place=group.in_place, indices=[leaf[3] for leaf in leaves] if group.stochastic else None,
-        bits=group.bits))
+        in_place=group.in_place, indices=[leaf[3] for leaf in leaves] if group.indexed else None,
+        bits=group.bits, round_states=group.round_states, round_params=group.round_params))
 
   def jax_fn(*args, step=jax_step.step):
     hypers, leaves = unflatten(args)
     return group.flatten_results([step(group.algo, hypers[i], g, p, s, group.block_size, group.apply,
-                                       rows=group.rows, index=index, bits=group.bits)
+                                       rows=group.rows, index=index, bits=group.bits,
+                                       round_states=group.round_states, round_params=group.round_params)
                                   for i, (g, p, s, index) in enumerate(leaves)])
 
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)

@@ -42,7 +42,7 @@ from optax8.kernels.algorithms import Algorithm, hyper_vector
 from optax8.kernels.jax_step import rule
 from optax8.layout import absmax_shape, packed_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
-from optax8.low_precision import with_param_rounding
+from optax8.low_precision import ParamRounding, new_param, with_param_rounding
 from optax8.quantize import QuantizedArray, packing_problem
 from optax8.sharding import state_shardings, zero_count
 
@@ -274,13 +274,16 @@ def plan_leaves(name: str, r: Rule, options: Options, treedef, updates, params) 
           for i, path in enumerate(_paths(updates))]
 
 
-def _leaf_hyper(r: Rule, base: dict, plan: LeafPlan, scale, wd, g, p, count) -> dict:
-  """The hyperparameter slots of one leaf's kernel call."""
+def _leaf_hyper(r: Rule, base: dict, plan: LeafPlan, scale, wd, g, p, count, param_step=None) -> dict:
+  """The hyperparameter slots of one leaf's kernel call (``param_step``: its new parameters' rounding step)."""
   wd_leaf = wd if plan.decay else 0.0
   hyper = dict(base)
   if plan.stochastic:
     hyper["rounding_step"] = jnp.bitwise_and(count, (1 << rounding.SEED_BITS) - 1)
+  if plan.stochastic or param_step is not None:
     hyper["rounding_seed"] = rounding.leaf_seed(plan.path)
+  if param_step is not None:
+    hyper["param_rounding_step"] = param_step
   if r.coupled:
     hyper["coupled_decay"] = wd_leaf
   if r.pre is not None:   # the learning rate scales the gradient, before the rule
@@ -331,8 +334,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     fields = [state_def.unflatten([s[i] for s in states]) for i in range(len(kinds))]
     return state_cls(zero_count(leaves), *fields)   # replicated on the params' mesh (optax8.sharding)
 
-  def run(updates, state, params, apply: bool):
-    """The update (or with ``apply`` the new params) and the new state."""
+  def run(updates, state, params, apply: bool, request: ParamRounding | None = None):
+    """The update (or with ``apply`` the new params) and the new state; with ``request`` (`optax8.apply.chain`
+    passes `optax8.param_rounding`'s) the new params of the leaves it selects rounded stochastically: a
+    bfloat16 leaf's by its kernel, the others in JAX after their update."""
     if not isinstance(state, state_cls):
       raise TypeError(f"{name}: expected a {state_cls.__name__}, got {type(state).__name__}")
     boxed_def = jax.tree.structure(state)   # the arrays of init's state may be in nnx Variables:
@@ -351,6 +356,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
     ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
     in_place = overwritable(ps, grads) if apply else [True] * len(grads)
+    rounded = request.leaves if request is not None else (False,) * len(grads)
 
     lr = schedule_value(r.learning_rate, count)
     scale = 1.0 if r.learning_rate is None else -lr
@@ -372,15 +378,21 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       for leaf, kind in zip(leaf_states, kinds):
         _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
+      # the kernel rounds a bfloat16 leaf's new parameter; other rounded leaves get their update, rounded below
+      round_params = fused_apply and rounded[i] and jnp.dtype(p.dtype) == jnp.dtype(jnp.bfloat16)
+      fused_apply = fused_apply and (round_params or not rounded[i])
       kernel_p = p if fused_apply or (plan.kernel_params and needs_decay_params) else None
-      calls.append(LeafCall(_leaf_hyper(r, base, plan, scale, wd, g, p, count), plan.hyper_key, g, kernel_p,
-                            leaf_states, fused_apply, pairs, own, plan.stochastic))
+      hyper = _leaf_hyper(r, base, plan, scale, wd, g, p, count, request.step if round_params else None)
+      calls.append(LeafCall(hyper, None if round_params else plan.hyper_key, g, kernel_p, leaf_states, fused_apply,
+                            pairs, own, plan.stochastic, round_params))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), plan, call, p, out in zip(results, plans, calls, views, ps if apply else grads):
+    for (u, new), plan, call, p, out, rounds in zip(results, plans, calls, views, ps if apply else grads, rounded):
       if plan.post:
         u = _post(r, plan, u, call.g, p, scale, wd, call.pairs)
-      if apply and not call.apply:
+      if apply and rounds and not call.round_params:
+        u = new_param(p, u, request.step, plan.path)
+      elif apply and not call.apply:
         u = jnp.asarray(p + u).astype(p.dtype)
       if call.pairs:
         u = from_real_view(u, tuple(out.shape), out.dtype)
@@ -392,7 +404,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       new_state = boxed_def.unflatten(jax.tree.leaves(new_state))
     return treedef.unflatten(out_u), new_state
 
-  tx = fused_from_run(init_fn, run)
+  tx = fused_from_run(init_fn, run, rounds=True)
   return with_param_rounding(name, options.param_rounding,
                              with_percentile_clipping(name, options.percentile_clipping, tx))
 
@@ -420,6 +432,7 @@ class LeafCall(NamedTuple):
   pairs: bool = False   # g, p and the states are real views of a complex leaf: stepped in JAX
   in_place: bool = True   # with apply: the kernel may write over p (nothing traced before reads it)
   stochastic: bool = False   # round the quantized states stochastically
+  round_params: bool = False   # with apply: round the new (bfloat16) parameter stochastically
 
 
 def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
@@ -451,7 +464,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
     elif all(isinstance(s, QuantizedArray) for s in c.states):
       block_size = c.states[0].block_size
       groups.setdefault((block_size, tile_rows(c.g.shape, block_size), c.p is None, c.apply, c.in_place,
-                         c.stochastic, c.states[0].bits), []).append(i)
+                         c.stochastic, c.states[0].bits, c.round_params), []).append(i)
     else:
       u, new = rule(algorithm, vector(c), c.g.astype(jnp.float32), None if c.p is None else c.p.astype(jnp.float32),
                     c.states)
@@ -467,7 +480,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
       current.append(i)
       size += n
     batches.append((key, current))
-  for (block_size, _, _, apply, in_place, stochastic, bits), idx in batches:
+  for (block_size, _, _, apply, in_place, stochastic, bits, round_params), idx in batches:
     leaves = []
     for i in idx:
       c = calls[i]
@@ -481,7 +494,7 @@ def _run_leaves(algorithm: Algorithm, calls: list[LeafCall]):
     else:
       hypers = jnp.stack([vector(calls[i]) for i in idx])
     for i, (u, new) in zip(idx, dispatch.step_group(algorithm.id, hypers, leaves, block_size, apply, in_place,
-                                                    stochastic, bits)):
+                                                    stochastic, bits, round_params)):
       c = calls[i]
       results[i] = (u.reshape(c.g.shape), tuple(QuantizedArray(code.reshape(s.codes.shape), a, s.block_size, s.kind,
                                                                s.columns) for (code, a), s in zip(new, c.states)))

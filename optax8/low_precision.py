@@ -54,6 +54,18 @@ class ParamRoundingState(NamedTuple):
   count: jax.Array
 
 
+class ParamRounding(NamedTuple):
+  """What `param_rounding` asks of the fused apply before it in a chain (`optax8.apply.chain`).
+
+  ``leaves``: per leaf of the updates, whether its new parameter is rounded
+  stochastically (a bfloat16 or float16 leaf whose rounding is
+  'stochastic'), as `new_param` rounds it with ``step``.
+  """
+
+  leaves: tuple
+  step: jax.Array
+
+
 def stochastic_round(x, dtype, bits):
   """``x`` (float32) rounded to ``dtype`` (bfloat16 or float16) with uint32 random ``bits``: ``E[result] = x``.
 
@@ -101,6 +113,9 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding", 
       # is
       tx = optax8.chain(optax8.adamw8bit(1e-3), optax8.param_rounding("stochastic"))
 
+  After an optax8 optimizer in `optax8.chain` (as the option makes it),
+  the optimizer's kernels round the new bfloat16 parameters of the fused
+  apply themselves, ``p + u`` formed in float32 as in every fused apply.
   ``name`` and ``option`` name the transformation and the option in errors.
   """
   if is_single(rounding) and rounding is not None:
@@ -111,7 +126,8 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding", 
     leaf_roundings(rounding, params, name, option)
     return ParamRoundingState(zero_count(jax.tree.leaves(params)))
 
-  def run(updates, state, params, apply: bool):
+  def request(updates, state, params):
+    """The `ParamRounding` of ``updates`` and the new state (checks ``params`` against ``updates``)."""
     if params is None:
       raise ValueError(f"{name}: rounding the new parameters needs them: call update(updates, state, params)")
     updates = jax.tree.map(as_array, updates)
@@ -120,22 +136,31 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding", 
       ps = treedef.flatten_up_to(jax.tree.map(as_array, params))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{name}: params do not have the structure of the updates: {e}") from None
-    step = jnp.bitwise_and(state.count, (1 << SEED_BITS) - 1)
-    out = []
-    for path, u, p, r in zip(key_paths(updates), treedef.flatten_up_to(updates), ps,
-                             leaf_roundings(rounding, params, name, option)):
-      path = path_str(path)
-      if tuple(p.shape) != tuple(u.shape):
+    paths = [path_str(path) for path in key_paths(updates)]
+    for path, u, p in zip(paths, treedef.flatten_up_to(updates), ps):
+      if tuple(p.shape) != tuple(np.shape(u)):
         raise ValueError(f"{name}: leaf {path}: params shape {tuple(p.shape)} differs from the update's "
-                         f"{tuple(u.shape)}")
-      if r != STOCHASTIC or jnp.dtype(p.dtype) not in NARROW:
+                         f"{tuple(np.shape(u))}")
+    rounded = tuple(r == STOCHASTIC and jnp.dtype(p.dtype) in NARROW
+                    for p, r in zip(ps, leaf_roundings(rounding, params, name, option)))
+    step = jnp.bitwise_and(state.count, (1 << SEED_BITS) - 1)
+    return ParamRounding(rounded, step), ParamRoundingState(optax.safe_increment(state.count))
+
+  def run(updates, state, params, apply: bool):
+    updates = jax.tree.map(as_array, updates)
+    req, new_state = request(updates, state, params)
+    treedef = jax.tree.structure(updates)
+    out = []
+    for path, u, p, r in zip(key_paths(updates), treedef.flatten_up_to(updates),
+                             treedef.flatten_up_to(jax.tree.map(as_array, params)), req.leaves):
+      if not r:
         out.append(jnp.asarray(p + u).astype(p.dtype) if apply else u)   # optax.apply_updates
         continue
-      new = new_param(p, u, step, path)
+      new = new_param(p, u, req.step, path_str(path))
       out.append(new if apply else (new.astype(jnp.float32) - p.astype(jnp.float32)).astype(u.dtype))
-    return treedef.unflatten(out), ParamRoundingState(optax.safe_increment(state.count))
+    return treedef.unflatten(out), new_state
 
-  return fused_from_run(init_fn, run)
+  return fused_from_run(init_fn, run, param_rounding=request)
 
 
 def with_param_rounding(name: str, value, tx):

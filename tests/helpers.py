@@ -1,5 +1,7 @@
 """Shared test helpers: backends and an independent numpy reference."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,20 @@ FMAX = np.finfo(np.float32).max
 
 needs_native_cpu = pytest.mark.skipif(not native.available("cpu"),
                                       reason="the native CPU library is not built in this install")
+
+
+@contextlib.contextmanager
+def pure_jax_steps(monkeypatch):
+  """Inside: the pure-JAX step where the native kernels would run (`native.has_rule` answers False). Backends are
+  chosen when a step is traced and the shard-local kernels are jitted and cached: the caches are cleared on
+  entry and on exit, so that no later step keeps the pure-JAX kernels."""
+  monkeypatch.setattr(native, "has_rule", lambda platform, algo: False)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
 def _on(x, fn):

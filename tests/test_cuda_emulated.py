@@ -13,6 +13,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -191,6 +192,29 @@ def test_vmapped_stochastic_rounding_matches_the_cpu_handler():
       int(ALGOS["adam"]), h[None], [(g, p, st)], block, False, "optax8_step" + s, indices=[index])[0]),
              _stochastic_hypers(3), g, p, states)
   assert_same(*out)
+
+
+@pytest.mark.parametrize("states", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,block", STEP_CASES)
+def test_param_rounding_matches_the_cpu_handler(shape, block, states):
+  """The new bfloat16 params rounded stochastically (round_params) in both CUDA kernels: the CPU handler's bits,
+  from bfloat16 buffers and from float32 ones (float32 gradients), and other params than rounding to nearest."""
+  rng = np.random.default_rng(len(shape) * 3 + block)
+  algo = ALGOS["adam"]
+  g, p, st = _leaf(rng, algo, jnp.bfloat16, shape, block, True, special=block == 256)
+  hypers = np.stack([np.asarray(algorithms.hyper_vector(**HYPER, rounding_step=12345.0, rounding_seed=float(0xABC),
+                                                        param_rounding_step=77.0))])
+  index = rounding.index_vectors(shape)
+  for grads in (g, g.astype(np.float32)):
+    out = both(lambda s: lambda h, l: native.step_group(int(algo), h, [l], block, True, "optax8_step" + s,
+                                                        indices=[index], round_states=states == "stochastic",
+                                                        round_params=True)[0], hypers, (grads, p, st))
+    assert_same(*out)
+    assert out[1][0].dtype == jnp.bfloat16
+  nearest = both(lambda s: lambda h, l: native.step(int(algo), h[0], *l, block, True, "optax8_step" + s),
+                 hypers, (g, p, st))[1]
+  if np.prod(shape) >= 1000:
+    assert np.mean(out[1][0] != nearest[0]) > 0.01
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from optax8 import maps
 from optax8.kernels import jax_backend, native
 from optax8.layout import absmax_shape, packed_shape
 
-from helpers import needs_native_cpu, reference_quantize
+from helpers import needs_native_cpu, pure_jax_steps, reference_quantize
 from test_alias import ARGS
 from optax8.optimizers import REGISTRY
 
@@ -287,13 +287,10 @@ def test_the_native_cpu_kernel_steps_4_bit_states_as_the_pure_jax_step(monkeypat
   hlo = step.lower(grads, state, params).compile().as_text()
   assert hlo.count('custom_call_target="optax8_step"') == 2 and "while" not in hlo
   got, got_state = step(grads, state, params)
-  monkeypatch.setattr(native, "has_rule", lambda platform, algo: False)   # the pure-JAX step
-  jax.clear_caches()   # the shard-local kernels are jitted and cached
-  step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
-  assert 'custom_call_target="optax8_step"' not in step.lower(grads, state, params).compile().as_text()
-  want, want_state = step(grads, state, params)
-  monkeypatch.undo()
-  jax.clear_caches()   # no later test gets the pure-JAX kernels
+  with pure_jax_steps(monkeypatch):
+    step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+    assert 'custom_call_target="optax8_step"' not in step.lower(grads, state, params).compile().as_text()
+    want, want_state = step(grads, state, params)
   for k in params:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
   assert_states_close(got_state, want_state)

@@ -13,6 +13,8 @@ import optax8
 from optax8 import low_precision, rounding
 from optax8.optimizers import REGISTRY
 
+from helpers import needs_native_cpu, pure_jax_steps
+
 from test_alias import ARGS
 
 NARROW = [jnp.bfloat16, jnp.float16]
@@ -104,8 +106,11 @@ def test_small_updates_are_kept_on_average_where_rounding_to_nearest_loses_them(
 
 
 def test_update_path_and_fused_apply_give_the_same_params():
+  """With float32 gradients; with bfloat16 ones the fused apply forms p + u in float32 (the kernel rounds it,
+  as in every fused apply), so it equals the update path given the same gradients in float32."""
   params = _bf16_tree()
-  grads = _grads(params)
+  narrow = _grads(params)
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), narrow)
   tx = optax8.adamw8bit(1e-3, param_rounding="stochastic")
   state = tx.init(params)
   u, s1 = jax.jit(tx.update)(grads, state, params)
@@ -114,10 +119,13 @@ def test_update_path_and_fused_apply_give_the_same_params():
   eager, _ = optax8.apply_gradients(tx, grads, state, params)
   with jax.disable_jit():
     undone = optax.apply_updates(params, tx.update(grads, state, params)[0])
+  from_narrow, _ = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(narrow, state, params)
   for k in params:
     assert via_updates[k].dtype == params[k].dtype and u[k].dtype == grads[k].dtype
     for other in (fused, eager, undone):
       np.testing.assert_array_equal(np.asarray(via_updates[k]), np.asarray(other[k]))
+    if k in ("w", "b"):   # the kernel rounds
+      np.testing.assert_array_equal(np.asarray(via_updates[k]), np.asarray(from_narrow[k]))
   jax.tree.map(np.testing.assert_array_equal, s1, s2)
   # the float32 leaf is as without the option; the narrow ones differ from rounding to nearest
   plain = optax8.adamw8bit(1e-3)
@@ -125,6 +133,33 @@ def test_update_path_and_fused_apply_give_the_same_params():
   np.testing.assert_array_equal(np.asarray(via_updates["f"]), np.asarray(near["f"]))
   for k in ("w", "b", "h"):
     assert np.mean(np.asarray(via_updates[k]) != np.asarray(near[k])) > 0.01, k
+
+
+@needs_native_cpu
+def test_the_kernel_rounds_bfloat16_params_in_the_fused_apply(monkeypatch):
+  """optax8.chain hands param_rounding to the optimizer's fused apply: the native kernel rounds the bfloat16
+  leaves (no rounding after it in JAX), with the pure-JAX step's params (to float32 rounding of the rule), and
+  the states as without the rounding; float16 leaves are rounded in JAX after their update."""
+  params = _bf16_tree()
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), _grads(params))
+  tx = optax8.adamw8bit(1e-3, param_rounding="stochastic")
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+  hlo = step.lower(grads, state, params).compile().as_text()
+  assert "stochastic = 2" in hlo   # the kernel's fused apply rounds
+  assert "shift-right-logical" in hlo   # the float16 leaf's draws, in JAX
+  got, got_state = step(grads, state, params)
+  plain = optax8.adamw8bit(1e-3)
+  _, plain_state = jax.jit(lambda g, s, p: optax8.apply_gradients(plain, g, s, p))(grads, plain.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, got_state[0], plain_state)
+  with pure_jax_steps(monkeypatch):
+    step = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))
+    assert "optax8_step" not in step.lower(grads, state, params).compile().as_text()
+    want, _ = step(grads, state, params)
+  for k in ("w", "b"):
+    a, b = np.asarray(got[k]), np.asarray(want[k])
+    assert np.mean(a.view(np.uint16) == b.view(np.uint16)) > 0.999, k
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2.0**-7)
 
 
 def test_draws_differ_by_step_and_leaf_and_repeat_for_the_same_step():
@@ -156,7 +191,7 @@ def test_every_optimizer_takes_param_rounding(name):
   rng = np.random.default_rng(2)
   params = {"w": jnp.asarray(rng.standard_normal((64, 128)) * 0.1 + 1, jnp.bfloat16),
             "v": jnp.asarray(rng.standard_normal((8192,)) * 0.1 + 1, jnp.bfloat16)}
-  grads = _grads(params)
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), _grads(params))   # see the test above
   tx = make(param_rounding="stochastic")
   state = tx.init(params)
   assert isinstance(state[-1], optax8.ParamRoundingState)
@@ -200,7 +235,7 @@ def test_param_rounding_per_leaf_and_its_errors():
 
 def test_param_rounding_composes_with_optax_and_inject_hyperparams():
   params = _bf16_tree()
-  grads = _grads(params)
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), _grads(params))
   # after optax's own optimizer, in optax8.chain (fused apply) and optax.chain (update path), and under
   # inject_hyperparams (the option is static)
   for tx in (optax8.chain(optax.adam(1e-3), optax8.param_rounding()),

@@ -8,9 +8,9 @@ import pytest
 
 import optax8
 from optax8 import maps, rounding
-from optax8.kernels import jax_backend, jax_step, native
+from optax8.kernels import jax_backend, jax_step
 
-from helpers import TINY
+from helpers import TINY, pure_jax_steps
 
 
 def _draws(n, step=0, seed=0, state=0):
@@ -138,14 +138,11 @@ def test_every_path_rounds_alike(monkeypatch):
     for a, b in zip(_codes(got), _codes(ref)):
       np.testing.assert_array_equal(a, b)
 
-  monkeypatch.setattr(native, "has_rule", lambda *args: False)   # the pure-JAX step
-  jax.clear_caches()   # backends are chosen when a step is traced
-  _, sliced = jax.jit(update)(grads, state, params)
-  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 30)
-  jax.clear_caches()
-  _, whole = jax.jit(update)(grads, state, params)
-  monkeypatch.undo()
-  jax.clear_caches()
+  with pure_jax_steps(monkeypatch):
+    _, sliced = jax.jit(update)(grads, state, params)
+    monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 30)
+    jax.clear_caches()
+    _, whole = jax.jit(update)(grads, state, params)
   for a, b, c in zip(_codes(sliced), _codes(whole), _codes(ref)):
     np.testing.assert_array_equal(a, b)
     diff = np.abs(a.astype(int) - c.astype(int))

@@ -183,6 +183,56 @@ def test_stochastic_rounding_keeps_map_values_and_rounds_between_neighbours(bits
   assert np.all(np.abs(new - old) <= 1)
 
 
+@needs_native_cpu
+@pytest.mark.parametrize("states", ["nearest", "stochastic"])
+@pytest.mark.parametrize("grads", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("algo", [ALGOS[n] for n in ("adam", "lion", "momentum")], ids=lambda a: a.name)
+@pytest.mark.parametrize("shape,block_size", [((5, 700), 256), ((3, 5, 513), 64), ((1000,), 128),
+                                              ((64, 4096), 2048)])
+def test_param_rounding_native_matches_jax_on_every_isa(algo, shape, block_size, grads, states, monkeypatch):
+  """round_params (optax8.low_precision) in the CPU handler's fused apply: the new bfloat16 params of the
+  pure-JAX step (its p + u to float32 rounding of the rule), the same bits on every ISA, other params than
+  rounding to nearest, and the states as without it."""
+  g, p, st = _case(algo, shape, jnp.float32, block_size)
+  g, p = g.astype(grads), (p + 1).astype(jnp.bfloat16)   # params near 1: bfloat16 spacing 2**-7
+  hyper = hyper_vector(**{**HYPER, "scale": -1e-3}, rounding_step=12345.0, rounding_seed=float(0xABCDEF),
+                       param_rounding_step=77.0)
+  index = rounding.index_vectors(shape)
+  stochastic = states == "stochastic"
+  ref = jax.jit(lambda h, g, p, s: jax_step.step(algo.id, h, g, p, s, block_size, True, index=index,
+                                                 round_states=stochastic, round_params=True))(hyper, g, p, st)
+  nearest = jax.jit(lambda h, g, p, s: jax_step.step(algo.id, h, g, p, s, block_size, True, index=index,
+                                                     round_states=stochastic))(hyper, g, p, st)
+  results = {}
+  for isa in CPU_ISAS:
+    monkeypatch.setenv("OPTAX8_CPU_ISA", isa)
+    results[isa] = jax.jit(lambda h, g, p, s: native.step_group(
+        algo.id, h[None], [(g, p, s)], block_size, True, indices=[index], round_states=stochastic,
+        round_params=True)[0])(hyper, g, p, st)
+    assert results[isa][0].dtype == jnp.bfloat16
+    assert_steps_agree(results[isa], ref)
+    same = np.asarray(results[isa][0]).view(np.uint16) == np.asarray(ref[0]).view(np.uint16)
+    assert same.mean() > 0.999, same.mean()
+  for isa in CPU_ISAS[:-1]:
+    for a, b in zip(jax.tree.leaves(results[isa]), jax.tree.leaves(results["avx512"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=isa)
+  plain = jax.jit(lambda h, g, p, s: native.step_group(algo.id, h[None], [(g, p, s)], block_size, True,
+                                                       indices=[index], round_states=stochastic)[0])(hyper, g, p, st)
+  jax.tree.map(np.testing.assert_array_equal, results["avx512"][1], plain[1])
+  assert np.mean(np.asarray(results["avx512"][0]) != np.asarray(nearest[0])) > 0.002   # momentum: |u| ~ 1e-5
+
+
+@needs_native_cpu
+def test_param_rounding_needs_apply_and_bfloat16_params():
+  algo = ALGOS["adam"]
+  g, p, st = _case(algo, (4, 256), jnp.float32, 256)
+  index = [rounding.index_vectors(g.shape)]
+  hyper = hyper_vector(**HYPER)[None]
+  for p_, apply in ((p.astype(jnp.float16), True), (p, True), (p.astype(jnp.bfloat16), False)):
+    with pytest.raises(ValueError, match="round_params needs apply, bfloat16 params and the index vectors"):
+      native.step_group(algo.id, hyper, [(g, p_, st)], 256, apply, indices=index, round_params=True)
+
+
 def _case4(algo, shape, dtype, block_size, seed=0):
   """`_case` with 4-bit states."""
   g, p, states = _case(algo, shape, dtype, block_size, seed)

@@ -80,6 +80,9 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
                                    const HostMap& map, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
   stochastic_codes(x, codes, n, normalize, map, row_index, col_index, key);
 }
+inline float lanes_round_param(float x, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  return round_param(x, row_index + col_index[0], key);
+}
 
 #include "cpu_step_loop.inc"
 
@@ -198,6 +201,18 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
     avx2::store_codes8(codes + k, avx2::floor_codes8(code, xv, map.floor));
   }
   stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
+}
+
+// round_param (quantize.h) of 8 values x, element k's index row_index + col_index[k].
+inline V lanes_round_param(V x, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(int(row_index)),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_index)));
+  const __m256i r = _mm256_srli_epi32(mix32_8(_mm256_xor_si256(index, _mm256_set1_epi32(int(key)))), 16);
+  const __m256 out = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(x), r),
+                                                          _mm256_set1_epi32(int(0xffff0000u))));
+  const __m256 finite = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), out), _mm256_set1_ps(FLT_MAX),
+                                      _CMP_LE_OQ);
+  return _mm256_blendv_ps(x, out, finite);
 }
 
 #include "cpu_step_loop.inc"
@@ -446,6 +461,15 @@ inline void lanes_stochastic_codes(const float* x, uint8_t* codes, int64_t n, co
     store_codes16(codes + k, map.floor ? floor_codes16(code, xv, map.floor) : code);
   }
   stochastic_codes(x + k, codes + k, n - k, normalize, map, row_index, col_index + k, key);
+}
+
+// round_param (quantize.h) of 16 values x, element k's index row_index + col_index[k].
+inline V lanes_round_param(V x, uint32_t row_index, const uint32_t* col_index, uint32_t key) {
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(int(row_index)), _mm512_loadu_si512(col_index));
+  const __m512i r = _mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, _mm512_set1_epi32(int(key)))), 16);
+  const V out = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(x), r),
+                                                     _mm512_set1_epi32(int(0xffff0000u))));
+  return _mm512_mask_blend_ps(vfinite(out), x, out);
 }
 
 #include "cpu_step_loop.inc"

@@ -130,6 +130,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
 #pragma unroll
   for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
   h.one = 1.0f;
+  const uint32_t param_key =
+      a.round_params ? rounding_key(h.v[kParamRoundingStep], h.v[kRoundingSeed], kParamsState) : 0u;
 
   // The rule; the new states stay in registers.
   float st[n][E], m[n];
@@ -142,7 +144,14 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     for (int i = 0; i < n; ++i) s[i] = scale_value(values[state_map(A, i)][code[i][j]], old_absmax[i]);
     const float uj = cuda_rule::step_rule<A>(h, gv[j], pv[j], s);
     const int k = lane + j * group;
-    if (k < len) u[e[j]] = G::store(a.apply ? pv[j] + uj : uj);
+    if (k < len) {
+      float out = a.apply ? pv[j] + uj : uj;
+      if (a.round_params) {   // element (k / width, k % width) of the block
+        const int r = k / width;
+        out = round_param(out, a.row_index[row + r] + a.col_index[col0 + k - r * width], param_key);
+      }
+      u[e[j]] = G::store(out);
+    }
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       st[i][j] = s[i];
@@ -160,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
     const float* mi = mids[state_map(A, i)];
     const float* vi = values[state_map(A, i)];
     const int floor = positive_floor(state_map(A, i));
-    const uint32_t key = a.row_index ? rounding_key(h.v[kRoundingStep], h.v[kRoundingSeed], i) : 0u;
+    const uint32_t key = a.stochastic_states ? rounding_key(h.v[kRoundingStep], h.v[kRoundingSeed], i) : 0u;
     uint8_t* codes = a.codes_out[i] + off;
 #pragma unroll
     for (int j = 0; j < E; ++j) {
@@ -168,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a) {
       if (k < len) {
         const float v = normalize(st[i][j]);
         int c = search_code(v, mi);
-        if (a.row_index) {   // element (k / width, k % width) of the block
+        if (a.stochastic_states) {   // element (k / width, k % width) of the block
           const int r = k / width;
           c = stochastic_code(v, c, rounding_draw(a.row_index[row + r] + a.col_index[col0 + k - r * width], key), vi);
         }
@@ -243,6 +252,8 @@ ffi::Error StepLeaf(cudaStream_t stream, const StepBuffers& s) {
   }
   a.row_index = s.row_index;
   a.col_index = s.col_index;
+  a.stochastic_states = s.stochastic_states;
+  a.round_params = s.round_params;
   a.bits = s.bits;
   a.code_cols = s.code_cols;
   a.group = int(std::min<int64_t>(s.l.block, kThreads));

@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   HyperF<float> h;
   h.one = 1.0f;
   int64_t hyper_row = -1;
+  uint32_t param_key = 0;
   // The same trip count for every thread of the CTA (its barriers), inactive warps included.
   for (int64_t first = int64_t(blockIdx.x) * kPerCta; first < nblocks; first += int64_t(gridDim.x) * kPerCta) {
     const int64_t b = first + warp / W;
@@ -133,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float* hr = a.hyper + row * a.hyper_stride;
 #pragma unroll
       for (int j = 0; j < kNumHyper; ++j) h.v[j] = __ldg(hr + j);
+      if (a.round_params) param_key = rounding_key(h.v[kParamRoundingStep], h.v[kRoundingSeed], kParamsState);
     }
     // The block's first element; its element k lies at base + (k >> col_shift) * cols + (k & col_mask).
     int64_t base = b * kBlock;
@@ -169,6 +171,10 @@ __global__ void __launch_bounds__(kThreads, 2)
           s[i] = scale_value(t.values[state_map(A, i)][(code[i] >> (8 * k)) & 0xffu], old_absmax[i]);
         const float uk = cuda_rule::step_rule<A>(h, gv[k], pv[k], s);
         u[k] = a.apply ? pv[k] + uk : uk;
+        if (a.round_params && active) {   // element e + k: row r, column e - r * cols + k
+          const int64_t r = e / a.l.cols;
+          u[k] = round_param(u[k], a.row_index[r] + a.col_index[e - r * a.l.cols + k], param_key);
+        }
 #pragma unroll
         for (int i = 0; i < n; ++i) {
           st[i][c][k] = s[i];
@@ -198,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       __syncthreads();   // scratch is free for the next blocks
     }
-    const bool stochastic = a.row_index != nullptr && active;
+    const bool stochastic = a.stochastic_states && active;
 #pragma unroll
     for (int i = 0; i < n; ++i) {
       const Normalizer normalize(m[i]);

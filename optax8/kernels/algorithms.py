@@ -62,6 +62,7 @@ class Hyper(enum.IntEnum):
   NESTEROV = 16       # 0 or 1
   ROUNDING_STEP = 17  # stochastic rounding (`optax8.rounding`): the step count modulo 2**24
   ROUNDING_SEED = 18  # and the leaf's seed
+  PARAM_ROUNDING_STEP = 19  # the step count of the new parameters' stochastic rounding (`optax8.low_precision`)
 
 
 NUM_HYPER = len(Hyper)

@@ -18,6 +18,7 @@ from optax8 import layout, maps, rounding
 from optax8.complex_leaves import PAIRS, REAL
 from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
+from optax8.low_precision import PARAMS, stochastic_round
 
 CHUNK_ELEMENTS = 1 << 18   # `step_in_chunks`: elements of a leaf stepped at a time
 
@@ -46,7 +47,7 @@ def rule(algo, h, g, p, states, pairs: bool = False):
 
 
 def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-         rows: int | None = None, index=None, bits: int = 8):
+         rows: int | None = None, index=None, bits: int = 8, round_states: bool = True, round_params: bool = False):
   """Dequantize, apply ``rule``, requantize: returns (update, new states).
 
   ``g`` and ``p`` have rank >= 1 (``p`` may be None); ``states`` is a tuple
@@ -57,8 +58,11 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   Blocks have ``rows`` rows (default: ``optax8.layout.tile_rows`` of g's shape).
   With ``index``, g's elements' `optax8.rounding.index_vectors` in their
   whole leaf, the new states are rounded stochastically under the
-  hyperparameters' rounding step and seed. With ``bits`` 4 the states are
-  in the algorithm's maps at 4 bits, their codes packed.
+  hyperparameters' rounding step and seed (unless ``round_states`` is
+  False) and, with ``round_params`` (``apply``), the new bfloat16
+  parameters under the parameter rounding step and the seed
+  (`optax8.low_precision.stochastic_round`). With ``bits`` 4 the states
+  are in the algorithm's maps at 4 bits, their codes packed.
   """
   rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   kinds = algorithms.get(algo).states
@@ -68,18 +72,22 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
   p32 = None if p is None else p.astype(jnp.float32)
   u, new = rule(algo, hyper, g.astype(jnp.float32), p32, values, pairs)
   draws = [None] * len(kinds)
-  if index is not None:
-    where = rounding.element_index(index)
+  where = None if index is None else rounding.element_index(index)
+  if index is not None and round_states:
     draws = [rounding.uniform(where, rounding.state_key(hyper[Hyper.ROUNDING_STEP], hyper[Hyper.ROUNDING_SEED], i))
              for i in range(len(kinds))]
   new_states = tuple(jax_backend.quantize(x, block_size, k, rows, d) for x, k, d in zip(new, kinds, draws))
+  if apply and round_params:
+    key = rounding.state_key(hyper[Hyper.PARAM_ROUNDING_STEP], hyper[Hyper.ROUNDING_SEED], PARAMS)
+    return stochastic_round(p32 + u, p.dtype, rounding.mix(where ^ key)), new_states
   if apply:
     return (p32 + u).astype(p.dtype), new_states
   return u.astype(g.dtype), new_states
 
 
 def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
-                   rows: int | None = None, index=None, bits: int = 8):
+                   rows: int | None = None, index=None, bits: int = 8, round_states: bool = True,
+                   round_params: bool = False):
   """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``) at a time.
 
   The same results, from a loop that writes each slice's output, codes and
@@ -96,7 +104,7 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
   length = max(extent, CHUNK_ELEMENTS // max(inner, 1) // extent * extent)
   chunks = g.shape[0] // length
   if chunks < 2 or jax_backend.on_explicit_mesh(g) or (bits == 4 and g.ndim == 1):
-    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index, bits)
+    return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index, bits, round_states, round_params)
   blocks = length // extent   # absmax rows of a slice
 
   def run(i, n, out, new_states):
@@ -114,7 +122,7 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
     gi, pi = cut(g, n), None if p is None else cut(p, n)
     si = tuple((cut(c, n), cut_absmax(a, nb)) for (c, _), (_, a) in zip(new_states, states))
     ii = None if index is None else (cut(index[0], n),) + tuple(index[1:])
-    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii, bits)
+    o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii, bits, round_states, round_params)
     put = lambda x, y, at: lax.dynamic_update_slice_in_dim(x, y, at, 0)
     return put(out, o, start), tuple((put(c, nc, start), put(a, na, block_start))
                                      for (c, a), (nc, na) in zip(new_states, new))

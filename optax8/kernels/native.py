@@ -264,7 +264,8 @@ def _kernel_dtype(g, p):
 
 
 def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, target: str = "optax8_step",
-               rows: int | None = None, in_place: bool = True, indices=None, bits: int = 8):
+               rows: int | None = None, in_place: bool = True, indices=None, bits: int = 8,
+               round_states: bool = True, round_params: bool = False):
   """One FFI call of the fused step over many leaves of one algorithm.
 
   ``hypers`` is float32 ``(len(leaves), NUM_HYPER)``; each leaf is ``(g, p,
@@ -281,7 +282,10 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   dtype (update) or p's (apply), as the pure-JAX step does. Every leaf's
   blocks have ``rows`` rows (default: those of the first leaf's own layout).
   With ``indices``, each leaf's `optax8.rounding.index_vectors` (one per
-  axis of g), the states are rounded stochastically.
+  axis of g), the states are rounded stochastically (unless
+  ``round_states`` is False) and, with ``round_params`` (``apply``,
+  bfloat16 params), so are the new parameters
+  (`optax8.low_precision.stochastic_round`).
   With ``bits`` 4 every state's codes are 4-bit codes, packed two a byte
   along the last axis (blocks of an even number of columns).
   """
@@ -289,6 +293,10 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   with_params = leaves[0][1] is not None
   if apply and not with_params:
     raise ValueError("step: apply=True needs the parameters")
+  if round_params and (indices is None or not apply or
+                       any(jnp.dtype(p.dtype) != jnp.dtype(jnp.bfloat16) for _, p, _ in leaves)):
+    raise ValueError("step_group: round_params needs apply, bfloat16 params and the index vectors")
+  stochastic = (1 if indices is not None and round_states else 0) | (2 if round_params else 0)
   mode = 2 if apply else int(with_params)
   operands, out, aliases, out_dtypes = [hypers], [], {}, []
   for leaf, (g, p, states) in enumerate(leaves):
@@ -309,12 +317,12 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
         aliases[len(operands)] = len(out)
         out.append(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding_of(x)))
         operands.append(x)
-    if indices is not None:   # element (r, c)'s index in its leaf: row_index[r] + col_index[c]
+    if stochastic:   # element (r, c)'s index in its leaf: row_index[r] + col_index[c]
       index = indices[leaf]
       operands += [rounding.element_index(index[:-1]).reshape(-1), index[-1]]
   call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all", input_output_aliases=aliases)
   results = _varying(call(*operands, algo=np.int64(int(algo)), leaves=np.int64(len(leaves)),
-                          params_mode=np.int64(mode), stochastic=np.int64(indices is not None), bits=np.int64(bits),
+                          params_mode=np.int64(mode), stochastic=np.int64(stochastic), bits=np.int64(bits),
                           **_layout_attrs(leaves[0][0].shape, block_size, rows)),
                      operands)
   per_leaf, k = [], 0

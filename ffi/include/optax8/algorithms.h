@@ -57,7 +57,7 @@ OPTAX8_HD constexpr int64_t state_map(int64_t algo, int i) {
 // Algorithm.fingerprint of each row: the libraries report them
 // (optax8_<platform>_rule_fingerprint), and a row whose rule changed since
 // the build runs on the pure-JAX backend instead.
-constexpr uint32_t kRuleFingerprints[kNumAlgos] = {0x4c34f1bbu, 0x0f09be24u, 0x4f05d57bu, 0x7d9e03cdu, 0x7604b000u, 0xec67f46fu, 0xbef4e64fu};
+constexpr uint32_t kRuleFingerprints[kNumAlgos] = {0xab545878u, 0x2fca58e0u, 0x9d6b8b8bu, 0x3148baf4u, 0x796eb1f4u, 0x5abb6eeeu, 0xc24091a4u};
 
 // Slots of the float32 hyperparameter vector (a device buffer, so a new
 // learning rate or step count never recompiles); see optax8.kernels.algorithms.Hyper.
@@ -81,7 +81,8 @@ enum Hyper : int {
   kNesterov = 16,
   kRoundingStep = 17,
   kRoundingSeed = 18,
-  kNumHyper = 19,
+  kParamRoundingStep = 19,
+  kNumHyper = 20,
 };
 
 // The largest block of the CUDA step (optax8.kernels.algorithms.CUDA_MAX_STEP_BLOCK).

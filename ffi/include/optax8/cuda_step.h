@@ -58,7 +58,9 @@ struct StepArgs {
   uint8_t* codes_out[kMaxStates];
   float* absmax_out[kMaxStates];
   const uint32_t* row_index;   // stochastic rounding (step_ffi.h): element (r, c)'s index is row_index[r] +
-  const uint32_t* col_index;   // col_index[c]; null: round to nearest
+  const uint32_t* col_index;   // col_index[c] (null without stochastic rounding)
+  bool stochastic_states;      // the new codes are rounded stochastically
+  bool round_params;           // the new parameters are rounded stochastically to bfloat16 values (round_param)
   int group;
   bool with_params;
   bool apply;

@@ -234,6 +234,17 @@ OPTAX8_HD uint32_t rounding_key(float step, float seed, int state) {
 // The draw in [0, 1) of the element of uint32 index `index` under `key`.
 OPTAX8_HD float rounding_draw(uint32_t index, uint32_t key) { return float(mix32(index ^ key) >> 8) * 0x1p-24f; }
 
+// The state number of the new parameters in rounding_key (optax8/low_precision.py: PARAMS).
+constexpr int kParamsState = 255;
+
+// The new bfloat16 parameter x = p + u rounded stochastically (optax8/low_precision.py) with the random bits
+// mix32(index ^ key): the bfloat16 value upper16(bits(x) + (bits >> 16)) as a float, or x itself (which the
+// store then rounds to nearest) where that is not finite.
+OPTAX8_HD float round_param(float x, uint32_t index, uint32_t key) {
+  const float out = bits_float((float_bits(x) + (mix32(index ^ key) >> 16)) & 0xffff0000u);
+  return std::fabs(out) <= FLT_MAX ? out : x;
+}
+
 // The stochastic code of normalized v from its nearest code c and draw u:
 // the map value at or below v, or the next one with probability (v - lo) / (hi - lo).
 OPTAX8_HD int stochastic_code(float v, int c, float u, const float* values) {

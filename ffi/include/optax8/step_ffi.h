@@ -3,15 +3,18 @@
 //
 //   args: hyper f32[..., L, kNumHyper] (row i for leaf i), then per leaf:
 //         g, p, (codes u8, absmax f32) per state, and with stochastic
-//         rounding row_index u32[rows] and col_index u32[cols]: element
-//         (r, c)'s index in its whole leaf is row_index[r] + col_index[c]
+//         rounding (of either kind) row_index u32[rows] and col_index
+//         u32[cols]: element (r, c)'s index in its whole leaf is
+//         row_index[r] + col_index[c]
 //   rets: per leaf: u (g's dtype and shape), and (codes, absmax) per state
 //   attrs: algo, block_size, leaves (L), params_mode: 0 (p is a
 //          placeholder, read as 0), 1 (p is read) or 2 (p is read and u =
 //          p + update, the new parameter, which XLA may alias to p),
 //          tile_rows (the block layout of every leaf: BlockLayout),
-//          stochastic: 0 (round to nearest) or 1 (stochastic rounding,
-//          optax8/rounding.py),
+//          stochastic: which roundings are stochastic, bit 0 the states'
+//          (optax8/rounding.py), bit 1 the new parameters' to bfloat16
+//          (round_param, quantize.h; params_mode 2, bfloat16 buffers or
+//          float32 ones that the caller casts); 0 rounds both to nearest,
 //          bits: 8, or 4 (every state's codes in its map at 4 bits, packed
 //          two a byte along the last axis)
 // Leading dimensions of the hyperparameters (vmap) split the rows of every
@@ -46,6 +49,8 @@ struct StepBuffers {
   float* absmax_out[kMaxStates] = {};
   const uint32_t* row_index = nullptr;  // stochastic rounding: element indices (see above); else null
   const uint32_t* col_index = nullptr;
+  bool stochastic_states = false;       // the codes are rounded stochastically (stochastic_code)
+  bool round_params = false;            // u = round_param(p + update), a bfloat16 value (with apply)
   int bits = 8;                         // of every state's codes (4: packed two a byte)
   int64_t code_cols = 0;                // bytes of codes per row: cols, or (cols + 1) / 2 at 4 bits
 
@@ -73,8 +78,8 @@ inline xla::ffi::Error check_step_call(const xla::ffi::RemainingArgs& args, cons
     return Error::InvalidArgument("optax8 step: unknown algo " + std::to_string(algo));
   if (bits != 8 && bits != 4)
     return Error::InvalidArgument("optax8 step: bits must be 8 or 4, got " + std::to_string(bits));
-  if (stochastic != 0 && stochastic != 1)
-    return Error::InvalidArgument("optax8 step: stochastic must be 0 or 1, got " + std::to_string(stochastic));
+  if (stochastic < 0 || stochastic > 3)
+    return Error::InvalidArgument("optax8 step: stochastic must be 0 to 3, got " + std::to_string(stochastic));
   const int64_t n = algo_states(algo);
   if (leaves < 1 || int64_t(args.size()) != leaves * step_args_per_leaf(algo, stochastic) ||
       int64_t(rets.size()) != leaves * (1 + 2 * n))
@@ -139,6 +144,13 @@ inline xla::ffi::Error parse_step(xla::ffi::Buffer<xla::ffi::F32> hyper, const x
     s.codes_out[i] = (*codes_out)->typed_data();
     s.absmax_out[i] = (*absmax_out)->typed_data();
   }
+  if (stochastic & 2) {
+    if (!s.apply || s.dtype == ffi::DataType::F16)   // float32 buffers: the caller rounds u to bfloat16 (exact)
+      return Error::InvalidArgument(where + "stochastic rounding of the new parameters needs params_mode 2 and "
+                                            "bfloat16 (or float32) buffers");
+    s.round_params = true;
+  }
+  s.stochastic_states = stochastic & 1;
   if (stochastic) {
     auto row_index = args.get<ffi::Buffer<ffi::U32>>(a0 + 2 + 2 * s.n_states);
     auto col_index = args.get<ffi::Buffer<ffi::U32>>(a0 + 3 + 2 * s.n_states);
