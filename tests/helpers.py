@@ -23,7 +23,8 @@ needs_native_cpu = pytest.mark.skipif(not native.available("cpu"),
 def pure_jax_steps(monkeypatch):
   """Inside: the pure-JAX step where the native kernels would run (`native.has_rule` answers False). Backends are
   chosen when a step is traced and the shard-local kernels are jitted and cached: the caches are cleared on
-  entry and on exit, so that no later step keeps the pure-JAX kernels."""
+  entry and on exit, so that no later step keeps the pure-JAX kernels. On exit every patch of ``monkeypatch``
+  is undone, those made inside included."""
   monkeypatch.setattr(native, "has_rule", lambda platform, algo: False)
   jax.clear_caches()
   try:
