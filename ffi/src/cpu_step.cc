@@ -208,11 +208,9 @@ inline V lanes_round_param(V x, uint32_t row_index, const uint32_t* col_index, u
   const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(int(row_index)),
                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_index)));
   const __m256i r = _mm256_srli_epi32(mix32_8(_mm256_xor_si256(index, _mm256_set1_epi32(int(key)))), 16);
-  const __m256 out = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(x), r),
-                                                          _mm256_set1_epi32(int(0xffff0000u))));
-  const __m256 finite = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), out), _mm256_set1_ps(FLT_MAX),
-                                      _CMP_LE_OQ);
-  return _mm256_blendv_ps(x, out, finite);
+  const V out = _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(_mm256_castps_si256(x), r),
+                                                     _mm256_set1_epi32(int(0xffff0000u))));
+  return vselect(vfinite(out), out, x);
 }
 
 #include "cpu_step_loop.inc"
@@ -469,7 +467,7 @@ inline V lanes_round_param(V x, uint32_t row_index, const uint32_t* col_index, u
   const __m512i r = _mm512_srli_epi32(mix32_16(_mm512_xor_si512(index, _mm512_set1_epi32(int(key)))), 16);
   const V out = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(_mm512_castps_si512(x), r),
                                                      _mm512_set1_epi32(int(0xffff0000u))));
-  return _mm512_mask_blend_ps(vfinite(out), x, out);
+  return vselect(vfinite(out), out, x);
 }
 
 #include "cpu_step_loop.inc"
