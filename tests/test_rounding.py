@@ -121,7 +121,7 @@ def test_every_path_rounds_alike(monkeypatch):
   """update, apply_gradients, eager, disable_jit and vmap on the native CPU kernel: the same codes; the pure-JAX
   step (GPUs, TPUs) a leaf in slices and whole: the same codes, and the kernel's to float32 rounding of the rule."""
   rng = np.random.default_rng(3)
-  params = {"w": jnp.asarray(rng.standard_normal((1024, 512)), jnp.float32)}   # two slices of 2**18
+  params = {"w": jnp.asarray(rng.standard_normal((1024, 512)), jnp.float32)}   # two slices of 2**18 (the update's)
   grads = jax.tree.map(lambda p: p * 0.01, params)
   tx = optax8.adamw8bit(1e-2, rounding="stochastic")
   state = tx.init(params)
@@ -140,7 +140,7 @@ def test_every_path_rounds_alike(monkeypatch):
 
   with pure_jax_steps(monkeypatch):
     _, sliced = jax.jit(update)(grads, state, params)
-    monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1 << 30)
+    monkeypatch.setattr(jax_step, "UPDATE_CHUNK_ELEMENTS", 1 << 30)
     jax.clear_caches()
     _, whole = jax.jit(update)(grads, state, params)
   for a, b, c in zip(_codes(sliced), _codes(whole), _codes(ref)):

@@ -1,6 +1,7 @@
 """The fused step kernels: native CPU against the pure-JAX reference."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -413,6 +414,7 @@ def test_native_step_matches_jax_on_extreme_values(algo):
 def test_step_in_chunks_equals_the_whole_leaf_step(monkeypatch, name, shape, apply):
   """XLA:CPU's pure-JAX step takes a leaf a slice of whole blocks at a time: the same bits, partial last slice too."""
   monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 4096)
+  monkeypatch.setattr(jax_step, "UPDATE_CHUNK_ELEMENTS", 4096)
   algo = ALGOS[name]
   g, p, states = _case(algo, shape, jnp.float32, 256)
   hyper = hyper_vector(**HYPER)
@@ -421,6 +423,22 @@ def test_step_in_chunks_equals_the_whole_leaf_step(monkeypatch, name, shape, app
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (100, 64)])
+@pytest.mark.parametrize("name", ["adam", "lion"])
+def test_step_in_chunks_writes_the_params_over_themselves(monkeypatch, name, shape):
+  """With apply, the new parameter is written over the donated parameter slice by slice, partial last slice
+  too: the compiled step neither copies nor fills an array of the leaf's size."""
+  monkeypatch.setattr(jax_step, "CHUNK_ELEMENTS", 1024)
+  algo = ALGOS[name]
+  g, p, states = _case(algo, shape, jnp.float32, 256)
+  hyper = hyper_vector(**HYPER)
+  fn = lambda g, p, states: jax_step.step_in_chunks(int(algo), hyper, g, p, states, 256, apply=True)
+  text = jax.jit(fn, donate_argnums=1).lower(g, p, states).compile().as_text()
+  leaf = "f32[%d,%d]{" % shape
+  assert "while(" in text
+  assert not [line for line in text.splitlines() if leaf in line and re.search(r" (copy|broadcast)\(", line)]
 
 
 def test_step_in_chunks_bounds_the_temporaries(monkeypatch):

@@ -20,7 +20,8 @@ from optax8.kernels import algorithms, jax_backend
 from optax8.kernels.algorithms import Hyper
 from optax8.low_precision import PARAMS, stochastic_round
 
-CHUNK_ELEMENTS = 1 << 18   # `step_in_chunks`: elements of a leaf stepped at a time
+CHUNK_ELEMENTS = 1 << 16          # `step_in_chunks` with apply: elements of a leaf stepped at a time
+UPDATE_CHUNK_ELEMENTS = 1 << 18   # and without (each the fastest of 2**16, 2**17, 2**18 on a 2-core CPU)
 
 
 def rule(algo, h, g, p, states, pairs: bool = False):
@@ -88,38 +89,43 @@ def step(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs:
 def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = False, pairs: bool = False,
                    rows: int | None = None, index=None, bits: int = 8, round_states: bool = True,
                    round_params: bool = False):
-  """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``) at a time.
+  """`step`, a slice of whole blocks along the first axis (about ``CHUNK_ELEMENTS``, without ``apply``
+  ``UPDATE_CHUNK_ELEMENTS``) at a time.
 
   The same results, from a loop that writes each slice's output, codes and
   absmax into the results: the step's float32 temporaries are those of one
   slice, not of the leaf. XLA:CPU fuses `step` into loops that keep several
   float32 arrays of the leaf's size (about 20 bytes a parameter) and takes
-  fresh memory from the system for them on every call. Leaves of fewer
+  fresh memory from the system for them on every call. With ``apply`` the
+  new parameter is written over the parameter, which XLA then neither
+  copies nor fills when the step owns it (donated). Leaves of fewer
   than two slices, arrays on an explicit mesh, and vectors of 4-bit
   states (whose codes pack the first axis) take `step` directly.
   """
   rows = layout.tile_rows(g.shape, block_size) if rows is None else rows
   extent = layout.extents(g.ndim, block_size, rows)[0]
   inner = math.prod(g.shape[1:])
-  length = max(extent, CHUNK_ELEMENTS // max(inner, 1) // extent * extent)
+  target = CHUNK_ELEMENTS if apply else UPDATE_CHUNK_ELEMENTS
+  length = max(extent, target // max(inner, 1) // extent * extent)
   chunks = g.shape[0] // length
   if chunks < 2 or jax_backend.on_explicit_mesh(g) or (bits == 4 and g.ndim == 1):
     return step(algo, hyper, g, p, states, block_size, apply, pairs, rows, index, bits, round_states, round_params)
   blocks = length // extent   # absmax rows of a slice
 
-  def run(i, n, out, new_states):
+  def run(i, n, out, new_states, pi=None):
     """Slice ``i`` (``n`` rows of elements from ``i * length``) stepped, its results written to the results.
 
-    The inputs are read from the operands, not from the results they are
-    written to (a slice of a result read before it is written would make XLA
-    copy the whole result on every slice); the codes, read and written by
-    one loop, are the exception.
+    With ``apply``, ``pi`` is the slice of the parameter, which the output is
+    written over, read before the loop's previous turn wrote its slice (read
+    after, XLA would copy the whole output on every slice); the other inputs
+    are read from the operands but for the codes, read and written by one
+    fusion.
     """
     start, block_start = i * length, i * blocks
     cut = lambda x, n: lax.dynamic_slice_in_dim(x, start, n)
     cut_absmax = lambda x, n: lax.dynamic_slice_in_dim(x, block_start, n)
     nb = -(-n // extent)
-    gi, pi = cut(g, n), None if p is None else cut(p, n)
+    gi, pi = cut(g, n), pi if apply or p is None else cut(p, n)
     si = tuple((cut(c, n), cut_absmax(a, nb)) for (c, _), (_, a) in zip(new_states, states))
     ii = None if index is None else (cut(index[0], n),) + tuple(index[1:])
     o, new = step(algo, hyper, gi, pi, si, block_size, apply, pairs, rows, ii, bits, round_states, round_params)
@@ -127,9 +133,20 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
     return put(out, o, start), tuple((put(c, nc, start), put(a, na, block_start))
                                      for (c, a), (nc, na) in zip(new_states, new))
 
-  out = jnp.zeros(g.shape, p.dtype if apply else g.dtype)
   new_states = tuple((c, jnp.zeros_like(a)) for c, a in states)
-  out, new_states = lax.fori_loop(0, chunks, lambda i, carry: run(i, length, *carry), (out, new_states))
+  if apply:
+    def body(i, carry):
+      out, new_states, pi = carry
+      out, new_states = run(i, length, out, new_states, pi)
+      return out, new_states, lax.dynamic_slice_in_dim(out, (i + 1) * length, length)   # not written yet
+
+    out, new_states, last = lax.fori_loop(0, chunks, body, (p, new_states, p[:length]))
+    tail = lambda n: last[length - n:]   # the last slice read holds the leaf's last rows
+  else:
+    out, new_states = lax.fori_loop(0, chunks, lambda i, carry: run(i, length, *carry),
+                                    (jnp.zeros(g.shape, g.dtype), new_states))
+    tail = lambda n: None
   if chunks * length < g.shape[0]:
-    out, new_states = run(chunks, g.shape[0] - chunks * length, out, new_states)
+    n = g.shape[0] - chunks * length
+    out, new_states = run(chunks, n, out, new_states, tail(n))
   return out, new_states
