@@ -115,11 +115,11 @@ def step_in_chunks(algo, hyper, g, p, states, block_size: int, apply: bool = Fal
   def run(i, n, out, new_states, pi=None):
     """Slice ``i`` (``n`` rows of elements from ``i * length``) stepped, its results written to the results.
 
-    With ``apply``, ``pi`` is the slice of the parameter, which the output is
-    written over, read before the loop's previous turn wrote its slice (read
-    after, XLA would copy the whole output on every slice); the other inputs
-    are read from the operands but for the codes, read and written by one
-    fusion.
+    With ``apply`` the output is the parameter itself, and ``pi``, this
+    slice of it, was read by the previous turn after that turn wrote its own
+    slice (a slice read from the output in the turn that writes it would make
+    XLA copy the whole output on every slice). The other inputs are read from
+    the operands, but for the codes, read and written by one fusion.
     """
     start, block_start = i * length, i * blocks
     cut = lambda x, n: lax.dynamic_slice_in_dim(x, start, n)
