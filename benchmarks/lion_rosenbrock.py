@@ -14,9 +14,15 @@ program:
 
 Prints each run's final point and writes ``docs/figures/lion_rosenbrock.png``
 (the paths over the loss's contours, and the distance to the minimum (1, 1)
-against the step) with ``--figure``.
+against the step) with ``--figure``. ``--four-bit`` adds the runs at 4 bits
+(round to nearest and stochastic rounding), the 8-bit stochastic one, and a
+momentum rounded stochastically to 15 evenly spaced levels of its block's
+absmax (jnp, a random key in the state): the median distance to (1, 1) over
+the steps after the first fifth tells a run that wanders near the minimum
+from one that stops, and the share of the steps spent jumping between two
+points (Lion's two-step cycle) tells how often a run moves on.
 
-    python benchmarks/lion_rosenbrock.py [--steps 10000] [--figure]
+    python benchmarks/lion_rosenbrock.py [--steps 10000] [--figure] [--four-bit]
 """
 
 from __future__ import annotations
@@ -76,10 +82,50 @@ def path(tx, steps: int) -> np.ndarray:
   return np.concatenate([np.zeros((1, 2)), np.asarray(xs)])
 
 
+def cycling(xs: np.ndarray) -> np.ndarray:
+  """Whether each step reverses both coordinates' moves of the step before: Lion's two-step cycle, where the
+  gradient's term (1 - b1) g outweighs the momentum's in the sign and the point jumps between two points."""
+  moves = np.sign(np.diff(xs, axis=0))
+  return np.all(moves[1:] == -moves[:-1], axis=1)
+
+
+def uniform_sr_lion(levels: int = 15, seed: int = 0) -> optax.GradientTransformation:
+  """Lion whose momentum is rounded stochastically (unbiased) to ``levels`` evenly spaced values in
+  [-absmax, absmax], absmax = max |m| (one block: the problem has 2 parameters)."""
+  grid = jnp.linspace(-1.0, 1.0, levels)
+
+  def init(params):
+    return jnp.zeros_like(params), jax.random.key(seed)
+
+  def update(grads, state, params):
+    m, key = state
+    key, draw = jax.random.split(key)
+    direction = jnp.sign(B1 * m + (1 - B1) * grads)
+    m = B2 * m + (1 - B2) * grads
+    absmax = jnp.max(jnp.abs(m))
+    x = jnp.where(absmax > 0, m / jnp.where(absmax > 0, absmax, 1), 0)
+    i = jnp.clip(jnp.searchsorted(grid, x, side="right") - 1, 0, levels - 2)
+    up = jax.random.uniform(draw, x.shape) < (x - grid[i]) / (grid[i + 1] - grid[i])
+    return -LR * (direction + WEIGHT_DECAY * params), (jnp.where(up, grid[i + 1], grid[i]) * absmax, key)
+
+  return optax.GradientTransformation(init, update)
+
+
 RUNS = {
     "optax.lion (float32)": lambda: optax.lion(LR, weight_decay=WEIGHT_DECAY),
     "optax8.lion8bit (signed absmax)": lambda: optax8.lion8bit(LR, weight_decay=WEIGHT_DECAY, min_8bit_size=0),
     "bnb rule (positive absmax)": bnb_lion8bit,
+}
+
+FOUR_BIT_RUNS = {
+    "optax8.lion8bit, 8 bits, stochastic": lambda: optax8.lion8bit(LR, weight_decay=WEIGHT_DECAY, min_8bit_size=0,
+                                                                   rounding="stochastic"),
+    "optax8.lion8bit, 4 bits, nearest": lambda: optax8.lion8bit(LR, weight_decay=WEIGHT_DECAY, min_8bit_size=0,
+                                                                bits=4),
+    "optax8.lion8bit, 4 bits, stochastic": lambda: optax8.lion8bit(LR, weight_decay=WEIGHT_DECAY, min_8bit_size=0,
+                                                                   bits=4, rounding="stochastic"),
+    "15 even levels, stochastic (seed 0)": lambda: uniform_sr_lion(seed=0),
+    "15 even levels, stochastic (seed 1)": lambda: uniform_sr_lion(seed=1),
 }
 
 
@@ -108,13 +154,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=10_000)
   parser.add_argument("--figure", action="store_true", help=f"write {FIGURE}")
+  parser.add_argument("--four-bit", action="store_true", help="add the 4-bit and stochastic runs")
   args = parser.parse_args()
-  paths = {name: path(make(), args.steps) for name, make in RUNS.items()}
+  runs = {**RUNS, **(FOUR_BIT_RUNS if args.four_bit else {})}
+  paths = {name: path(make(), args.steps) for name, make in runs.items()}
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; Rosenbrock from (0, 0), {args.steps} steps")
   for name, xs in paths.items():
-    print(f"{name:34s} final ({xs[-1, 0]:.4f}, {xs[-1, 1]:.4f})  distance to (1, 1) {np.linalg.norm(xs[-1] - 1):.4f}")
+    distance = np.linalg.norm(xs - 1.0, axis=1)
+    after = args.steps // 5
+    print(f"{name:38s} final ({xs[-1, 0]:.4f}, {xs[-1, 1]:.4f})  distance to (1, 1): final {distance[-1]:.4f}, "
+          f"median after step {after} {np.median(distance[after:]):.4f}; "
+          f"steps in a two-step cycle after it {cycling(xs)[after:].mean():.1%}")
   if args.figure:
-    figure(paths, FIGURE)
+    figure({name: paths[name] for name in RUNS}, FIGURE)
     print(f"wrote {FIGURE}")
 
 

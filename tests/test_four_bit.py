@@ -137,8 +137,10 @@ FOUR_BIT_PROBLEMS = [("adamw8bit", dict(learning_rate=1e-1)), ("sgd8bit", dict(l
                      ("lion8bit", dict(learning_rate=1e-2, weight_decay=1e-4, rounding="stochastic"))]
 
 
-LION_STALLS = pytest.mark.xfail(strict=True, reason="lion8bit at 4 bits stalls at (0.931, 0.881) on Rosenbrock, "
-                                "even with stochastic rounding")
+LION_STALLS = pytest.mark.xfail(strict=True, reason="lion8bit at 4 bits ends at (0.931, 0.881) on Rosenbrock, "
+                                "even with stochastic rounding: it stays in Lion's two-step cycles in 99.5% of the "
+                                "steps (float32: 94%), as 15 even levels rounded stochastically do "
+                                "(benchmarks/lion_rosenbrock.py --four-bit)")
 
 
 @pytest.mark.parametrize("name, kwargs, problem", [
@@ -152,6 +154,25 @@ def test_four_bit_converges_on_optax_problems(name, kwargs, problem):
   start, end, loss = _optax_problem(problem)
   tx = REGISTRY[name].make(**kwargs, min_8bit_size=0, bits=4)
   np.testing.assert_allclose(np.asarray(final_point(tx, loss, start, 10_000)), end, rtol=3e-2, atol=3e-2)
+
+
+def test_lion_at_4_bits_stays_in_its_two_step_cycles():
+  """Why Lion at 4 bits misses Rosenbrock's minimum: every run, float32 included, mostly jumps between two points
+  and moves on when its momentum tips a sign; at 4 bits, and with 15 even levels rounded stochastically, that
+  happens in a few of the steps float32 and 8 bits take it."""
+  import importlib.util
+  import pathlib
+  script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "lion_rosenbrock.py"
+  spec = importlib.util.spec_from_file_location("lion_rosenbrock", script)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  runs = {**bench.RUNS, **bench.FOUR_BIT_RUNS}
+  share = {name: bench.cycling(bench.path(runs[name](), 10_000))[2000:].mean()
+           for name in ("optax.lion (float32)", "optax8.lion8bit, 8 bits, stochastic",
+                        "optax8.lion8bit, 4 bits, stochastic", "15 even levels, stochastic (seed 0)")}
+  assert 0.5 < share["optax.lion (float32)"] < 0.96 and share["optax8.lion8bit, 8 bits, stochastic"] < 0.96, share
+  assert share["optax8.lion8bit, 4 bits, stochastic"] > 0.98, share
+  assert share["15 even levels, stochastic (seed 0)"] > 0.98, share
 
 
 def test_lion_at_4_bits_rounded_to_nearest_freezes_its_momentum():
