@@ -44,7 +44,7 @@ from optax8.layout import absmax_shape, packed_shape, tile_rows
 from optax8.options import Options, as_array, boxes, is_static_zero, key_paths, path_str, unbox
 from optax8.low_precision import ParamRounding, new_param, with_param_rounding
 from optax8.quantize import QuantizedArray, packing_problem
-from optax8.sharding import state_shardings, zero_count
+from optax8.sharding import on_one_sharding, state_shardings, zero_count
 
 GROUP_ELEMENTS = 1 << 18  # leaves are stepped together up to this many elements per kernel call
 GROUP_LEAVES = 64         # and up to this many leaves (XLA's compile time grows with a call's operands)
@@ -377,6 +377,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       leaf_states = tuple(m[i] for m in moments)
       for leaf, kind in zip(leaf_states, kinds):
         _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
+      if isinstance(leaf_states[0], QuantizedArray):
+        g, p, leaf_states = on_one_sharding(name, plan.path, g, p, leaf_states, plan.bits, plan.block_size)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
       # the kernel rounds a bfloat16 leaf's new parameter; other rounded leaves get their update, rounded below
       round_params = fused_apply and rounded[i] and jnp.dtype(p.dtype) == jnp.dtype(jnp.bfloat16)

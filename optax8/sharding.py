@@ -343,6 +343,36 @@ def state_shardings(name: str, path: str, x, bits: int, block_size: int) -> Stat
   return StateShardings(NamedSharding(sharding.mesh, PartitionSpec(*spec)), isinstance(x, jax.core.Tracer))
 
 
+def on_one_sharding(name: str, path: str, g, p, states, bits: int, block_size: int):
+  """``(g, p, states)`` of one 8-bit (or 4-bit) leaf on an Explicit mesh, resharded to one sharding.
+
+  The kernels compute each shard alone, so the gradient, parameter, codes
+  and absmax must be split alike. On an Explicit mesh a sharding is part of
+  an array's type, and one that differs (a replicated gradient, a state
+  restored replicated) is resharded here as optax's elementwise steps
+  would: to the parameter's sharding, or without params to the state's
+  codes'. The state then leaves the step sharded like the parameter. On an
+  Auto mesh the partitioner does this itself; nothing is changed.
+  """
+  lead = _mesh_sharding(states[0].codes if p is None else p)
+  if lead is None or jax.sharding.AxisType.Explicit not in lead.mesh.axis_types:
+    return g, p, states
+  spec = _spec(lead, g.ndim)
+  if p is not None:
+    state_shardings(name, path, p, bits, block_size)   # a parameter's sharding that splits blocks is refused
+
+  def put(x):
+    target = PartitionSpec(*spec) if x.ndim == len(spec) else PartitionSpec()
+    now = _mesh_sharding(x)
+    if now is not None and now.mesh == lead.mesh and _spec(now, x.ndim) == _spec(NamedSharding(lead.mesh, target),
+                                                                                  x.ndim):
+      return x
+    return jax.sharding.reshard(x, NamedSharding(lead.mesh, target))
+
+  states = tuple(dataclasses.replace(q, codes=put(q.codes), absmax=put(q.absmax)) for q in states)
+  return put(g), None if p is None else put(p), states
+
+
 def zero_count(params):
   """The initial step count, an int32 zero replicated on the mesh of the first sharded parameter."""
   for x in jax.tree.leaves(params):

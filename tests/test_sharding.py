@@ -192,6 +192,39 @@ def test_explicit_mesh_types_are_kept_by_eager_and_jitted_updates():
     assert jax.typeof(state.mu["w"].codes).sharding.spec == P("x", None)
 
 
+@pytest.mark.parametrize("mismatch", ["replicated-grads", "replicated-state", "no-params"])
+def test_explicit_mesh_inputs_of_other_shardings_are_resharded_like_optax(mismatch):
+  """On an Explicit mesh, a gradient or a state (restored replicated, say) sharded unlike its parameter:
+  optax's step takes it, and so does optax8's (eager and jitted, update and apply_gradients), with the
+  results of the all-sharded step and the state leaving sharded like the parameter."""
+  tx = optax8.adam8bit(1e-2, min_8bit_size=256) if mismatch == "no-params" else OPTIMIZERS["adamw"]()
+  mesh = _mesh(AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    params, grads = _put(_tree(0), mesh, _specs("fsdp")), _put(_tree(1), mesh, _specs("fsdp"))
+    state = tx.init(params)
+    want_u, want_s = jax.jit(tx.update)(grads, state, params)
+    replicated = lambda tree: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), tree)
+    if mismatch == "replicated-state":
+      state = replicated(state)
+    else:
+      grads = replicated(grads)
+    if mismatch == "no-params":
+      runs = {"eager": tx.update(grads, state), "jit": jax.jit(tx.update)(grads, state)}
+    else:
+      applied = jax.jit(lambda g, s, p: optax8.apply_gradients(tx, g, s, p))(grads, state, params)
+      runs = {"eager": tx.update(grads, state, params), "jit": jax.jit(tx.update)(grads, state, params),
+              "apply": applied}
+    for how, (u, s) in runs.items():
+      want = optax.apply_updates(params, want_u) if how == "apply" else want_u
+      for k in ("w", "e", "b"):
+        np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(want[k]), err_msg=how)
+        assert jax.typeof(u[k]).sharding.spec == jax.typeof(want[k]).sharding.spec, how
+        np.testing.assert_array_equal(np.asarray(s.mu[k].codes), np.asarray(want_s.mu[k].codes), err_msg=how)
+        np.testing.assert_array_equal(np.asarray(s.nu[k].absmax), np.asarray(want_s.nu[k].absmax), err_msg=how)
+        assert jax.typeof(s.mu[k].codes).sharding.spec == jax.typeof(want_s.mu[k].codes).sharding.spec, how
+        assert jax.typeof(s.nu[k].absmax).sharding.spec == jax.typeof(want_s.nu[k].absmax).sharding.spec, how
+
+
 def test_pure_jax_backend_is_shard_local_too(monkeypatch):
   jax.clear_caches()   # the native kernels are chosen when an op is traced
   monkeypatch.setattr(dispatch, "_native_branches", lambda fn: {})
