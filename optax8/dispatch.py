@@ -49,17 +49,21 @@ def dequantize(codes, absmax, block_size: int, kind: str, map_id: int, dtype):
   return sharding.shard_local(op, codes, absmax)[0]
 
 
-def _quantize(x, block_size: int, rows: int, kind: str, map_id: int):
+def _quantize(x, block_size: int, rows: int, kind: str, map_id: int, pure: bool = False):
+  jax_fn = functools.partial(jax_backend.quantize, block_size=block_size, kind=kind, rows=rows)
+  if pure:   # the kernels' derivatives (optax8.sharding.Op.reference)
+    return jax_fn(x)
   return lax.platform_dependent(
-      x,
-      default=functools.partial(jax_backend.quantize, block_size=block_size, kind=kind, rows=rows),
+      x, default=jax_fn,
       **_native_branches(functools.partial(native.quantize, block_size=block_size, map_id=map_id, rows=rows)))
 
 
-def _dequantize(codes, absmax, block_size: int, rows: int, kind: str, map_id: int, dtype):
+def _dequantize(codes, absmax, block_size: int, rows: int, kind: str, map_id: int, dtype, pure: bool = False):
+  jax_fn = functools.partial(jax_backend.dequantize, block_size=block_size, kind=kind, dtype=dtype, rows=rows)
+  if pure:
+    return (jax_fn(codes, absmax),)
   return (lax.platform_dependent(
-      codes, absmax,
-      default=functools.partial(jax_backend.dequantize, block_size=block_size, kind=kind, dtype=dtype, rows=rows),
+      codes, absmax, default=jax_fn,
       **_native_branches(functools.partial(native.dequantize, block_size=block_size, map_id=map_id,
                                            dtype=dtype, rows=rows))),)
 
@@ -176,8 +180,8 @@ def step_group(algo: int, hypers, leaves, block_size: int, apply: bool = False, 
   return group.unflatten_results(sharding.shard_local(op, *group.flatten(hypers, leaves)))
 
 
-def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
-  """`step_group` on flat operands; flat results."""
+def _step_group(*flat, group: StepGroup, block_size: int, rows: int, pure: bool = False):
+  """`step_group` on flat operands; flat results (with ``pure``, the pure-JAX step's)."""
   del block_size, rows   # the group's, given to the sharding rule
 
   def unflatten(args):
@@ -202,6 +206,8 @@ def _step_group(*flat, group: StepGroup, block_size: int, rows: int):
                                        round_states=group.round_states, round_params=group.round_params)
                                   for i, (g, p, s, index) in enumerate(leaves)])
 
+  if pure:
+    return jax_fn(*flat)
   # XLA:CPU without the native library: the pure-JAX step a slice at a time (bounded temporaries)
   branches = {"cpu": functools.partial(jax_fn, step=jax_step.step_in_chunks)}
   packs = group.bits == 8 or group.block_size // group.rows % 2 == 0   # no byte of 4-bit codes in two blocks

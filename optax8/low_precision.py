@@ -31,6 +31,7 @@ transformation last in an `optax8.chain`), AdamW on bfloat16 params keeps
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +67,7 @@ class ParamRounding(NamedTuple):
   step: jax.Array
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def stochastic_round(x, dtype, bits):
   """``x`` (float32) rounded to ``dtype`` (bfloat16 or float16) with uint32 random ``bits``: ``E[result] = x``.
 
@@ -73,7 +75,8 @@ def stochastic_round(x, dtype, bits):
   rounds ``|x|`` up with probability (the lower half of ``bits(x)``) /
   2**16. float16 takes the neighbour rule with the draw ``(bits >> 8) *
   2**-24``. Where rounding to nearest gives a finite value, so does this
-  (and NaN stays NaN).
+  (and NaN stays NaN). Its derivative is that of ``E[result] = x``: the
+  tangent cast to ``dtype``.
   """
   near = x.astype(dtype)
   if jnp.dtype(dtype) == jnp.bfloat16:
@@ -87,6 +90,12 @@ def stochastic_round(x, dtype, bits):
     up = draws * jnp.abs(other.astype(jnp.float32) - n) < jnp.abs(x - n)
     out = jnp.where(up, other, near)
   return jnp.where(jnp.isfinite(out) | jnp.isinf(near), out, near)
+
+
+@stochastic_round.defjvp
+def _stochastic_round_jvp(dtype, primals, tangents):
+  x, bits = primals
+  return stochastic_round(x, dtype, bits), tangents[0].astype(dtype)
 
 
 def new_param(p, u, step, path: str):

@@ -95,6 +95,10 @@ class Op:
   def call(self, *arrays):
     return tuple(self.kernel(*arrays, **dict(self.params)))
 
+  def reference(self, *arrays):
+    """`call` on the pure-JAX backend (``kernel(..., pure=True)``), whose derivatives JAX knows."""
+    return tuple(self.kernel(*arrays, **dict(self.params), pure=True))
+
   def extents(self, leaf: int) -> tuple[int, ...]:
     """A block's extent along each axis of leaf ``leaf`` (a batch axis added in front keeps them)."""
     return layout.extents(len(self.leaf_shapes[leaf]), self.block_size, self.rows)
@@ -116,11 +120,26 @@ def shard_local(op: Op, *arrays) -> tuple:
   Under ``jax.vmap`` a batch axis becomes one more leading axis of every
   leaf; where a replicated operand is batched (a batch of hyperparameter
   rows) the kernel is vmapped instead and not partitioned. Under
-  ``jax.disable_jit()`` the kernel runs eagerly, unpartitioned.
+  ``jax.disable_jit()`` the kernel runs eagerly, unpartitioned. Its
+  derivatives (``jax.jvp``, ``jax.grad``) are those of the pure-JAX
+  backend's kernel (`Op.reference`), which gives the same values: codes
+  have none, absmax and float outputs theirs.
   """
-  if jax.config.jax_disable_jit:
-    return op.call(*arrays)
-  return _shard_local_jit(op, *arrays)
+  return _differentiable(op)(*arrays)
+
+
+def _differentiable(op: Op):
+  @jax.custom_jvp
+  def run(*arrays):
+    if jax.config.jax_disable_jit:
+      return op.call(*arrays)
+    return _shard_local_jit(op, *arrays)
+
+  @run.defjvp
+  def _jvp(primals, tangents):
+    return run(*primals), jax.jvp(op.reference, primals, tangents)[1]
+
+  return run
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -405,6 +405,63 @@ def test_vmap_over_an_ensemble_equals_separate_runs(case):
       assert_trees_close(jax.tree.map(lambda x: x[i], Us[k]), us[k], rtol=1e-6, atol=1e-9)
 
 
+# ---- derivatives through the step (meta-learning) ---------------------------
+
+
+META_TARGET = jax.random.normal(jax.random.key(3), (64, 256))
+
+
+def _meta_loss(lr, make, apply=False, dtype=jnp.float32, steps=5, **kwargs):
+  """The loss after ``steps`` steps from the learning rate ``lr`` (optax's meta-learning pattern)."""
+  loss = lambda p: jnp.mean((p["w"].astype(jnp.float32) - META_TARGET) ** 2)
+  tx = make(learning_rate=lr, **kwargs)
+  params = {"w": jnp.full((64, 256), 0.1, dtype)}
+  state = tx.init(params)
+  for _ in range(steps):
+    grads = jax.grad(loss)(params)
+    if apply:
+      params, state = optax8.apply_gradients(tx, grads, state, params)
+    else:
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+  return loss(params)
+
+
+@pytest.mark.parametrize("apply", [False, True], ids=["update", "apply_gradients"])
+@pytest.mark.parametrize("name, kwargs", [("adamw", {}), ("lion", {}), ("adamw", {"bits": 4}),
+                                          ("adamw", {"rounding": "stochastic"})], ids=["adamw", "lion", "4bit", "sr"])
+def test_the_gradient_through_8_bit_steps_is_the_pure_jax_steps(monkeypatch, name, kwargs, apply):
+  """jax.grad through steps of 8-bit state (native kernels: the derivatives of the pure-JAX step, which
+  computes the same values; codes carry none), close to optax's namesake; jax.jvp agrees."""
+  make = optax8.inject_hyperparams(REGISTRY[f"{name}8bit"].make, static_args=("bits",))
+  grad = jax.jit(jax.grad(lambda lr: _meta_loss(lr, make, apply, **kwargs)))
+  native = grad(1e-2)
+  _, forward = jax.jvp(lambda lr: _meta_loss(lr, make, apply, **kwargs), (1e-2,), (1.0,))
+  reference = jax.grad(lambda lr: _meta_loss(lr, optax.inject_hyperparams(getattr(optax, name))))(1e-2)
+  monkeypatch.setattr(optax8.dispatch, "_native_branches", lambda fn: {})
+  jax.clear_caches()
+  try:
+    pure = jax.jit(jax.grad(lambda lr: _meta_loss(lr, make, apply, **kwargs)))(1e-2)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+  assert np.isfinite(native) and abs(native) > 1
+  np.testing.assert_allclose(native, pure, rtol=1e-5)
+  np.testing.assert_allclose(forward, native, rtol=1e-4)
+  np.testing.assert_allclose(native, reference, rtol=2e-2 if kwargs.get("bits") == 4 else 2e-3)
+
+
+def test_the_gradient_through_stochastically_rounded_params_is_the_expectations():
+  """bfloat16 params rounded stochastically: E[round(x)] = x, so the derivative is that of x cast to
+  bfloat16, the one of rounding to nearest (not the zero of the bits' arithmetic)."""
+  make = optax8.inject_hyperparams(optax8.lion8bit)
+  for apply in (False, True):
+    grads = [jax.grad(lambda lr: _meta_loss(lr, make, apply, jnp.bfloat16, param_rounding=r))(1e-2)
+             for r in ("stochastic", "nearest")]
+    assert abs(grads[0]) > 1
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-2)
+
+
 # ---- convergence --------------------------------------------------------------
 
 STEPS = 500
