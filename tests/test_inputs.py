@@ -83,6 +83,36 @@ def test_one_huge_gradient_moves_params_no_more_than_optax(name, spike):
       assert np.all(np.isfinite(np.asarray(leaf.absmax)))
 
 
+@pytest.mark.parametrize("name", ["lars8bit", "muon8bit"])
+def test_a_huge_gradient_scales_a_norm_based_step_instead_of_zeroing_the_leaf(name):
+  """One 1e20 in a matrix: the leaf's norm would overflow (optax.lars and optax.contrib.muon then give the
+  whole leaf a zero update, Muon for the following steps too). optax8's norms are finite up to float32's
+  largest value: every element still moves, on this step and the next, by a finite amount."""
+  tx = getattr(optax8, name)(1e-2, min_8bit_size=0)
+  params = {"w": jnp.ones((32, 64))}
+  clean = jnp.full((32, 64), 1e-2).at[::2].set(-1e-2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for g in (clean.at[0, 5].set(1e20), clean):
+    u, state = update({"w": g}, state, params)
+    u = np.asarray(u["w"])
+    assert np.all(np.isfinite(u)) and np.count_nonzero(u) == u.size, np.count_nonzero(u)
+    params = optax.apply_updates(params, {"w": u})
+
+
+@pytest.mark.parametrize("name", ["lamb8bit", "lars8bit"])
+@pytest.mark.parametrize("bits", [8, 32])
+def test_params_whose_norm_overflows_get_a_finite_trust_ratio(name, bits):
+  """Params near 1e20 (||p|| overflows float32): optax.lamb and optax.lars give infinite updates."""
+  tx = getattr(optax8, name)(1e-3, min_8bit_size=0, bits=bits)
+  params = {"w": jnp.full((1024,), 1e20).at[::3].set(-3e19)}
+  grads = {"w": jnp.full((1024,), 1e-2)}
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, u)
+  assert np.all(np.isfinite(np.asarray(u["w"]))) and np.all(np.isfinite(np.asarray(new["w"])))
+  assert np.count_nonzero(np.asarray(u["w"])) == 1024
+
+
 SPECIALS = [0.0, 1e-45, -1e-40, 1.17e-38, 1e-30, 1e-8, 1.8e19, -1.85e19, 1e30, 3.4e38, -FMAX, np.inf, -np.inf,
             np.nan]
 VALUES = st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),

@@ -171,6 +171,30 @@ def test_bad_arguments_are_named(kwargs, error):
     optax8.muon8bit(0.02, **kwargs)
 
 
+def test_bad_inputs_get_errors_that_name_muon8bit_and_the_leaf():
+  params = {"a": {"w": jnp.ones((16, 64))}, "b": jnp.ones(300)}
+  grads = jax.tree.map(lambda x: x * 1e-2, params)
+  tx = optax8.muon8bit(1e-3, min_8bit_size=0)
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="muon8bit: expected the state of muon8bit's init .* got ScaleByAdam8bitState"):
+    tx.update(grads, optax8.adam8bit(1e-3).init(params), params)
+  with pytest.raises(ValueError, match="muon8bit: params does not have the structure of the updates"):
+    tx.update({"a": grads["a"]}, state, params)
+  flat = {"a": {"w": grads["a"]["w"].reshape(-1)}, "b": grads["b"]}
+  for step in (tx.update, lambda g, s, p: optax8.apply_gradients(tx, g, s, p)):
+    with pytest.raises(ValueError, match=r"muon8bit: leaf \['a'\]\['w'\]: params shape \(16, 64\) differs from the "
+                                         r"gradient's \(1024,\)"):
+      jax.jit(step)(flat, state, params)
+
+
+def test_a_python_number_among_the_params_is_a_scalar_leaf():
+  """As for the other optimizers (docs/inputs.md); optax.contrib.muon fails on it (x.ndim of a float)."""
+  params = {"w": jnp.ones((16, 64)), "s": 0.5}
+  tx = optax8.muon8bit(1e-3)
+  u, _ = tx.update({"w": jnp.full((16, 64), 1e-2), "s": 0.25}, tx.init(params), params)
+  assert u["s"].shape == () and u["s"] < 0
+
+
 def test_a_huge_gradient_element_moves_params_no_more_than_optax_muon():
   """A finite 1e20 (whose square overflows float32) is skipped like an inf: no blow-up of the 8-bit momentum."""
   params = {"w": jnp.ones((64, 128))}

@@ -17,8 +17,8 @@ __all__ = ["lars8bit"]
 
 def _trust(g, p, wd, coefficient, eps):
   """optax.scale_by_trust_ratio on ``g + wd * p`` (non-finite g counts as 0)."""
-  g = jnp.where(jnp.isfinite(g), g, 0).astype(jnp.float32)
-  return trust_ratio(norm(p), norm(g + wd * p.astype(jnp.float32)), coefficient, eps)
+  direction = lambda g, p: jnp.where(jnp.isfinite(g), g, 0).astype(jnp.float32) + wd * p.astype(jnp.float32)
+  return trust_ratio(norm(p), norm(g, p, of=direction), coefficient, eps)
 
 
 def lars8bit(learning_rate: optax.ScalarOrSchedule, weight_decay: optax.ScalarOrSchedule = 0.0,

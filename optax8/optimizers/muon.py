@@ -14,16 +14,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax.contrib import _muon
 
 from optax8 import maps
-from optax8.apply import partition
-from optax8.fused import Options, Rule, check_state_dtype, fused, with_percentile_clipping
+from optax8.apply import fused_apply, fused_transformation, partition
+from optax8.fused import Options, Rule, check_like_params, check_state_dtype, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.optimizers.adam import adamw8bit
-from optax8.options import check_hyperparameters
+from optax8.options import as_array, check_hyperparameters
 from optax8.low_precision import with_param_rounding
 
 __all__ = ["ScaleByMuon8bitState", "muon8bit", "scale_by_muon8bit"]
@@ -94,7 +95,11 @@ def _dimension_numbers(name, spec):
 def _orthogonalize(d, p, wd, dim_num, *, coeffs, ns_steps, eps, adaptive, preconditioning, consistent_rms,
                    shape_scale):
   """optax's Muon on one leaf's momentum ``d``: Newton-Schulz, adaptive and shape scaling, then ``+ wd p``."""
-  x = _muon.orthogonalize_via_newton_schulz(d, coeffs, ns_steps, preconditioning, eps, dim_num)
+  # Newton-Schulz divides by a norm of d, which overflows where an element exceeds about 1e19 (a diverging
+  # gradient); its result does not depend on d's scale, so such a d is scaled by 2**-80 first (else by 1, exactly)
+  overflows = jnp.isinf(jnp.sum(jnp.square(jnp.abs(d))))
+  d_scaled = d * jnp.where(overflows, np.float32(2.0**-80), np.float32(1)).astype(d.real.dtype)
+  x = _muon.orthogonalize_via_newton_schulz(d_scaled, coeffs, ns_steps, preconditioning, eps, dim_num)
   if adaptive:
     x = jnp.sum(d.conj() * x) * x
   if shape_scale:
@@ -162,14 +167,37 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
   adam = adamw8bit(learning_rate if adam_learning_rate is None else adam_learning_rate, b1=adam_b1, b2=adam_b2,
                    eps=eps, eps_root=adam_eps_root, weight_decay=adam_weight_decay, nesterov=nesterov, bits=bits,
                    block_size=block_size, min_8bit_size=min_8bit_size, max_unorm=max_unorm, rounding=rounding)
-  tx = partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers))
+  tx = _checked(partition({"muon": muon, "adam": adam}, _muon_labels(muon_weight_dimension_numbers)))
   return with_param_rounding("muon8bit", param_rounding, with_percentile_clipping("muon8bit", percentile_clipping, tx))
+
+
+def _checked(tx):
+  """muon8bit's partition ``tx``, whose update and apply_gradients first check the state and the params
+  against the gradients, with errors that name muon8bit and the leaf."""
+  apply = fused_apply(tx)
+
+  def check(updates, state, params):
+    if not isinstance(state, optax.PartitionState) or sorted(state.inner_states) != ["adam", "muon"]:
+      raise TypeError(f"muon8bit: expected the state of muon8bit's init (an optax.PartitionState of its 'muon' "
+                      f"and 'adam' parts), got {type(state).__name__}")
+    if params is not None:
+      check_like_params("muon8bit", jax.tree.map(as_array, updates), jax.tree.map(as_array, params))
+
+  def update(updates, state, params=None, **extra_args):
+    check(updates, state, params)
+    return tx.update(updates, state, params, **extra_args)
+
+  def apply_gradients(grads, state, params, **extra_args):
+    check(grads, state, params)
+    return apply(grads, state, params, **extra_args)
+
+  return fused_transformation(tx.init, update, apply_gradients)
 
 
 def _muon_labels(spec):
   """optax.contrib.muon's partition: matrices (default) or leaves with dimension numbers take Muon."""
   if spec is None:
-    return lambda params: jax.tree.map(lambda x: "muon" if x.ndim == 2 else "adam", params)
+    return lambda params: jax.tree.map(lambda x: "muon" if jnp.ndim(x) == 2 else "adam", params)
   is_spec = lambda x: x is None or isinstance(x, _muon.MuonDimensionNumbers)
 
   def labels(params):
