@@ -33,6 +33,7 @@ import optax
 from optax8.complex_leaves import is_complex, real_view
 from optax8.options import (PERCENTILE_OFF, RANGES, as_array, check_number, is_single, is_static, key_paths,
                             leaf_values, path_str, static_int, unbox)
+from optax8.sharding import replicated_full, zero_count
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -89,14 +90,14 @@ def _percentile_clipping(percentile, history, per_leaf: bool, name: str, option:
       raise ValueError(f"{name}: history must be >= 1, got {size}")
 
     def empty(p):
-      return optax.MaskedNode() if p is None else jnp.zeros((size,), jnp.float32)
+      return optax.MaskedNode() if p is None else replicated_full(params, (size,), 0, jnp.float32)
 
     ps = percentiles(params)
     if per_leaf:
       hist = jax.tree.structure(unbox(params)).unflatten([empty(p) for p in ps])  # no nnx Variable boxes
     else:
       hist = empty(ps[0])
-    return PercentileClippingState(jnp.zeros([], jnp.int32), hist)
+    return PercentileClippingState(zero_count(params), hist)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args

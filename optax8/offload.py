@@ -38,6 +38,7 @@ import jax
 import optax
 
 from optax8.apply import fused_apply, fused_transformation
+from optax8.sharding import on_the_params_mesh
 
 HOST_MEMORY_KIND = "pinned_host"
 _SPACES = {HOST_MEMORY_KIND: jax.memory.Space.Host}
@@ -106,7 +107,7 @@ def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIN
   inner = optax.with_extra_args_support(tx)
 
   def init_fn(params):
-    return to_host(inner.init(params), memory_kind)
+    return to_host(on_the_params_mesh(inner.init(params), params), memory_kind)
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, state = inner.update(updates, to_device(state), params, **extra_args)

@@ -394,9 +394,29 @@ def on_one_sharding(name: str, path: str, g, p, states, bits: int, block_size: i
 
 def zero_count(params):
   """The initial step count, an int32 zero replicated on the mesh of the first sharded parameter."""
-  for x in jax.tree.leaves(params):
-    sharding = _mesh_sharding(x)
-    if sharding is not None:
-      return StateShardings(NamedSharding(sharding.mesh, PartitionSpec()), isinstance(x, jax.core.Tracer)).full(
-          (), 0, jnp.int32)
-  return jnp.zeros([], jnp.int32)
+  return replicated_full(params, (), 0, jnp.int32)
+
+
+def replicated_full(params, shape, value, dtype):
+  """``jnp.full(shape, value, dtype)`` replicated on the mesh of the first sharded parameter (state that is
+  not per element: a step count, a history of norms), so that a jitted step takes it with the params."""
+  mesh = next((s.mesh for s in map(_mesh_sharding, jax.tree.leaves(params)) if s is not None), None)
+  if mesh is None:
+    return jnp.full(shape, value, dtype)
+  traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params))
+  return StateShardings(NamedSharding(mesh, PartitionSpec()), traced).full(shape, value, dtype)
+
+
+def on_the_params_mesh(state, params):
+  """``state`` with each concrete leaf that lies on one device put replicated on the params' mesh (optax's
+  step counts, say), where the params are sharded over several devices; the other leaves as they are."""
+  mesh = next((s.mesh for s in map(_mesh_sharding, jax.tree.leaves(params)) if s is not None), None)
+  if mesh is None or mesh.size == 1:
+    return state
+
+  def put(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1:
+      return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    return x
+
+  return jax.tree.map(put, state)

@@ -136,6 +136,32 @@ def test_sharded_state_with_out_shardings_and_donation(axis_type):
   assert _shardings(back) == jax.tree.map(lambda s: s.with_memory_kind("device"), state_shardings)
 
 
+@pytest.mark.parametrize("name", ["optax.adamw", "percentile_clipping", "inject_hyperparams", "MultiSteps"])
+def test_state_of_scalars_joins_params_sharded_on_a_mesh(name):
+  """Params sharded over 8 devices (no jax.set_mesh): the inner state's step counts, hyperparameters and
+  norm histories go to the host replicated on the params' mesh, not pinned to device 0, so the jitted
+  step takes them; its results are those of the plain optimizer."""
+  make = {"optax.adamw": lambda: optax.adamw(1e-2),
+          "percentile_clipping": lambda: optax8.adamw8bit(1e-2, min_8bit_size=1024, percentile_clipping=95),
+          "inject_hyperparams": lambda: optax8.inject_hyperparams(optax8.adamw8bit)(1e-2, min_8bit_size=1024),
+          "MultiSteps": lambda: optax.MultiSteps(optax8.lion8bit(1e-3, min_8bit_size=1024), 2)}[name]
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "x") if x.ndim == 2 else P()))   # whole blocks
+  params = jax.tree.map(put, _params())
+  tx, off = make(), optax8.offload(make())
+  state, host_state = tx.init(params), off.init(params)
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(host_state))
+  assert _memory_kinds(host_state) == {"pinned_host"}
+  p1, p2 = params, params
+  for t in range(3):
+    grads = jax.tree.map(put, _grads(params, t))
+    p1, state = jax.jit(functools.partial(_step, tx))(p1, state, grads)
+    p2, host_state = jax.jit(functools.partial(_step, off))(p2, host_state, grads)
+    _assert_equal(p1, p2)
+  if name == "percentile_clipping":   # without offload too: its count and history are on the params' mesh
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(make().init(params)))
+
+
 def test_extra_args_reach_transformations_that_take_them():
   off = optax8.offload(optax.adamw(1e-3))
   params = _params()
