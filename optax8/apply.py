@@ -76,7 +76,7 @@ class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
 
   ``init`` and ``update`` are optax's; ``apply_gradients(grads, state,
   params)`` returns ``(new_params, new_state)``, equal to ``update``
-  followed by ``optax.apply_updates``. Make one with `fused_transformation`.
+  followed by ``optax.apply_updates``. Make one with ``optax8.apply.fused_transformation``.
   """
 
   __slots__ = ()
@@ -124,6 +124,31 @@ def _part(tx, name: str):
   """The `FusedUpdate` part ``name`` of ``tx``, or None."""
   update = getattr(tx, "update", None)
   return getattr(update, name) if isinstance(update, FusedUpdate) else None
+
+
+def checking_inputs(tx, check: Callable) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` and fused applies first call ``check(updates, state, params)`` (which raises
+  on bad input); its fused parts are kept."""
+  inner = optax.with_extra_args_support(tx)
+  apply, rounded = fused_apply(tx), _part(tx, "apply_rounded")
+
+  def update(updates, state, params=None, **extra_args):
+    check(updates, state, params)
+    return inner.update(updates, state, params, **extra_args)
+
+  if apply is None:
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+  def apply_gradients(grads, state, params, **extra_args):
+    check(grads, state, params)
+    return apply(grads, state, params, **extra_args)
+
+  def apply_rounded(grads, state, params, request, **extra_args):
+    check(grads, state, params)
+    return rounded(grads, state, params, request, **extra_args)
+
+  return fused_transformation(tx.init, update, apply_gradients, apply_rounded if rounded is not None else None,
+                              _part(tx, "param_rounding"))
 
 
 def chain(*transforms) -> optax.GradientTransformationExtraArgs:

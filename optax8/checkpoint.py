@@ -147,13 +147,32 @@ def check_state(state, expected) -> None:
                      + "\n  ".join(problems[:_MAX_PROBLEMS]) + more)
 
 
+def _packed_as(shape, want_shape) -> str | None:
+  """How codes of ``shape`` differ from ``want_shape`` by 4-bit packing (two a byte along the last axis):
+  '4-bit' (the state's packed), '8-bit' (the optimizer's), or None."""
+  if not shape or len(shape) != len(want_shape) or shape[:-1] != want_shape[:-1]:
+    return None
+  if shape[-1] == -(-want_shape[-1] // 2):
+    return "4-bit"
+  return "8-bit" if want_shape[-1] == -(-shape[-1] // 2) else None
+
+
 def _compare(names, path, leaf, want_leaf, got, want) -> list[str]:
   (shape, dtype), (want_shape, want_dtype) = _shape_dtype(leaf), _shape_dtype(want_leaf)
   out = []
   if shape != want_shape:
     codes = names[:-1] + ("codes",)
-    same_codes = codes in got and codes in want and _shape_dtype(got[codes][1])[0] == _shape_dtype(want[codes][1])[0]
-    if names[-1] == "absmax" and same_codes:
+    both = codes in got and codes in want
+    got_codes, want_codes = (_shape_dtype(got[codes][1])[0], _shape_dtype(want[codes][1])[0]) if both else (0, 0)
+    same_codes = both and got_codes == want_codes
+    packed = _packed_as(got_codes, want_codes) if both else None
+    if packed:
+      if names[-1] == "codes":
+        other = "8-bit" if packed == "4-bit" else "4-bit"
+        out.append(f"{path}: shape {shape}, the optimizer expects {want_shape}: the state has {packed} codes "
+                   f"where the optimizer keeps {other} ones (4-bit codes pack the last axis two a byte); it was "
+                   "made with other bits")
+    elif names[-1] == "absmax" and same_codes:
       out.append(f"{path}: shape {shape}, the optimizer expects {want_shape}: the state was quantized with "
                  "another block_size or block layout")
     else:

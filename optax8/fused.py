@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from optax8 import clipping, dispatch, maps, rounding
-from optax8.apply import FusedGradientTransformation, chain, fused_from_run, overwritable
+from optax8.apply import FusedGradientTransformation, chain, checking_inputs, fused_from_run, overwritable
 from optax8.complex_leaves import PAIRS, REAL, from_real_view, is_complex, real_view
 from optax8.kernels import jax_step
 from optax8.kernels.algorithms import Algorithm, hyper_vector
@@ -447,7 +447,15 @@ def with_percentile_clipping(name: str, percentile, tx):
   """
   if not Options(percentile_clipping=percentile).check(name).clipping_active():
     return tx
-  return chain(clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping"), tx)
+
+  def check(updates, state, params):
+    if type(state) is not tuple or len(state) != 2 or not isinstance(state[0], clipping.PercentileClippingState):
+      raise TypeError(f"{name}: expected the state of its init, percentile clipping's state and the optimizer's "
+                      f"(percentile_clipping={percentile!r}); got a {type(state).__name__}: was it made by {name} "
+                      "without percentile_clipping?")
+
+  return checking_inputs(chain(clipping._percentile_clipping(percentile, 100, True, name, "percentile_clipping"), tx),
+                         check)
 
 
 class LeafCall(NamedTuple):

@@ -179,12 +179,14 @@ def leaf_values(value, tree, name: str, option: str) -> list:
   """One value of ``option`` per leaf of ``tree``, in flatten order.
 
   ``value`` is a single value, a pytree prefix of ``tree`` or a callable of
-  ``tree`` returning one. Raises a ValueError naming the first leaf or entry
-  that does not match.
+  ``tree`` returning one; the callable gets ``tree`` without nnx Variable
+  boxes (`unbox`), so a rule on key paths matches ``nnx.Optimizer``'s
+  params as it matches a plain dict. Raises a ValueError naming the first
+  leaf or entry that does not match.
   """
   what = option
   if callable(value):
-    value = value(tree)
+    value = value(unbox(tree))
     what = f"the result of {option}(params)"
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   try:
@@ -331,6 +333,10 @@ class Options:
     checked where they are used.
     """
     given = lambda v: v is not None and is_single(v) and not isinstance(v, jax.core.Tracer)
+    if self.min_8bit_size is not None and not is_single(self.min_8bit_size):
+      raise TypeError(f"{name}: min_8bit_size is one int for the whole optimizer, got a "
+                      f"{type(self.min_8bit_size).__name__}; choose 8 or 32 bits per leaf with bits, or give groups "
+                      "of leaves their own optimizer with optax.partition")
     if given(self.min_8bit_size):
       check_number(name, "min_8bit_size", self.min_8bit_size)
     for option in ("max_unorm", "percentile_clipping"):

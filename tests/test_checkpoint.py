@@ -167,6 +167,7 @@ def test_8bit_adamw_on_disk_is_at_most_0_3_of_optax_adamw(tmp_path):
 MISMATCHES = {
     "block_size": ({"block_size": 128}, _params(), r"\['w'\].*block_size"),
     "bits": ({"bits": 32}, _params(), r"\['w'\].*(8-bit|32-bit).*bits or min_8bit_size"),
+    "4 bits": ({"bits": 4}, _params(), r"\['w'\].*8-bit (codes|state) where the optimizer keeps 4-bit.*other bits"),
     "min_8bit_size": ({"min_8bit_size": 1 << 20}, _params(), r"\['w'\].*(8-bit|32-bit).*bits or min_8bit_size"),
     "shape": ({}, _params(rows=32), r"\['w'\].*(shape|gradient)"),
 }

@@ -123,6 +123,33 @@ def test_explicit_bits_win_through_nnx_optimizer():
     assert state_bytes(_opt_state(optimizer), "stable_embedding") / (V * F) == pytest.approx(2 * PER_STATE_8BIT)
 
 
+def test_a_rule_on_key_paths_matches_under_nnx_optimizer():
+  """docs/per_leaf.md's by_path recipe: the callable sees the params without nnx boxes, so
+  path.endswith("['kernel']") picks the Linear kernels there as in a plain dict (it saw '...['kernel'].value')."""
+  model = _Model(nnx.Rngs(0))
+  seen = []
+
+  def by_path(rule):
+    def per_leaf(params):
+      seen.extend(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+      return jax.tree_util.tree_map_with_path(lambda p, x: rule(jax.tree_util.keystr(p), x), params)
+    return per_leaf
+
+  tx = optax8.adamw8bit(1e-3, max_unorm=by_path(lambda path, x: 0.02 if path.endswith("['kernel']") else 0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  assert "['hidden']['kernel']" in seen and not any(path.endswith(".value") for path in seen)
+  params = nnx.state(model, nnx.Param)
+  before = nnx.as_pure(params)
+  _update(optimizer, model, jax.tree.map(lambda x: jnp.full_like(x, 10.0), params))
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  for layer in ("hidden", "head"):
+    step = np.linalg.norm(np.asarray(after[layer]["kernel"]) - np.asarray(before[layer]["kernel"]))
+    bound = 1e-3 * 0.02 * np.linalg.norm(np.asarray(before[layer]["kernel"]))
+    assert step <= bound * 1.01, (layer, step, bound)
+  bias_step = np.linalg.norm(np.asarray(after["hidden"]["bias"]) - np.asarray(before["hidden"]["bias"]))
+  assert bias_step > 1e-3 * 0.5 * np.sqrt(F)   # not bounded: the bias moves about lr per element
+
+
 def test_trains_through_nnx_optimizer():
   model = _Model(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax8.adamw8bit(3e-3), wrt=nnx.Param)

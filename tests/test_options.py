@@ -279,6 +279,8 @@ BAD = [
     (dict(percentile_clipping={"embed": 5, "w": 101}), ValueError,
      r"percentile_clipping of leaf \['w'\] must be in \[0, 100\]"),
     (dict(min_8bit_size=-1), ValueError, r"adamw8bit: min_8bit_size must be an int >= 0, got -1"),
+    (dict(min_8bit_size={"embed": 0, "w": 4096}), TypeError,
+     r"adamw8bit: min_8bit_size is one int for the whole optimizer, got a dict; .* bits .* optax.partition"),
 ]
 
 
@@ -296,3 +298,14 @@ def test_bad_options_are_reported_at_build_or_init_with_the_leaf(kwargs, error, 
 def test_non_float_params_are_reported_at_init():
   with pytest.raises(TypeError, match=r"\['step'\] has dtype int32"):
     optax8.adam8bit(1e-3).init({"w": jnp.zeros((4, 4)), "step": jnp.zeros((), jnp.int32)})
+
+
+def test_a_state_made_without_percentile_clipping_is_named_as_such():
+  params = {"w": jnp.zeros((64, 128))}
+  for name in ("adamw8bit", "lion8bit"):
+    state = getattr(optax8, name)(1e-3).init(params)
+    tx = getattr(optax8, name)(1e-3, percentile_clipping=95)
+    for step in (tx.update, lambda g, s, p: optax8.apply_gradients(tx, g, s, p)):
+      with pytest.raises(TypeError, match=rf"{name}: expected the state of its init, percentile clipping's state "
+                                          rf".*percentile_clipping=95.* was it made by {name} without"):
+        step(params, state, params)

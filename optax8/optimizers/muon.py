@@ -19,7 +19,7 @@ import optax
 from optax.contrib import _muon
 
 from optax8 import maps
-from optax8.apply import fused_apply, fused_transformation, partition
+from optax8.apply import checking_inputs, partition
 from optax8.fused import Options, Rule, check_like_params, check_state_dtype, fused, with_percentile_clipping
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
@@ -172,10 +172,8 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
 
 
 def _checked(tx):
-  """muon8bit's partition ``tx``, whose update and apply_gradients first check the state and the params
-  against the gradients, with errors that name muon8bit and the leaf."""
-  apply = fused_apply(tx)
-
+  """muon8bit's partition ``tx``, checking the state and the params against the gradients first, with
+  errors that name muon8bit and the leaf."""
   def check(updates, state, params):
     if not isinstance(state, optax.PartitionState) or sorted(state.inner_states) != ["adam", "muon"]:
       raise TypeError(f"muon8bit: expected the state of muon8bit's init (an optax.PartitionState of its 'muon' "
@@ -183,15 +181,7 @@ def _checked(tx):
     if params is not None:
       check_like_params("muon8bit", jax.tree.map(as_array, updates), jax.tree.map(as_array, params))
 
-  def update(updates, state, params=None, **extra_args):
-    check(updates, state, params)
-    return tx.update(updates, state, params, **extra_args)
-
-  def apply_gradients(grads, state, params, **extra_args):
-    check(grads, state, params)
-    return apply(grads, state, params, **extra_args)
-
-  return fused_transformation(tx.init, update, apply_gradients)
+  return checking_inputs(tx, check)
 
 
 def _muon_labels(spec):
