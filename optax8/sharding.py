@@ -400,7 +400,7 @@ def zero_count(params):
 def replicated_full(params, shape, value, dtype):
   """``jnp.full(shape, value, dtype)`` replicated on the mesh of the first sharded parameter (state that is
   not per element: a step count, a history of norms), so that a jitted step takes it with the params."""
-  mesh = next((s.mesh for s in map(_mesh_sharding, jax.tree.leaves(params)) if s is not None), None)
+  mesh = _params_mesh(params)
   if mesh is None:
     return jnp.full(shape, value, dtype)
   traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params))
@@ -410,7 +410,7 @@ def replicated_full(params, shape, value, dtype):
 def on_the_params_mesh(state, params):
   """``state`` with each concrete leaf that lies on one device put replicated on the params' mesh (optax's
   step counts, say), where the params are sharded over several devices; the other leaves as they are."""
-  mesh = next((s.mesh for s in map(_mesh_sharding, jax.tree.leaves(params)) if s is not None), None)
+  mesh = _params_mesh(params)
   if mesh is None or mesh.size == 1:
     return state
 
@@ -420,3 +420,8 @@ def on_the_params_mesh(state, params):
     return x
 
   return jax.tree.map(put, state)
+
+
+def _params_mesh(params):
+  """The mesh of the first parameter that carries a mesh sharding, or None."""
+  return next((s.mesh for s in map(_mesh_sharding, jax.tree.leaves(params)) if s is not None), None)
