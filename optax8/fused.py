@@ -152,6 +152,11 @@ def norm(*arrays, of=lambda x: x):
   reductions of one input into one pass, while a GPU would wait for the
   host at a conditional.
   """
+  return jax.lax.platform_dependent(cpu=lambda: _norm(arrays, of, True), default=lambda: _norm(arrays, of, False))
+
+
+def _norm(arrays, of, conditional: bool):
+  """`norm`, with the second sum under a conditional or taken every step."""
   def squares(scale, *arrays):
     x = of(*arrays).astype(jnp.float32)
     return jnp.sum(jnp.where(jnp.isfinite(x), x * x, 0) if scale is None else
@@ -159,9 +164,9 @@ def norm(*arrays, of=lambda x: x):
 
   plain = squares(None, *arrays)
   scaled = lambda *arrays: jnp.sqrt(squares(2.0**-80, *arrays)) * np.float32(2.0**80)
-  return jax.lax.platform_dependent(
-      cpu=lambda: jax.lax.cond(jnp.isinf(plain), scaled, lambda *_: jnp.sqrt(plain), *arrays),
-      default=lambda: jnp.where(jnp.isinf(plain), scaled(*arrays), jnp.sqrt(plain)))
+  if conditional:
+    return jax.lax.cond(jnp.isinf(plain), scaled, lambda *_: jnp.sqrt(plain), *arrays)
+  return jnp.where(jnp.isinf(plain), scaled(*arrays), jnp.sqrt(plain))
 
 
 def check_like_params(name: str, updates, params) -> None:

@@ -113,6 +113,30 @@ def test_params_whose_norm_overflows_get_a_finite_trust_ratio(name, bits):
   assert np.count_nonzero(np.asarray(u["w"])) == 1024
 
 
+@pytest.mark.parametrize("conditional", [True, False], ids=["cpu", "other-platforms"])
+def test_leaf_norms_are_finite_up_to_float32s_largest_value(conditional):
+  """fused.norm's two forms (XLA:CPU's conditional, the two sums elsewhere): the plain sum of squares where it
+  is finite, else that of x * 2**-80; non-finite elements count as 0; jitted and vmapped alike."""
+  from optax8.fused import _norm
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(4096).astype(np.float32)
+  cases = {"ordinary": x * 1e-2, "small": x * 1e-15, "one spike": (x * 1e-2).copy(), "huge": x * 1e30,
+           "nonfinite": (x * 1e-2).copy(), "zeros": np.zeros(4096, np.float32)}
+  cases["one spike"][7] = 1e20
+  cases["nonfinite"][[3, 9, 11]] = [np.inf, np.nan, -np.inf]
+  norm = jax.jit(lambda a: _norm((a,), lambda a: a, conditional))
+  for name, a in cases.items():
+    finite = np.where(np.isfinite(a), a, 0).astype(np.float64)
+    want = np.sqrt(np.sum(finite**2))
+    got = float(norm(jnp.asarray(a)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-37, err_msg=name)
+    if name in ("ordinary", "nonfinite"):   # the plain sum, as before
+      assert got == float(jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(a), jnp.asarray(a) ** 2, 0)))), name
+  batch = jnp.stack([jnp.asarray(cases["one spike"]), jnp.asarray(cases["ordinary"])])
+  np.testing.assert_allclose(jax.vmap(lambda a: _norm((a,), lambda a: a, conditional))(batch),
+                             [norm(batch[0]), norm(batch[1])], rtol=1e-6)
+
+
 SPECIALS = [0.0, 1e-45, -1e-40, 1.17e-38, 1e-30, 1e-8, 1.8e19, -1.85e19, 1e30, 3.4e38, -FMAX, np.inf, -np.inf,
             np.nan]
 VALUES = st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),
