@@ -163,9 +163,9 @@ def _compare(names, path, leaf, want_leaf, got, want) -> list[str]:
   if shape != want_shape:
     codes = names[:-1] + ("codes",)
     both = codes in got and codes in want
-    got_codes, want_codes = (_shape_dtype(got[codes][1])[0], _shape_dtype(want[codes][1])[0]) if both else (0, 0)
+    got_codes, want_codes = (_shape_dtype(got[codes][1])[0], _shape_dtype(want[codes][1])[0]) if both else ((), ())
     same_codes = both and got_codes == want_codes
-    packed = _packed_as(got_codes, want_codes) if both else None
+    packed = _packed_as(got_codes, want_codes)   # None without both codes
     if packed:
       if names[-1] == "codes":
         other = "8-bit" if packed == "4-bit" else "4-bit"

@@ -173,9 +173,12 @@ def check_like_params(name: str, updates, params) -> None:
   """A ValueError naming the leaf where ``params`` differs from ``updates`` in structure or shape."""
   ps = _flatten_like(jax.tree.structure(updates), params, "params", name)
   for path, g, p in zip(key_paths(updates), jax.tree.leaves(updates), ps):
-    if p is not None and jnp.shape(p) != jnp.shape(g):
-      raise ValueError(f"{name}: leaf {path_str(path)}: params shape {jnp.shape(p)} differs from the gradient's "
-                       f"{jnp.shape(g)}")
+    _check_shape(name, path_str(path), g, p)
+
+
+def _check_shape(name: str, path: str, g, p) -> None:
+  if p is not None and jnp.shape(p) != jnp.shape(g):
+    raise ValueError(f"{name}: leaf {path}: params shape {jnp.shape(p)} differs from the gradient's {jnp.shape(g)}")
 
 
 def trust_ratio(param_norm, update_norm, coefficient=1.0, eps=0.0):
@@ -400,9 +403,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     calls, views = [], []
     for i, (plan, g, p, own) in enumerate(zip(plans, grads, ps, in_place)):
       _check_grad(name, plan.path, g, p)
-      if p is not None and tuple(p.shape) != tuple(g.shape):
-        raise ValueError(f"{name}: leaf {plan.path}: params shape {tuple(p.shape)} differs from the gradient's "
-                         f"{tuple(g.shape)}")
+      _check_shape(name, plan.path, g, p)
       pairs = is_complex(g)
       if pairs:   # stepped as real views (optax8.complex_leaves)
         _check_param(name, plan.path, g, algorithm)

@@ -381,12 +381,11 @@ def on_one_sharding(name: str, path: str, g, p, states, bits: int, block_size: i
     state_shardings(name, path, p, bits, block_size)   # a parameter's sharding that splits blocks is refused
 
   def put(x):
-    target = PartitionSpec(*spec) if x.ndim == len(spec) else PartitionSpec()
+    target = spec if x.ndim == len(spec) else (None,) * x.ndim   # an absmax of shape (1,): replicated
     now = _mesh_sharding(x)
-    if now is not None and now.mesh == lead.mesh and _spec(now, x.ndim) == _spec(NamedSharding(lead.mesh, target),
-                                                                                  x.ndim):
+    if now is not None and now.mesh == lead.mesh and _spec(now, x.ndim) == target:
       return x
-    return jax.sharding.reshard(x, NamedSharding(lead.mesh, target))
+    return jax.sharding.reshard(x, NamedSharding(lead.mesh, PartitionSpec(*target)))
 
   states = tuple(dataclasses.replace(q, codes=put(q.codes), absmax=put(q.absmax)) for q in states)
   return put(g), None if p is None else put(p), states
