@@ -1,6 +1,8 @@
 """Shared test helpers: backends and an independent numpy reference."""
 
 import contextlib
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,17 @@ from optax8.kernels import jax_backend, native
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 TINY = np.finfo(np.float32).tiny
 FMAX = np.finfo(np.float32).max
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(path: pathlib.Path):
+  """The module of a script outside the package (benchmarks/, examples/), imported from its file."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
 
 needs_native_cpu = pytest.mark.skipif(not native.available("cpu"),
                                       reason="the native CPU library is not built in this install")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,8 @@ import sys
 
 import jax
 import pytest
+
+from helpers import load_script
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
@@ -28,10 +29,7 @@ def run_example(name: str, *args: str, cwd) -> dict:
 
 
 def load_example(name: str):
-  spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script(EXAMPLES / name)
 
 
 def test_quickstart_trains_both_and_prints_its_result(tmp_path):

@@ -14,7 +14,7 @@ from optax8 import maps
 from optax8.kernels import jax_backend, native
 from optax8.layout import absmax_shape, packed_shape
 
-from helpers import needs_native_cpu, pure_jax_steps, reference_quantize
+from helpers import ROOT, load_script, needs_native_cpu, pure_jax_steps, reference_quantize
 from test_alias import ARGS
 from optax8.optimizers import REGISTRY
 
@@ -160,12 +160,7 @@ def test_lion_at_4_bits_stays_in_its_two_step_cycles():
   """Why Lion at 4 bits misses Rosenbrock's minimum: every run, float32 included, mostly jumps between two points
   and moves on when its momentum tips a sign; at 4 bits, and with 15 even levels rounded stochastically, that
   happens in a few of the steps float32 and 8 bits take it."""
-  import importlib.util
-  import pathlib
-  script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "lion_rosenbrock.py"
-  spec = importlib.util.spec_from_file_location("lion_rosenbrock", script)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script(ROOT / "benchmarks" / "lion_rosenbrock.py")
   runs = {**bench.RUNS, **bench.FOUR_BIT_RUNS}
   share = {name: bench.cycling(bench.path(runs[name](), 10_000))[2000:].mean()
            for name in ("optax.lion (float32)", "optax8.lion8bit, 8 bits, stochastic",

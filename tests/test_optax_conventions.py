@@ -5,9 +5,7 @@ so ``w`` has 8-bit state and the others float32 state.
 """
 
 import functools
-import importlib.util
 import inspect
-import pathlib
 from typing import Callable, NamedTuple
 
 import jax
@@ -18,8 +16,8 @@ import pytest
 
 import optax8
 from optax8.optimizers import REGISTRY
+from helpers import ROOT, load_script
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 MIN_8BIT = 1024
 LR = 1e-2
@@ -601,9 +599,7 @@ def test_lion8bit_reaches_the_rosenbrock_minimum_like_optax():
   benchmarks/lion_rosenbrock.py), a block whose largest momentum is negative loses 0.7% of it at every
   requantization and the run stops at (0.931, 0.883), as bitsandbytes' Lion8bit does. The signed map's absmax
   takes the sign of its largest element (optax8.maps.SIGNS_ABSMAX)."""
-  spec = importlib.util.spec_from_file_location("lion_rosenbrock", ROOT / "benchmarks" / "lion_rosenbrock.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = load_script(ROOT / "benchmarks" / "lion_rosenbrock.py")
   ends = {name: bench.path(make(), 10_000)[-1] for name, make in bench.RUNS.items()}
   ours, bnb_rule = ends["optax8.lion8bit (signed absmax)"], ends["bnb rule (positive absmax)"]
   np.testing.assert_allclose(ours, optax_rosenbrock_end(optax8.lion8bit(1e-2, weight_decay=1e-4, min_8bit_size=0)))
