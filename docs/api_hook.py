@@ -4,7 +4,8 @@ The line ``<!-- optax8-api -->`` in a page becomes one section per defining
 module (titled by the first line of its docstring) with a ``:::`` entry per
 public name, so a name added to ``__all__`` shows up with no edit to the docs;
 the Flax submodules (``optax8.linen``, ``optax8.nnx``) follow with their own
-``__all__``.
+``__all__``, then the names outside the package's namespace that the guides
+use (``EXTRA``: moving trees to and from host memory, adding an optimizer).
 Entries use the defining path (``optax8.quantize.quantize``): the package's
 own ``optax8.quantize`` would name the submodule.
 """
@@ -15,6 +16,13 @@ import importlib
 import inspect
 
 MARKER = "<!-- optax8-api -->"
+EXTRA = {   # module: names, imported from their module (docs/offload.md, docs/adding_an_optimizer.md)
+    "optax8.offload": ["to_host", "to_device"],
+    "optax8.fused": ["fused", "Rule", "Options"],
+    "optax8.options": ["check_hyperparameters"],
+    "optax8.optimizers": ["register", "REGISTRY"],
+    "optax8.kernels.algorithms": ["Algorithm", "Hyper", "register"],
+}
 
 
 def _entries() -> dict[str, list[str]]:
@@ -28,6 +36,12 @@ def _entries() -> dict[str, list[str]]:
   for sub in optax8._SUBMODULES:   # the Flax layers: optax8.linen, optax8.nnx
     module = importlib.import_module(f"optax8.{sub}")
     sections[module.__name__] = [f"{module.__name__}.{name}" for name in module.__all__]
+  for module, names in EXTRA.items():
+    loaded = importlib.import_module(module)
+    missing = [name for name in names if not hasattr(loaded, name)]
+    if missing:
+      raise AttributeError(f"docs/api_hook.py: {module} has no {', '.join(missing)}")
+    sections.setdefault(module, []).extend(f"{module}.{name}" for name in names)
   return sections
 
 
