@@ -66,6 +66,7 @@ ABSMAX = "absmax"      # a leaf's absmax (one value per block: `optax8.layout.ab
 PACKED = "packed"      # a leaf's 4-bit codes, two a byte along the last axis (`optax8.layout.packed_shape`)
 AXIS = "axis"          # a vector along one axis of a leaf, split like it (``(AXIS, (leaf, axis))``, axis < 0)
 REPLICATED = "replicated"
+BATCH = "batch"        # a replicated array batched by jax.vmap: its first axis split like every leaf's (the batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Op:
     leaf_shapes: the elements' shape of each leaf.
     operands, results: the role of each array: ``(ELEMENTS, leaf)``,
       ``(ABSMAX, leaf)``, ``(PACKED, leaf)``, ``(AXIS, (leaf, axis))`` (``axis`` counted from
-      the end, so a batch axis in front keeps it) or ``(REPLICATED, rank)``.
+      the end, so a batch axis in front keeps it), ``(REPLICATED, rank)`` or
+      ``(BATCH, rank)`` (`batched_rows`).
   """
 
   kernel: Callable
@@ -107,6 +109,23 @@ class Op:
     """The op over a leading batch axis of ``size`` added to every leaf."""
     return dataclasses.replace(self, leaf_shapes=tuple((size,) + s for s in self.leaf_shapes))
 
+  def batched_rows(self, size: int, batched_replicated) -> Op:
+    """`batched`, where the replicated operands flagged in ``batched_replicated`` have a batch axis too (a
+    batch of hyperparameter rows): they become ``BATCH`` operands, split like the leaves' batch axis, and
+    each device vmaps the kernel over its part of the batch."""
+    in_axes = tuple(None if role[0] in (REPLICATED, AXIS) and not b else 0
+                    for role, b in zip(self.operands, batched_replicated))
+    operands = tuple((BATCH, role[1] + 1) if role[0] == REPLICATED and b else role
+                     for role, b in zip(self.operands, batched_replicated))
+    return dataclasses.replace(self.batched(size), kernel=_vmapped, params=(("in_axes", in_axes), ("op", self)),
+                               operands=operands)
+
+
+def _vmapped(*arrays, in_axes, op: Op, pure: bool = False):
+  """``op``'s kernel vmapped over the arrays' batch axis (`Op.batched_rows`)."""
+  return jax.vmap(lambda *a: tuple(op.kernel(*a, **dict(op.params), **({"pure": True} if pure else {}))),
+                  in_axes=in_axes)(*arrays)
+
 
 def make_op(kernel: Callable, leaf_shapes, operands, results, **params) -> Op:
   """An `Op` of ``kernel`` with static ``params`` (which include ``block_size`` and ``rows``)."""
@@ -119,7 +138,10 @@ def shard_local(op: Op, *arrays) -> tuple:
 
   Under ``jax.vmap`` a batch axis becomes one more leading axis of every
   leaf; where a replicated operand is batched (a batch of hyperparameter
-  rows) the kernel is vmapped instead and not partitioned. Under
+  rows: Adam's, when the step counts come from ``jax.vmap(tx.init)``), it
+  is split like that axis and each device vmaps the kernel over its part
+  (`Op.batched_rows`); only a batched vector along an axis, or a second
+  vmap of such an op, vmaps the kernel unpartitioned. Under
   ``jax.disable_jit()`` the kernel runs eagerly, unpartitioned. Its
   derivatives (``jax.jvp``, ``jax.grad``) are those of the pure-JAX
   backend's kernel (`Op.reference`), which gives the same values: codes
@@ -153,12 +175,13 @@ def _shard_local_jit(op: Op, *arrays):
       example = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype) for a, b in zip(args, in_batched)]
       out = [jnp.zeros((0,) + r.shape, r.dtype) for r in jax.eval_shape(op.call, *example)]
       return tuple(out), (True,) * len(out)
-    if any(b and role[0] in (REPLICATED, AXIS) for b, role in zip(in_batched, op.operands)):
+    if any(b and role[0] in (AXIS, BATCH) for b, role in zip(in_batched, op.operands)):
       out = jax.vmap(op.call, in_axes=tuple(0 if b else None for b in in_batched))(*args)
     else:
       args = [a if b or role[0] in (REPLICATED, AXIS) else jnp.broadcast_to(a, (axis_size,) + a.shape)
               for a, b, role in zip(args, in_batched, op.operands)]
-      out = shard_local(op.batched(axis_size), *args)
+      rows = any(b and role[0] == REPLICATED for b, role in zip(in_batched, op.operands))
+      out = shard_local(op.batched_rows(axis_size, in_batched) if rows else op.batched(axis_size), *args)
     return tuple(out), (True,) * len(out)
 
   return fn(*arrays)
@@ -172,14 +195,22 @@ def _run(op: Op, *arrays):
 
 
 def _leaf_specs(op: Op, mesh, arg_shapes) -> list[tuple]:
-  """Each leaf's spec: that of its first elements operand, with any axis that would split blocks unsharded."""
+  """Each leaf's spec: that of its last elements (or packed codes) operand, with any axis that would split blocks
+  unsharded.
+
+  The last is the state's codes where the op has them (after the gradient
+  and the parameter): a gradient sharded otherwise is moved to the state,
+  as optax moves it, not the whole state to the gradient.
+  """
   specs = [None] * len(op.leaf_shapes)
   for (role, leaf), arg in zip(op.operands, arg_shapes):
-    if role == ELEMENTS and specs[leaf] is None:
+    if role in (ELEMENTS, PACKED):
       shape = op.leaf_shapes[leaf]
       spec = _spec(arg.sharding, len(shape)) if isinstance(arg.sharding, NamedSharding) else (None,) * len(shape)
       specs[leaf] = tuple(None if not keeps_blocks(n, num_shards(mesh, entry), b) else entry
                           for n, b, entry in zip(shape, op.extents(leaf), spec))
+  if any(role == BATCH for role, _ in op.operands):   # one batch axis: the first leaf's split for all
+    specs = [(specs[0][0],) + s[1:] for s in specs]
   return specs
 
 
@@ -189,6 +220,8 @@ def _shardings(op: Op, mesh, specs, roles):
       return PartitionSpec()
     if role == AXIS:
       return PartitionSpec(specs[leaf[0]][leaf[1]])
+    if role == BATCH:
+      return PartitionSpec(specs[0][0])
     return PartitionSpec(*specs[leaf])
 
   return tuple(NamedSharding(mesh, spec(*r)) for r in roles)
@@ -224,16 +257,21 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   Shardy would otherwise split it over part of an axis (a sub-axis, e.g. 2
   blocks over 2 of 8 devices when the gradient arrives split by columns),
   which custom_partitioning cannot express; the operand is resharded instead.
+  With ``BATCH`` operands every leaf's first axis is the one factor ``batch``.
   """
   del operand_types, result_types
   axis_sizes = [s for s in dict(getattr(mesh, "shape", {}) or {}).values() if s > 1]
   whole = lambda size: all(size % s == 0 for s in axis_sizes)
   need, sizes, leaves = [], {}, []
   with_packed = {leaf for role, leaf in op.operands + op.results if role == PACKED}
+  batch = any(role == BATCH for role, _ in op.operands)
+  need += [] if not batch or whole(op.leaf_shapes[0][0]) else ["batch"]
   for i, shape in enumerate(op.leaf_shapes):
     elements, absmax = (), ()
     for d, (n, b) in enumerate(zip(shape, op.extents(i))):
-      if b == 1:
+      if batch and d == 0:
+        axis = nb = "batch"
+      elif b == 1:
         axis = nb = f"n{i}_{d}"
         need += [] if whole(n) else [axis]
       elif n % b == 0 and n > b:
@@ -256,11 +294,11 @@ def _rule(op: Op, mesh, operand_types, result_types) -> SdyShardingRule:
   replicated = [0]
 
   def mapping(role, arg):
-    if role == REPLICATED:
-      names = tuple(f"r{replicated[0]}_{d}" for d in range(arg))
+    if role in (REPLICATED, BATCH):
+      names = tuple(f"r{replicated[0]}_{d}" for d in range(role == BATCH, arg))
       replicated[0] += 1
       need.extend(names)
-      return ArrayMapping(*names)
+      return ArrayMapping(*(("batch",) if role == BATCH else ()) + names)
     if role == AXIS:
       return ArrayMapping(leaves[arg[0]][0][arg[1]])
     return ArrayMapping(*leaves[arg][{ELEMENTS: 0, ABSMAX: 1, PACKED: 2}[role]])

@@ -225,6 +225,35 @@ def test_explicit_mesh_inputs_of_other_shardings_are_resharded_like_optax(mismat
         assert jax.typeof(s.nu[k].absmax).sharding.spec == jax.typeof(want_s.nu[k].absmax).sharding.spec, how
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_auto_mesh_gradient_sharded_unlike_the_state_moves_not_the_state(bits):
+  """Params and state by rows, the gradient by columns (jit's in_shardings, an Auto mesh): like optax, the
+  step moves the gradient; the codes and absmax stay on their shards (before: all gathered to every device,
+  the partitioner following the gradient), and the results equal the single-device step's."""
+  mesh = _mesh(AxisType.Auto, (2, 4), ("data", "model"))
+  tx = optax8.adamw8bit(1e-2, min_8bit_size=0, bits=bits)
+  rng = np.random.default_rng(0)
+  p_host, g_host = ({"w": rng.standard_normal((256, 128)).astype(np.float32)} for _ in range(2))
+  params = _put(p_host, mesh, {"w": P("model", None)})
+  state = tx.init(params)
+  state = jax.tree.map(lambda x: x if len(x.sharding.device_set) > 1 else
+                       jax.device_put(x, NamedSharding(mesh, P())), state)   # the count, on the mesh
+  in_shardings = (jax.tree.map(lambda x: x.sharding, params), jax.tree.map(lambda x: x.sharding, state),
+                  {"w": NamedSharding(mesh, P(None, "model"))})
+  step = jax.jit(_step_fn(tx), in_shardings=in_shardings, out_shardings=in_shardings[:2])
+  grads = jax.device_put(g_host, in_shardings[2])
+  hlo = _hlo(step, params, state, grads)
+  moved = [line for line in hlo.splitlines()
+           if any(f" {c}(" in line or f" {c}-start(" in line
+                  for c in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))]
+  assert moved and not [line for line in moved if "u8[" in line or "f32[16,8]" in line or "f32[32,8]" in line], moved
+  new_params, new_state = step(params, state, grads)
+  want_params, want_state = jax.jit(_step_fn(tx))(p_host, tx.init(p_host), g_host)
+  np.testing.assert_array_equal(np.asarray(new_params["w"]), np.asarray(want_params["w"]))
+  np.testing.assert_array_equal(np.asarray(new_state.mu["w"].codes), np.asarray(want_state.mu["w"].codes))
+  assert new_state.mu["w"].codes.sharding.is_equivalent_to(params["w"].sharding, 2)
+
+
 def test_pure_jax_backend_is_shard_local_too(monkeypatch):
   jax.clear_caches()   # the native kernels are chosen when an op is traced
   monkeypatch.setattr(dispatch, "_native_branches", lambda fn: {})
@@ -242,6 +271,47 @@ def test_vmapped_quantize_keeps_its_shards():
   q = jax.jit(jax.vmap(lambda r: optax8.quantize(r, BLOCK)))(x)
   np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(optax8.quantize(host, BLOCK).codes))
   assert q.codes.sharding.is_equivalent_to(x.sharding, 3)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adamw-stochastic", "lamb"])
+def test_vmapped_ensemble_with_its_own_step_counts_stays_on_its_shards(opt):
+  """An ensemble (jax.vmap(tx.init), jax.vmap of the step) on a 2 x 4 mesh, the members split over 'data':
+  with a step count per member, Adam's hyperparameter rows are batched too. Before, that vmapped the kernel
+  unpartitioned: every operand gathered to every device and the new state replicated. Now each device
+  steps its members with their own rows: no collectives, the state keeps its sharding, and each member
+  equals its own unbatched step (LAMB's params to the last bits of its norms, summed per shard here)."""
+  mesh = _mesh(AxisType.Auto, (2, 4), ("data", "model"))
+  tx = {"adamw": lambda: optax8.adamw8bit(1e-2, weight_decay=1e-2, min_8bit_size=0),
+        "adamw-stochastic": lambda: optax8.adamw8bit(1e-2, min_8bit_size=0, rounding="stochastic"),
+        "lamb": lambda: optax8.lamb8bit(1e-2, min_8bit_size=0)}[opt]()
+  rng = np.random.default_rng(0)
+  p_host, g_host = ({"a": rng.standard_normal((4, 64, 128)).astype(np.float32)} for _ in range(2))
+  step = _step_fn(tx)
+  state = jax.vmap(tx.init)(p_host)
+  for k in range(3):   # member k has taken k steps: counts 0, 1, 2, 3 (the rest stays as made)
+    member = lambda tree, k=k: jax.tree.map(lambda x: x[k + 1], tree)
+    one = member(state)
+    for _ in range(k + 1):
+      _, one = jax.jit(step)(member(p_host), one, member(g_host))
+    state = jax.tree.map(lambda x, y, k=k: x.at[k + 1].set(y), state, one)
+  field = lambda tree, name: optax.tree_utils.tree_get(tree, name)
+  assert np.asarray(field(state, "count")).tolist() == [0, 1, 2, 3]
+  want = [jax.jit(step)(*(jax.tree.map(lambda x, k=k: x[k], t) for t in (p_host, state, g_host)))
+          for k in range(4)]
+  shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", *(None,) * (x.ndim - 2), "model")
+                                                    if x.ndim == 3 else P("data")))
+  params, grads, state = jax.tree.map(shard, p_host), jax.tree.map(shard, g_host), jax.tree.map(shard, state)
+  vstep = jax.jit(jax.vmap(step))
+  hlo = _hlo(vstep, params, state, grads)
+  assert not [line for line in hlo.splitlines() if " all-gather(" in line or " all-gather-start(" in line]
+  new_params, new_state = vstep(params, state, grads)
+  for k in range(4):
+    np.testing.assert_allclose(np.asarray(new_params["a"][k]), np.asarray(want[k][0]["a"]), err_msg=str(k),
+                               rtol=2e-5 if opt == "lamb" else 0, atol=0)
+    np.testing.assert_array_equal(np.asarray(field(new_state, "mu")["a"].codes[k]),
+                                  np.asarray(field(want[k][1], "mu")["a"].codes), err_msg=str(k))
+  codes = field(new_state, "mu")["a"].codes
+  assert codes.sharding.is_equivalent_to(field(state, "mu")["a"].codes.sharding, 3)
 
 
 # ---- errors ------------------------------------------------------------------
