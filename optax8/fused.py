@@ -27,6 +27,7 @@ reaches its block's absmax.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -98,12 +99,27 @@ def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings
   return QuantizedArray(full(shape, code, jnp.uint8), absmax, block_size, kind)
 
 
-def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None, bits: int | None = None):
+def _shard_columns(leaf, g):
+  """A 4-bit ``leaf`` whose codes are a shard of its columns (``tx.update`` inside ``shard_map`` on a leaf split
+  along its last axis: the codes are the shard's, the static ``columns`` the whole leaf's) with the gradient's
+  columns; the new state gets the whole leaf's back. Any other leaf as it is."""
+  if (isinstance(leaf, QuantizedArray) and leaf.bits == 4 and leaf.columns and np.ndim(g) >= 1
+      and leaf.columns != g.shape[-1] and leaf.columns % max(g.shape[-1], 1) == 0
+      and tuple(leaf.codes.shape) == packed_shape(tuple(g.shape))):
+    return dataclasses.replace(leaf, columns=g.shape[-1])
+  return leaf
+
+
+def _check_state_leaf(name: str, path: str, g, leaf, kind: str, block_size: int | None, bits: int | None = None,
+                      min_size: int = 0):
   shape = tuple(g.shape)
   has = leaf.bits if isinstance(leaf, QuantizedArray) else 32
   if bits is not None and bits != has:
+    small = (f" This leaf has {math.prod(shape)} elements here, fewer than min_8bit_size {min_size}: inside "
+             "shard_map the optimizer sees each shard, so make the state there too (tx.init inside the same "
+             "shard_map) or lower min_8bit_size." if has != 32 and math.prod(shape) < min_size else "")
     raise ValueError(f"{name}: leaf {path}: the state has {has}-bit state where the optimizer "
-                     f"keeps {bits}-bit state; was it made with other bits or min_8bit_size?")
+                     f"keeps {bits}-bit state; was it made with other bits or min_8bit_size?{small}")
   if isinstance(leaf, QuantizedArray):
     kind = maps.with_bits(kind, leaf.bits)
     if leaf.kind != kind:
@@ -409,9 +425,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
         _check_param(name, plan.path, g, algorithm)
         g, p = real_view(g), None if p is None else real_view(p)
       views.append(p)
-      leaf_states = tuple(m[i] for m in moments)
+      leaf_states = tuple(_shard_columns(m[i], g) for m in moments)
       for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits)
+        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits,
+                          options.resolved_min_8bit_size())
       if isinstance(leaf_states[0], QuantizedArray):
         g, p, leaf_states = on_one_sharding(name, plan.path, g, p, leaf_states, plan.bits, plan.block_size)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
@@ -424,7 +441,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
                             pairs, own, plan.stochastic, round_params))
     results = _run_leaves(algorithm, calls)
     out_u, out_states = [], [[] for _ in kinds]
-    for (u, new), plan, call, p, out, rounds in zip(results, plans, calls, views, ps if apply else grads, rounded):
+    for i, ((u, new), plan, call, p, out, rounds) in enumerate(zip(results, plans, calls, views,
+                                                                  ps if apply else grads, rounded)):
       if plan.post:
         u = _post(r, plan, u, call.g, p, scale, wd, call.pairs)
       if apply and rounds and not call.round_params:
@@ -434,8 +452,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       if call.pairs:
         u = from_real_view(u, tuple(out.shape), out.dtype)
       out_u.append(u)
-      for j, s in enumerate(new):
-        out_states[j].append(s)
+      for j, (s, m) in enumerate(zip(new, moments)):
+        out_states[j].append(dataclasses.replace(s, columns=m[i].columns) if isinstance(s, QuantizedArray) else s)
     new_state = state_cls(count_inc, *[state_def.unflatten(s) for s in out_states])
     if jax.tree.structure(new_state) != boxed_def:
       new_state = boxed_def.unflatten(jax.tree.leaves(new_state))

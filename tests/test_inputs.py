@@ -304,6 +304,44 @@ def test_inside_shard_map_the_step_equals_the_unsharded_one(name, backend):
   np.testing.assert_array_equal(np.asarray(quant(params)), np.asarray(optax8.dequantize(optax8.quantize(params))))
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py makes 8 CPU devices)")
+@pytest.mark.parametrize("spec", [P("x", None), P(None, "x")], ids=["rows", "columns"])
+def test_inside_shard_map_4_bit_states_of_a_leaf_split_by_columns_or_rows(spec, backend):
+  """4-bit codes pack the last axis two a byte; their static ``columns`` is the whole leaf's width, so a
+  shard of columns inside shard_map was refused ("4-bit codes of shape (64, 16) do not hold 256 columns").
+  Now it steps the shard, gives the unsharded result (whole blocks per shard) and returns the state with
+  the whole leaf's columns, as it came in."""
+  mesh = jax.make_mesh((8,), ("x",))
+  rng = np.random.default_rng(2)
+  where = NamedSharding(mesh, spec)
+  params, grads = (jax.device_put(jnp.asarray(rng.standard_normal((64, 256)) * s, jnp.float32), where)
+                   for s in (1.0, 1e-2))
+  tx = optax8.adamw8bit(1e-2, bits=4, min_8bit_size=0)
+  state = tx.init(params)
+  specs = jax.tree.map(lambda a: spec if a.ndim == 2 else P(), state)
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(spec, specs, spec), out_specs=(spec, specs)))
+  u, new = step(grads, state, params)
+  u0, new0 = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_array_equal(np.asarray(u), np.asarray(u0))
+  assert jax.tree.structure(new) == jax.tree.structure(new0) and new.mu.columns == 256
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new0)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py makes 8 CPU devices)")
+def test_inside_shard_map_a_state_made_outside_for_a_leaf_whose_shard_is_small_says_why():
+  """min_8bit_size is compared with the leaf the optimizer sees: inside shard_map, the shard. A state made
+  outside (8-bit: 16,384 elements) met 32-bit shards (2,048) with an error that did not say so."""
+  mesh = jax.make_mesh((8,), ("x",))
+  params = jax.device_put(jnp.ones((256, 64)), NamedSharding(mesh, P("x")))
+  tx = optax8.adamw8bit(1e-2)
+  state = tx.init(params)
+  specs = jax.tree.map(lambda a: P("x") if a.ndim == 2 else P(), state)
+  step = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=(P("x"), specs, P("x")), out_specs=(P("x"), specs)))
+  with pytest.raises(ValueError, match=r"2048 elements here, fewer than min_8bit_size 4096: inside shard_map"):
+    step(params, state, params)
+
+
 @pytest.mark.parametrize("name", ["adamw", "lamb", "lars", "ademamix"])
 def test_under_disable_jit_the_step_runs_eagerly_and_equals_the_jitted_one(name, backend):
   tx = OPTIMIZERS[name][0](min_8bit_size=0, percentile_clipping=50)
