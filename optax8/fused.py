@@ -404,10 +404,10 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     grads = treedef.flatten_up_to(updates)
     moments = [_flatten_like(state_def, f, f"state field {state_cls._fields[i + 1]!r}", name)
                for i, f in enumerate(state[1:])]
+    ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
     plans = plan_leaves(name, r, options, treedef, updates, params)
     if params is None and (apply or needs_decay_params or any(plan.needs_params for plan in plans)):
       raise ValueError(f"{name}: this optimizer needs the current params: call update(updates, state, params)")
-    ps = _flatten_like(treedef, params, "params", name) if params is not None else [None] * len(grads)
     in_place = overwritable(ps, grads) if apply else [True] * len(grads)
     rounded = request.leaves if request is not None else (False,) * len(grads)
 

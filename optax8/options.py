@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from optax8.complex_leaves import is_complex
 from optax8.layout import DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE4, VALUE_DTYPES, check_block_size
 from optax8.rounding import NEAREST, ROUNDINGS
 
@@ -60,6 +60,8 @@ class Range:
     return above and below and (not self.integer or float(v).is_integer())
 
   def __str__(self) -> str:
+    if self.low == -math.inf and self.high == math.inf:
+      return "an int" if self.integer else "a finite number"
     if self.integer:
       return f"an int >= {self.low:g}" if self.high == math.inf else f"an int in [{self.low:g}, {self.high:g}]"
     if self.high == math.inf and not self.low_open:
@@ -71,17 +73,18 @@ class Range:
 
 UNIT = Range(0.0, 1.0, high_open=True)   # decay rates whose bias correction divides by 1 - b**t
 NONNEGATIVE = Range(0.0)
+FINITE = Range()   # a learning rate or weight decay of either sign, as optax takes them (< 0: gradient ascent)
 
 # Each hyperparameter's range, by argument name (as in optax).
 RANGES = {
-    "learning_rate": NONNEGATIVE, "b1": UNIT, "b2": UNIT, "b3": UNIT, "eps": NONNEGATIVE,
-    "eps_root": NONNEGATIVE, "weight_decay": NONNEGATIVE, "momentum": Range(0.0, 1.0), "decay": Range(0.0, 1.0),
+    "learning_rate": FINITE, "b1": UNIT, "b2": UNIT, "b3": UNIT, "eps": NONNEGATIVE,
+    "eps_root": NONNEGATIVE, "weight_decay": FINITE, "momentum": Range(0.0, 1.0), "decay": Range(0.0, 1.0),
     "alpha": NONNEGATIVE, "initial_scale": NONNEGATIVE, "initial_accumulator_value": NONNEGATIVE,
     "trust_coefficient": NONNEGATIVE, "max_unorm": NONNEGATIVE, "percentile_clipping": Range(0.0, 100.0),
     "percentile": Range(0.0, 100.0), "min_8bit_size": Range(0.0, integer=True),
     "history": Range(1.0, integer=True), "beta": UNIT, "ns_steps": Range(1.0, integer=True),
-    "adam_b1": UNIT, "adam_b2": UNIT, "adam_eps_root": NONNEGATIVE, "adam_weight_decay": NONNEGATIVE,
-    "adam_learning_rate": NONNEGATIVE,
+    "adam_b1": UNIT, "adam_b2": UNIT, "adam_eps_root": NONNEGATIVE, "adam_weight_decay": FINITE,
+    "adam_learning_rate": FINITE,
 }
 
 
@@ -182,7 +185,9 @@ def leaf_values(value, tree, name: str, option: str) -> list:
   ``tree`` returning one; the callable gets ``tree`` without nnx Variable
   boxes (`unbox`), so a rule on key paths matches ``nnx.Optimizer``'s
   params as it matches a plain dict. Raises a ValueError naming the first
-  leaf or entry that does not match.
+  leaf or entry that does not match. Entries under a subtree that
+  `optax.masked` or `optax.partition` replaced by one ``optax.MaskedNode``
+  (a mask or labels that are a prefix of the params) are not needed.
   """
   what = option
   if callable(value):
@@ -192,22 +197,32 @@ def leaf_values(value, tree, name: str, option: str) -> list:
   try:
     subtrees = jax.tree.structure(value, is_leaf=_is_none).flatten_up_to(tree)
   except (ValueError, TypeError):
-    return _by_path(value, leaves, name, what)
+    masked = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
+              if _is_masked(x)}
+    return _by_path(value, leaves, name, what, masked)
   out = []
   for v, sub in zip(jax.tree.leaves(value, is_leaf=_is_none), subtrees):
     out.extend([v] * len(jax.tree.leaves(sub)))
   return out
 
 
-def _by_path(value, leaves, name: str, what: str) -> list:
-  """Matches the entries of ``value`` to leaves whose key path starts with the entry's."""
-  entries = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_none)[0]}
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _by_path(value, leaves, name: str, what: str, masked=frozenset()) -> list:
+  """Matches the entries of ``value`` to leaves whose key path starts with the entry's (entries under a
+  path in ``masked`` are not needed)."""
+  flat = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_none)[0]
+  entries = {jax.tree_util.keystr(p): v for p, v in flat}
+  under_mask = {jax.tree_util.keystr(p) for p, _ in flat
+                if any(jax.tree_util.keystr(p[:k]) in masked for k in range(len(p) + 1))}
   keys = []   # the entry of each leaf, or None
   for path, _ in leaves:
     prefixes = (jax.tree_util.keystr(path[:k]) for k in range(len(path) + 1))
     keys.append(next((key for key in prefixes if key in entries), None))
   problem = None
-  unused = [k for k in entries if k not in set(keys)]
+  unused = [k for k in entries if k not in set(keys) and k not in under_mask]
   if unused:
     problem = f"its entry {unused[0] or '<root>'} is not in the params"
   elif None in keys:
@@ -392,8 +407,9 @@ class Options:
         b = self._bits(b, where)
       if b is None or (not explicit and is_stable_embedding(path)):
         b = 32 if is_stable_embedding(path) else (b or 8)
+      dtype = jax.dtypes.canonicalize_dtype(x.dtype)   # NumPy's float64 is float32 in JAX (x64 off), as traced
       quantized = (b in (4, 8) and math.prod(x.shape) >= min_size and (b == 8 or np.ndim(x) >= 1)
-                   and (jnp.dtype(x.dtype) in VALUE_DTYPES or is_complex(x)))
+                   and (dtype in VALUE_DTYPES or jnp.issubdtype(dtype, jnp.complexfloating)))
       out.append(b if quantized else 32)
     return out
 

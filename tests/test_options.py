@@ -158,6 +158,25 @@ def test_bits_inside_optax_masked():
   assert isinstance(inner.mu["embed"], optax.MaskedNode) and not is_quantized(inner.mu["w"])
 
 
+@pytest.mark.parametrize("wrap", ["masked", "partition", "optax8.partition"])
+def test_per_leaf_options_for_the_full_params_inside_a_prefix_mask(wrap):
+  """A mask or labels that are a prefix of the params (``{"enc": True, "dec": False}``) replace a whole
+  subtree by one MaskedNode; a per-leaf pytree for the full params still fits (it failed: "its entry
+  ['dec']['b'] is not in the params"), and the leaves that are there get their own values."""
+  params = {"enc": {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}, "dec": {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}}
+  inner = optax8.adamw8bit(1e-3, bits={"enc": {"w": 8, "b": 32}, "dec": {"w": 4, "b": 32}}, min_8bit_size=0,
+                           rounding={"enc": "stochastic", "dec": {"w": "nearest", "b": "nearest"}})
+  tx = {"masked": lambda: optax.masked(inner, {"enc": True, "dec": False}),
+        "partition": lambda: optax.partition({"a": inner, "b": optax.set_to_zero()}, {"enc": "a", "dec": "b"}),
+        "optax8.partition": lambda: optax8.partition({"a": inner, "b": optax.set_to_zero()},
+                                                     {"enc": "a", "dec": "b"})}[wrap]()
+  state = tx.init(params)
+  mu = optax.tree_utils.tree_get(state, "mu")
+  assert is_quantized(mu["enc"]["w"]) and mu["enc"]["w"].bits == 8 and not is_quantized(mu["enc"]["b"])
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+  assert np.all(np.asarray(updates["enc"]["w"]) < 0)
+
+
 # ---- block_size -----------------------------------------------------------------
 
 
