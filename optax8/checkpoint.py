@@ -69,17 +69,19 @@ def _quantized(tree) -> dict[tuple[str, ...], tuple[str, QuantizedArray]]:
 
 
 def _optimizer_states(got: dict, want: dict) -> tuple[dict, dict]:
-  """Both sides' optimizer states: of a whole training state (``nnx.state(optimizer)``, a TrainState), its
-  ``opt_state`` entry and nothing else (the step and params are not the optimizer's)."""
+  """Both sides' optimizer states: of a whole training state (``nnx.state(optimizer)``, a TrainState, or a
+  tree holding one, such as ``{"model": ..., "optimizer": nnx.state(optimizer)}``), its ``opt_state`` entry
+  and nothing else (the step, params, model and its RNG keys are not the optimizer's)."""
   def opt_state(flat):
-    inner = {names[1:]: v for names, v in flat.items() if names[:1] == ("opt_state",)}
+    inner = {names[names.index("opt_state") + 1:]: v for names, v in flat.items() if "opt_state" in names}
     return inner or flat
   return opt_state(got), opt_state(want)
 
 
 def _shape_dtype(x) -> tuple[tuple[int, ...], np.dtype]:
   if hasattr(x, "shape") and hasattr(x, "dtype"):
-    return tuple(x.shape), jnp.dtype(x.dtype)
+    extended = jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)   # PRNG keys: key<fry>
+    return tuple(x.shape), x.dtype if extended else jnp.dtype(x.dtype)
   x = np.asarray(x)
   return x.shape, x.dtype
 
@@ -95,8 +97,9 @@ def check_state(state, expected) -> None:
       compared by their names, so nested dicts match NamedTuples and
       QuantizedArrays, and the ``value`` level of nnx Variables and linen
       ``Partitioned`` boxes is ignored. A whole training state
-      (``nnx.state(optimizer)``, a ``TrainState`` or their metadata) is
-      checked by its ``opt_state``.
+      (``nnx.state(optimizer)``, a ``TrainState`` or their metadata), or a
+      tree that holds one next to the model (``nnx.state((model,
+      optimizer))``), is checked by its ``opt_state``.
     expected: what the optimizer makes, ``jax.eval_shape(tx.init, params)``
       (or ``tx.init(params)``).
 

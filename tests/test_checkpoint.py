@@ -266,3 +266,24 @@ def test_check_state_reads_flax_training_checkpoints(make, tmp_path):
   for options, problem in (({"block_size": 128}, "block_size"), ({"bits": 32}, "bits or min_8bit_size")):
     with pytest.raises(ValueError, match=f"(?s)check_state: the state does not fit the optimizer:\n.*{kernel}.*{problem}"):
       optax8.check_state(metadata, jax.eval_shape(make_tx(**options).init, params))
+
+
+def test_check_state_finds_the_optimizer_in_a_checkpoint_of_model_and_optimizer():
+  """A checkpoint of the model (with Dropout's RNG keys) and the optimizer together, as a dict or as
+  nnx.state((model, optimizer)): check_state compares its opt_state (it compared every leaf and failed on the
+  keys: "Cannot interpret 'key<fry>' as a data type")."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(512, 256, rngs=rngs)
+      self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+  make_tx = lambda **kw: optax8.adamw8bit(1e-3, **{"min_8bit_size": 1024, **kw})
+  model = Model(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  for tree in ({"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, nnx.state((model, optimizer))):
+    optax8.check_state(tree, jax.eval_shape(make_tx().init, params))
+    with pytest.raises(ValueError, match=r"\['kernel'\].*another block_size"):
+      optax8.check_state(tree, jax.eval_shape(make_tx(block_size=128).init, params))
