@@ -182,17 +182,21 @@ def leaf_values(value, tree, name: str, option: str) -> list:
   """One value of ``option`` per leaf of ``tree``, in flatten order.
 
   ``value`` is a single value, a pytree prefix of ``tree`` or a callable of
-  ``tree`` returning one; the callable gets ``tree`` without nnx Variable
-  boxes (`unbox`), so a rule on key paths matches ``nnx.Optimizer``'s
-  params as it matches a plain dict. Raises a ValueError naming the first
+  ``tree`` returning one; both are matched without nnx Variable boxes
+  (`unbox`), so a rule on key paths matches ``nnx.Optimizer``'s params as
+  it matches a plain dict, and a pytree made from ``nnx.state(model,
+  nnx.Param)`` fits the boxed params of ``init`` and the plain ones of
+  ``update`` alike. Raises a ValueError naming the first
   leaf or entry that does not match. Entries under a subtree that
   `optax.masked` or `optax.partition` replaced by one ``optax.MaskedNode``
   (a mask or labels that are a prefix of the params) are not needed.
   """
   what = option
+  tree = unbox(tree)   # one leaf for each boxed one: the same flatten order
   if callable(value):
-    value = value(unbox(tree))
+    value = value(tree)
     what = f"the result of {option}(params)"
+  value = unbox(value)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   try:
     subtrees = jax.tree.structure(value, is_leaf=_is_none).flatten_up_to(tree)
