@@ -416,6 +416,8 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
     wd = schedule_value(r.weight_decay, count) if needs_decay_params else 0.0
     base = r.hyper(count, count_inc)
 
+    # for the error of a state made for larger leaves (traced under inject_hyperparams: the state decides)
+    min_size = 0 if isinstance(options.min_8bit_size, jax.core.Tracer) else options.resolved_min_8bit_size()
     calls, views = [], []
     for i, (plan, g, p, own) in enumerate(zip(plans, grads, ps, in_place)):
       _check_grad(name, plan.path, g, p)
@@ -427,8 +429,7 @@ def fused(name: str, r: Rule, options: Options) -> FusedGradientTransformation:
       views.append(p)
       leaf_states = tuple(_shard_columns(m[i], g) for m in moments)
       for leaf, kind in zip(leaf_states, kinds):
-        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits,
-                          options.resolved_min_8bit_size())
+        _check_state_leaf(name, plan.path, g, leaf, kind, plan.block_size, plan.bits, min_size)
       if isinstance(leaf_states[0], QuantizedArray):
         g, p, leaf_states = on_one_sharding(name, plan.path, g, p, leaf_states, plan.bits, plan.block_size)
       fused_apply = apply and not plan.post and isinstance(leaf_states[0], QuantizedArray)
