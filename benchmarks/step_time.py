@@ -10,7 +10,8 @@ as in training, but a trivial one that XLA fuses into optax's update).
 With ``--mlp WIDTH`` it is a whole train step: ``jax.grad`` of a 4-layer
 MLP (``--leaves`` layers of WIDTH x WIDTH, no biases) on a batch of
 ``--batch`` rows, and the step without an optimizer (gradients only) is
-timed too. Prints ns per parameter and ratios. ``--leaves`` splits the
+timed too. Prints ns per parameter and ratios, and each step's lowering and
+compilation time (optax / update / apply_gradients). ``--leaves`` splits the
 same total into many leaves (the cost should depend on the total, not the
 number of leaves).
 
@@ -70,8 +71,9 @@ def _mlp_loss(params, batch):
 
 
 def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_inside: bool = False,
-              loss=_loss, chain: int = 1) -> float:
-  """Median seconds of one donated jitted step (``data``: the grads, or the loss's data).
+              loss=_loss, chain: int = 1) -> tuple[float, float]:
+  """Median seconds of one donated jitted step (``data``: the grads, or the loss's data), and the seconds its
+  lowering and compilation took.
 
   With ``tx=None`` the step computes the gradients and adds them to the params.
   Each timed sample runs ``chain`` steps back to back and waits once (on a
@@ -86,9 +88,11 @@ def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_i
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  fn = jax.jit(step, donate_argnums=(0, 1))
   params = jax.tree.map(jnp.copy, params)
   state = tx.init(params) if tx is not None else ()
+  t0 = time.perf_counter()
+  fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, data).compile()
+  compile_s = time.perf_counter() - t0
   times = []
   jax.block_until_ready((params, state))
   for i in range(repeats + 2):
@@ -100,7 +104,7 @@ def time_step(tx, params, data, repeats: int, fused_apply: bool = False, grads_i
     jax.tree.leaves(params)[0].block_until_ready()
     if i >= 2:
       times.append((time.perf_counter() - t0) / chain)
-  return float(np.median(times))
+  return float(np.median(times)), compile_s
 
 
 def time_copy(params, repeats: int, chain: int = 1) -> float:
@@ -188,7 +192,7 @@ def main():
         f"{n} params in {args.leaves} leaves, {args.dtype}, {what}, bits {args.bits}, rounding {args.rounding}, "
         f"param_rounding {args.param_rounding}")
   if args.mlp:
-    t = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss, chain=args.chain)
+    t, _ = time_step(None, params, data, args.repeats, grads_inside=True, loss=loss, chain=args.chain)
     print(f"gradients only (p + grad, no optimizer): {t / n * 1e9:.3f} ns/param")
   copy = time_copy(params, args.repeats, args.chain)
   print(f"copy (x + 1): {copy / n * 1e9:.3f} ns/param, {2 * n * jnp.dtype(args.dtype).itemsize / copy / 1e9:.1f} GB/s")
@@ -196,15 +200,16 @@ def main():
   for name in names:
     ref, ours = PAIRS[name]
     kw = dict(grads_inside=args.grads_inside, loss=loss, chain=args.chain)
-    t_ref = time_step(ref(), params, data, args.repeats, **kw)
-    t_ours = time_step(ours(), params, data, args.repeats, **kw)
-    t_apply = time_step(ours(), params, data, args.repeats, fused_apply=True, **kw)
+    t_ref, c_ref = time_step(ref(), params, data, args.repeats, **kw)
+    t_ours, c_ours = time_step(ours(), params, data, args.repeats, **kw)
+    t_apply, c_apply = time_step(ours(), params, data, args.repeats, fused_apply=True, **kw)
     row = dict(optimizer=name, ns_optax=t_ref / n * 1e9, ns_optax8_update=t_ours / n * 1e9,
-               ns_optax8_apply=t_apply / n * 1e9, ratio_update=t_ours / t_ref, ratio_apply=t_apply / t_ref)
+               ns_optax8_apply=t_apply / n * 1e9, ratio_update=t_ours / t_ref, ratio_apply=t_apply / t_ref,
+               compile_s_optax=c_ref, compile_s_optax8_update=c_ours, compile_s_optax8_apply=c_apply)
     rows.append(row)
     print(f"{name:9s} optax {row['ns_optax']:6.3f} ns/param | optax8 update {row['ns_optax8_update']:6.3f} "
           f"({row['ratio_update']:.2f}x) | optax8 apply_gradients {row['ns_optax8_apply']:6.3f} "
-          f"({row['ratio_apply']:.2f}x)")
+          f"({row['ratio_apply']:.2f}x) | compile {c_ref:.2f} / {c_ours:.2f} / {c_apply:.2f} s")
   extra = dict(copy_ns=copy / n * 1e9, params=n, leaves=args.leaves, dtype=args.dtype,
                device=jax.devices()[0].device_kind)
   if args.bnb:
