@@ -113,3 +113,20 @@ def test_quickstart_with_4_bit_states(tmp_path):
   assert result["bits"] == 4 and result["loss_8bit"] < 0.8 * result["initial_loss"]
   assert abs(result["loss_8bit"] - result["loss_32bit"]) <= 0.05 * result["loss_32bit"]
   assert result["state_bytes_8bit"] <= 0.17 * result["state_bytes_32bit"]   # 1.06 of 8 bytes, and small leaves
+
+
+def test_step_time_benchmark_prints_its_ratios_and_compile_times(tmp_path):
+  """benchmarks/step_time.py (docs/benchmarks.md's step times, and benchmarks/gpu_check.py's) on a small tree:
+  one JSON row per optimizer with its step times, ratios and compile times."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, str(EXAMPLES.parent / "benchmarks" / "step_time.py"), "--params", "65536",
+                      "--leaves", "4", "--repeats", "1", "--optimizers", "adamw,lion"], check=False,
+                     capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+  assert r.returncode == 0, r.stderr[-4000:]
+  rows = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("JSON ")).removeprefix("JSON "))
+  assert [row["optimizer"] for row in rows] == ["adamw", "lion"]
+  for row in rows:
+    for key in ("ns_optax", "ns_optax8_update", "ns_optax8_apply", "compile_s_optax", "compile_s_optax8_apply"):
+      assert row[key] > 0, (key, row)
+    assert row["ratio_apply"] == pytest.approx(row["ns_optax8_apply"] / row["ns_optax"])
