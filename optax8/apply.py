@@ -126,18 +126,24 @@ def _part(tx, name: str):
   return getattr(update, name) if isinstance(update, FusedUpdate) else None
 
 
-def checking_inputs(tx, check: Callable) -> optax.GradientTransformationExtraArgs:
+def checking_inputs(tx, check: Callable, check_init: Callable | None = None) -> optax.GradientTransformationExtraArgs:
   """``tx`` whose ``update`` and fused applies first call ``check(updates, state, params)`` (which raises
-  on bad input); its fused parts are kept."""
+  on bad input), and whose ``init`` first calls ``check_init(params)`` where given; its fused parts are kept."""
   inner = optax.with_extra_args_support(tx)
   apply, rounded = fused_apply(tx), _part(tx, "apply_rounded")
+  init = tx.init
+
+  if check_init is not None:
+    def init(params):
+      check_init(params)
+      return tx.init(params)
 
   def update(updates, state, params=None, **extra_args):
     check(updates, state, params)
     return inner.update(updates, state, params, **extra_args)
 
   if apply is None:
-    return optax.GradientTransformationExtraArgs(tx.init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
   def apply_gradients(grads, state, params, **extra_args):
     check(grads, state, params)
@@ -147,7 +153,7 @@ def checking_inputs(tx, check: Callable) -> optax.GradientTransformationExtraArg
     check(grads, state, params)
     return rounded(grads, state, params, request, **extra_args)
 
-  return fused_transformation(tx.init, update, apply_gradients, apply_rounded if rounded is not None else None,
+  return fused_transformation(init, update, apply_gradients, apply_rounded if rounded is not None else None,
                               _part(tx, "param_rounding"))
 
 

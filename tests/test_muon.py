@@ -185,6 +185,9 @@ def test_bad_inputs_get_errors_that_name_muon8bit_and_the_leaf():
     with pytest.raises(ValueError, match=r"muon8bit: leaf \['a'\]\['w'\]: params shape \(16, 64\) differs from the "
                                          r"gradient's \(1024,\)"):
       jax.jit(step)(flat, state, params)
+  # an integer leaf (a step counter among the params) goes to the AdamW part, whose error named adamw8bit
+  with pytest.raises(TypeError, match=r"muon8bit: leaf \['b'\] has dtype int32: only floating-point"):
+    tx.init({**params, "b": jnp.zeros((), jnp.int32)})
 
 
 def test_a_python_number_among_the_params_is_a_scalar_leaf():

@@ -24,7 +24,7 @@ from optax8.fused import Options, Rule, check_like_params, check_state_dtype, fu
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.optimizers.adam import adamw8bit
-from optax8.options import as_array, check_hyperparameters
+from optax8.options import as_array, check_hyperparameters, path_str, unbox
 from optax8.low_precision import with_param_rounding
 
 __all__ = ["ScaleByMuon8bitState", "muon8bit", "scale_by_muon8bit"]
@@ -174,6 +174,13 @@ def muon8bit(learning_rate: optax.ScalarOrSchedule, ns_coeffs=_muon._DEFAULT_NS_
 def _checked(tx):
   """muon8bit's partition ``tx``, checking the state and the params against the gradients first, with
   errors that name muon8bit and the leaf."""
+  def check_init(params):
+    for path, x in jax.tree_util.tree_flatten_with_path(unbox(params))[0]:
+      if not jnp.issubdtype(jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x), jnp.inexact):
+        raise TypeError(f"muon8bit: leaf {path_str(path)} has dtype {jnp.result_type(x)}: only floating-point "
+                        "leaves can be optimized; leave it out of the optimizer with optax.masked or "
+                        "optax.partition (e.g. optax.set_to_zero())")
+
   def check(updates, state, params):
     if not isinstance(state, optax.PartitionState) or sorted(state.inner_states) != ["adam", "muon"]:
       raise TypeError(f"muon8bit: expected the state of muon8bit's init (an optax.PartitionState of its 'muon' "
@@ -181,7 +188,7 @@ def _checked(tx):
     if params is not None:
       check_like_params("muon8bit", jax.tree.map(as_array, updates), jax.tree.map(as_array, params))
 
-  return checking_inputs(tx, check)
+  return checking_inputs(tx, check, check_init)
 
 
 def _muon_labels(spec):
