@@ -131,12 +131,11 @@ def checking_inputs(tx, check: Callable, check_init: Callable | None = None) -> 
   on bad input), and whose ``init`` first calls ``check_init(params)`` where given; its fused parts are kept."""
   inner = optax.with_extra_args_support(tx)
   apply, rounded = fused_apply(tx), _part(tx, "apply_rounded")
-  init = tx.init
 
-  if check_init is not None:
-    def init(params):
+  def init(params):
+    if check_init is not None:
       check_init(params)
-      return tx.init(params)
+    return tx.init(params)
 
   def update(updates, state, params=None, **extra_args):
     check(updates, state, params)
