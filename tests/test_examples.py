@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from helpers import load_script
@@ -130,3 +131,14 @@ def test_step_time_benchmark_prints_its_ratios_and_compile_times(tmp_path):
     for key in ("ns_optax", "ns_optax8_update", "ns_optax8_apply", "compile_s_optax", "compile_s_optax8_apply"):
       assert row[key] > 0, (key, row)
     assert row["ratio_apply"] == pytest.approx(row["ns_optax8_apply"] / row["ns_optax"])
+
+
+def test_bnb_translations_benchmark_runs_every_translation():
+  """benchmarks/bnb_translations.py (docs/migrating_from_bitsandbytes.md's table against bitsandbytes): every
+  optax8 translation builds and steps its data (bitsandbytes itself is not installed here)."""
+  bench = load_script(EXAMPLES.parent / "benchmarks" / "bnb_translations.py")
+  p0, grads = bench.data()
+  for name, _, make in bench.PAIRS:
+    out = bench.run_optax8(make(), p0, grads[:2])
+    for k, x in out.items():
+      assert np.all(np.isfinite(x)) and not np.array_equal(x, p0[k]), (name, k)
