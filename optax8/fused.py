@@ -588,7 +588,9 @@ def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd, pairs: bool = False):
   max_unorm scales the direction by ``min(1, max_unorm ||p|| / ||d||)``,
   before the learning rate and decoupled weight decay, as bitsandbytes.
   With a ``pre`` hook the learning rate is in ``d`` already (LARS), and
-  the bound is ``lr * max_unorm * ||p||``.
+  the bound is ``lr * max_unorm * ||p||``. With a ``post`` hook, which sets
+  the update's norm itself (LAMB's trust ratio, Muon's orthogonalisation),
+  the bound applies to its result instead.
   """
   if r.pre is not None:
     scale, wd, unorm_scale = 1.0, 0.0, jnp.abs(scale)
@@ -596,10 +598,14 @@ def _post(r: Rule, plan: LeafPlan, d, g, p, scale, wd, pairs: bool = False):
     wd, unorm_scale = (wd if plan.decay and not r.coupled else 0.0), 1.0
   d32 = d.astype(jnp.float32)
   p32 = p.astype(jnp.float32)
-  if plan.max_unorm is not None:
+
+  def bounded(x):
+    if plan.max_unorm is None:
+      return x
     limit = plan.max_unorm * unorm_scale * norm(p32)
-    unorm = norm(d32)
-    d32 = d32 * jnp.where((plan.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
-  x = r.post(d32, p32, wd, plan.post_arg) if r.post is not None else d32 + wd * p32
+    unorm = norm(x)
+    return x * jnp.where((plan.max_unorm > 0) & (unorm > limit), limit / jnp.where(unorm > 0, unorm, 1), 1.0)
+
+  x = bounded(r.post(d32, p32, wd, plan.post_arg)) if r.post is not None else bounded(d32) + wd * p32
   bad = ~(PAIRS if pairs else REAL).finite(g)   # a complex element with a non-finite part: both parts
   return jnp.where(bad, 0, scale * x).astype(d.dtype)

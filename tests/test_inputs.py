@@ -413,6 +413,22 @@ def test_lars_max_unorm_bounds_the_update_but_not_the_momentum():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("name", ["lamb8bit", "muon8bit"])
+def test_max_unorm_bounds_updates_whose_norm_a_post_step_sets(name):
+  """LAMB's trust ratio (||u|| = lr ||p||) and Muon's orthogonalisation set the update's norm after the
+  direction: max_unorm, applied to the direction, did nothing. It bounds their update now."""
+  p = {"w": 0.01 * jax.random.normal(jax.random.key(0), (64, 80)), "b": 0.01 * jnp.ones(70)}
+  g = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), p)
+  ratios = {}
+  for bound in (None, 1e-3):
+    tx = getattr(optax8, name)(0.1, weight_decay=0.0, max_unorm=bound, min_8bit_size=0)
+    u, _ = jax.jit(tx.update)(g, tx.init(p), p)
+    ratios[bound] = {k: float(jnp.linalg.norm(u[k]) / (0.1 * jnp.linalg.norm(p[k]))) for k in p}
+  assert all(r > 0.5 for r in ratios[None].values()), ratios
+  for k, r in ratios[1e-3].items():
+    assert r == pytest.approx(1e-3, rel=1e-4), (k, ratios)
+
+
 # ---- 9, 10. dtypes ----------------------------------------------------------------------------
 
 
