@@ -166,7 +166,9 @@ def param_rounding(rounding: Any = STOCHASTIC, *, name: str = "param_rounding", 
         out.append(jnp.asarray(p + u).astype(p.dtype) if apply else u)   # optax.apply_updates
         continue
       new = new_param(p, u, req.step, path_str(path))
-      out.append(new if apply else (new.astype(jnp.float32) - p.astype(jnp.float32)).astype(u.dtype))
+      # p' - p, and 0 where p' is p (an infinite p stays itself, as in the fused apply, not inf - inf)
+      diff = jnp.where(new == p, 0, new.astype(jnp.float32) - p.astype(jnp.float32))
+      out.append(new if apply else diff.astype(u.dtype))
     return treedef.unflatten(out), new_state
 
   return fused_from_run(init_fn, run, param_rounding=request)

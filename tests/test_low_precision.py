@@ -135,6 +135,20 @@ def test_update_path_and_fused_apply_give_the_same_params():
     assert np.mean(np.asarray(via_updates[k]) != np.asarray(near[k])) > 0.01, k
 
 
+@pytest.mark.parametrize("dtype", NARROW, ids=["bfloat16", "float16"])
+def test_an_infinite_param_stays_itself_on_both_paths(dtype):
+  """The update path returns p' - p, which was inf - inf = NaN for an infinite parameter: optax.apply_updates
+  then made it NaN where the fused apply (and the update path without param_rounding) keep it."""
+  p = jnp.array([jnp.inf, -jnp.inf, 1.0], dtype)
+  g = -jnp.ones(3, dtype)
+  tx = optax8.adamw8bit(1e-3, param_rounding="stochastic")
+  state = tx.init(p)
+  via_updates = optax.apply_updates(p, jax.jit(tx.update)(g, state, p)[0])
+  fused, _ = optax8.apply_gradients(tx, g, state, p)
+  np.testing.assert_array_equal(np.asarray(via_updates, np.float32), np.asarray(fused, np.float32))
+  assert np.asarray(via_updates, np.float32)[:2].tolist() == [np.inf, -np.inf]
+
+
 @needs_native_cpu
 def test_the_kernel_rounds_bfloat16_params_in_the_fused_apply(monkeypatch):
   """optax8.chain hands param_rounding to the optimizer's fused apply: the native kernel rounds the bfloat16

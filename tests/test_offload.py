@@ -19,6 +19,26 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_offload_in_a_chain_with_param_rounding_keeps_the_rounding_in_the_kernel(bits):
+  """optax8.chain(optax8.offload(tx), optax8.param_rounding()): the chain hands the rounding to tx's kernels
+  through the offloaded transformation (it dropped those parts, and the fused apply rounded u + p from the
+  bfloat16 update instead): the new params equal those of the chain without offload, bit for bit."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.standard_normal((256, 64)), jnp.bfloat16)}
+  grads = [{"w": jnp.asarray(rng.standard_normal((256, 64)), jnp.bfloat16)} for _ in range(3)]
+  make = lambda: optax8.adamw8bit(1e-3, bits=bits, min_8bit_size=0)
+  runs = []
+  for tx in (optax8.chain(make(), optax8.param_rounding("stochastic")),
+             optax8.chain(optax8.offload(make()), optax8.param_rounding("stochastic"))):
+    p, s = params, tx.init(params)
+    step = jax.jit(lambda g, s, p, tx=tx: optax8.apply_gradients(tx, g, s, p))
+    for g in grads:
+      p, s = step(g, s, p)
+    runs.append(p)
+  np.testing.assert_array_equal(np.asarray(runs[0]["w"], np.float32), np.asarray(runs[1]["w"], np.float32))
+
+
 def _params():
   key = jax.random.key(0)
   return {"w": jax.random.normal(key, (16, 256)) * 0.1, "b": jnp.zeros((256,)), "s": jnp.ones(())}
