@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from optax import contrib
 
 import optax8
 from optax8 import dispatch, maps
@@ -173,7 +172,7 @@ def test_any_gradient_gives_a_finite_step_and_a_state_within_the_quantization_bo
     of the float32 step's state.
   """
   ours, ref, _ = OPTIMIZERS[name]
-  tx8, tx32 = ours(min_8bit_size=0), ours(bits=32)
+  tx8 = ours(min_8bit_size=0)
   f8, f32, fref = _compiled(name)
   params = {"w": jnp.asarray(np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256))}
   grads = {"w": jnp.asarray(g)}

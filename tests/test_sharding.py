@@ -420,8 +420,8 @@ def test_nnx_with_partitioning_annotations_reach_the_state():
   named = nnx.to_pure_dict(nnx.get_named_sharding(nnx.state(optimizer.opt_state), mesh))
   state = nnx.to_pure_dict(nnx.state(optimizer.opt_state))
   for field in ("mu", "nu"):
-    for sharding, array in zip(jax.tree.leaves(named[field]), jax.tree.leaves(state[field])):
-      assert sharding.is_equivalent_to(array.sharding, array.ndim)   # the arrays are where the specs say
+    for where, array in zip(jax.tree.leaves(named[field]), jax.tree.leaves(state[field])):
+      assert where.is_equivalent_to(array.sharding, array.ndim)   # the arrays are where the specs say
 
 
 def test_linen_with_partitioning_annotations_reach_a_train_state():
