@@ -126,34 +126,49 @@ def _part(tx, name: str):
   return getattr(update, name) if isinstance(update, FusedUpdate) else None
 
 
-def checking_inputs(tx, check: Callable, check_init: Callable | None = None) -> optax.GradientTransformationExtraArgs:
-  """``tx`` whose ``update`` and fused applies first call ``check(updates, state, params)`` (which raises
-  on bad input), and whose ``init`` first calls ``check_init(params)`` where given; its fused parts are kept."""
+def around_state(tx, init: Callable, enter: Callable, leave: Callable) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with ``init``, whose parts (``update``, the fused applies, a param_rounding request) take their
+  state through ``enter(updates, state, params)`` and return it through ``leave(state)``; the fused parts
+  ``tx`` has are kept."""
   inner = optax.with_extra_args_support(tx)
-  apply, rounded = fused_apply(tx), _part(tx, "apply_rounded")
-
-  def init(params):
-    if check_init is not None:
-      check_init(params)
-    return tx.init(params)
+  apply, rounded, rounder = fused_apply(tx), _part(tx, "apply_rounded"), _part(tx, "param_rounding")
 
   def update(updates, state, params=None, **extra_args):
-    check(updates, state, params)
-    return inner.update(updates, state, params, **extra_args)
+    updates, state = inner.update(updates, enter(updates, state, params), params, **extra_args)
+    return updates, leave(state)
 
   if apply is None:
     return optax.GradientTransformationExtraArgs(init, update)
 
   def apply_gradients(grads, state, params, **extra_args):
-    check(grads, state, params)
-    return apply(grads, state, params, **extra_args)
+    params, state = apply(grads, enter(grads, state, params), params, **extra_args)
+    return params, leave(state)
 
   def apply_rounded(grads, state, params, request, **extra_args):
-    check(grads, state, params)
-    return rounded(grads, state, params, request, **extra_args)
+    params, state = rounded(grads, enter(grads, state, params), params, request, **extra_args)
+    return params, leave(state)
+
+  def param_rounding(updates, state, params):
+    request, state = rounder(updates, enter(updates, state, params), params)
+    return request, leave(state)
 
   return fused_transformation(init, update, apply_gradients, apply_rounded if rounded is not None else None,
-                              _part(tx, "param_rounding"))
+                              param_rounding if rounder is not None else None)
+
+
+def checking_inputs(tx, check: Callable, check_init: Callable | None = None) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``update`` and fused applies first call ``check(updates, state, params)`` (which raises
+  on bad input), and whose ``init`` first calls ``check_init(params)`` where given; its fused parts are kept."""
+  def init(params):
+    if check_init is not None:
+      check_init(params)
+    return tx.init(params)
+
+  def enter(updates, state, params):
+    check(updates, state, params)
+    return state
+
+  return around_state(tx, init, enter, lambda state: state)
 
 
 def chain(*transforms) -> optax.GradientTransformationExtraArgs:

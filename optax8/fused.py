@@ -75,14 +75,19 @@ def _flatten_like(treedef, tree, what: str, name: str):
     raise ValueError(f"{name}: {what} does not have the structure of the updates: {e}") from None
 
 
-def _check_param(name: str, path: str, x, algorithm: Algorithm) -> None:
-  dtype = jnp.dtype(x.dtype)
+def check_inexact(name: str, path: str, x) -> None:
+  """A TypeError naming leaf ``path`` unless ``x`` (an array or a Python number) is floating-point or complex."""
+  dtype = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"{name}: leaf {path} has dtype {dtype}: only floating-point and complex leaves can be optimized; "
                     "leave it out of the optimizer with optax.masked or optax.partition (e.g. optax.set_to_zero())")
+
+
+def _check_param(name: str, path: str, x, algorithm: Algorithm) -> None:
+  check_inexact(name, path, x)
   if is_complex(x) and not algorithm.takes_complex:
-    raise TypeError(f"{name}: leaf {path} is complex ({dtype}), which {name} does not support; leave it out with "
-                    "optax.partition (e.g. to optax8.adamw8bit)")
+    raise TypeError(f"{name}: leaf {path} is complex ({jnp.dtype(x.dtype)}), which {name} does not support; leave it "
+                    "out with optax.partition (e.g. to optax8.adamw8bit)")
 
 
 def _state_leaf(kind: str, shape, bits: int, block_size: int, initial, shardings=None):

@@ -37,7 +37,7 @@ import functools
 import jax
 import optax
 
-from optax8.apply import _part, fused_apply, fused_transformation
+from optax8.apply import around_state
 from optax8.sharding import on_the_params_mesh
 
 HOST_MEMORY_KIND = "pinned_host"
@@ -104,34 +104,10 @@ def offload(tx: optax.GradientTransformation, memory_kind: str = HOST_MEMORY_KIN
     kernel).
   """
   memory_kind = _check_memory_kind(memory_kind)
-  inner = optax.with_extra_args_support(tx)
 
   def init_fn(params):
-    return to_host(on_the_params_mesh(inner.init(params), params), memory_kind)
+    return to_host(on_the_params_mesh(tx.init(params), params), memory_kind)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    updates, state = inner.update(updates, to_device(state), params, **extra_args)
-    return updates, to_host(state, memory_kind)
-
-  apply = fused_apply(tx)
-  if apply is None:
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-  def apply_gradients_fn(grads, state, params, **extra_args):
-    params, state = apply(grads, to_device(state), params, **extra_args)
-    return params, to_host(state, memory_kind)
-
-  # the parts that let a following optax8.param_rounding round the new params in tx's kernels (optax8.chain)
-  rounded, rounder = _part(tx, "apply_rounded"), _part(tx, "param_rounding")
-
-  def apply_rounded_fn(grads, state, params, request, **extra_args):
-    params, state = rounded(grads, to_device(state), params, request, **extra_args)
-    return params, to_host(state, memory_kind)
-
-  def param_rounding_fn(updates, state, params):
-    request, state = rounder(updates, to_device(state), params)
-    return request, to_host(state, memory_kind)
-
-  return fused_transformation(init_fn, update_fn, apply_gradients_fn,
-                              apply_rounded_fn if rounded is not None else None,
-                              param_rounding_fn if rounder is not None else None)
+  # update, apply_gradients and the parts that let a following optax8.param_rounding round in tx's kernels
+  return around_state(tx, init_fn, lambda updates, state, params: to_device(state),
+                      lambda state: to_host(state, memory_kind))

@@ -203,8 +203,8 @@ def _leaf_specs(op: Op, mesh, arg_shapes) -> list[tuple]:
   as optax moves it, not the whole state to the gradient.
   """
   specs = [None] * len(op.leaf_shapes)
-  for (role, leaf), arg in zip(op.operands, arg_shapes):
-    if role in (ELEMENTS, PACKED):
+  for (role, leaf), arg in reversed(list(zip(op.operands, arg_shapes))):
+    if role in (ELEMENTS, PACKED) and specs[leaf] is None:
       shape = op.leaf_shapes[leaf]
       spec = _spec(arg.sharding, len(shape)) if isinstance(arg.sharding, NamedSharding) else (None,) * len(shape)
       specs[leaf] = tuple(None if not keeps_blocks(n, num_shards(mesh, entry), b) else entry

@@ -18,14 +18,20 @@ from helpers import load_script
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
 
-def run_example(name: str, *args: str, cwd) -> dict:
+def run_script(path, *args: str, cwd) -> str:
+  """The standard output of a script run as a user runs it; it must exit with 0."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user has
-  r = subprocess.run([sys.executable, str(EXAMPLES / name), *args], check=False, capture_output=True, text=True,
+  r = subprocess.run([sys.executable, str(path), *args], check=False, capture_output=True, text=True,
                      timeout=600, cwd=cwd, env=env)
   assert r.returncode == 0, r.stderr[-4000:]
-  last = r.stdout.strip().splitlines()[-1]
-  assert last.startswith("RESULT "), r.stdout[-2000:]
+  return r.stdout
+
+
+def run_example(name: str, *args: str, cwd) -> dict:
+  out = run_script(EXAMPLES / name, *args, cwd=cwd)
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("RESULT "), out[-2000:]
   return json.loads(last.removeprefix("RESULT "))
 
 
@@ -119,13 +125,9 @@ def test_quickstart_with_4_bit_states(tmp_path):
 def test_step_time_benchmark_prints_its_ratios_and_compile_times(tmp_path):
   """benchmarks/step_time.py (docs/benchmarks.md's step times, and benchmarks/gpu_check.py's) on a small tree:
   one JSON row per optimizer with its step times, ratios and compile times."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  r = subprocess.run([sys.executable, str(EXAMPLES.parent / "benchmarks" / "step_time.py"), "--params", "65536",
-                      "--leaves", "4", "--repeats", "1", "--optimizers", "adamw,lion"], check=False,
-                     capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-  assert r.returncode == 0, r.stderr[-4000:]
-  rows = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("JSON ")).removeprefix("JSON "))
+  out = run_script(EXAMPLES.parent / "benchmarks" / "step_time.py", "--params", "65536", "--leaves", "4",
+                   "--repeats", "1", "--optimizers", "adamw,lion", cwd=tmp_path)
+  rows = json.loads(next(line for line in out.splitlines() if line.startswith("JSON ")).removeprefix("JSON "))
   assert [row["optimizer"] for row in rows] == ["adamw", "lion"]
   for row in rows:
     for key in ("ns_optax", "ns_optax8_update", "ns_optax8_apply", "compile_s_optax", "compile_s_optax8_apply"):

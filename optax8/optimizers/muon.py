@@ -20,7 +20,8 @@ from optax.contrib import _muon
 
 from optax8 import maps
 from optax8.apply import checking_inputs, partition
-from optax8.fused import Options, Rule, check_like_params, check_state_dtype, fused, with_percentile_clipping
+from optax8.fused import (Options, Rule, check_inexact, check_like_params, check_state_dtype, fused,
+                          with_percentile_clipping)
 from optax8.kernels.algorithms import Algorithm, Hyper, register
 from optax8.optimizers import register as register_optimizer
 from optax8.optimizers.adam import adamw8bit
@@ -176,10 +177,7 @@ def _checked(tx):
   errors that name muon8bit and the leaf."""
   def check_init(params):
     for path, x in jax.tree_util.tree_flatten_with_path(unbox(params))[0]:
-      if not jnp.issubdtype(jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.result_type(x), jnp.inexact):
-        raise TypeError(f"muon8bit: leaf {path_str(path)} has dtype {jnp.result_type(x)}: only floating-point "
-                        "leaves can be optimized; leave it out of the optimizer with optax.masked or "
-                        "optax.partition (e.g. optax.set_to_zero())")
+      check_inexact("muon8bit", path_str(path), x)
 
   def check(updates, state, params):
     if not isinstance(state, optax.PartitionState) or sorted(state.inner_states) != ["adam", "muon"]:
